@@ -1,0 +1,37 @@
+# Two commands: `make run` starts the gateway on the embedded defaults, `make test` passes.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian packages the tests talk to as real peers (DCMTK clients, Orthanc)
+SYSTEM_PACKAGES := dcmtk orthanc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test system-deps venv bench clean
+
+run: $(STAMP)
+	$(VENV)/bin/fiona up
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q
+
+bench: system-deps $(STAMP)
+	$(PY) bench/ingest.py
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache

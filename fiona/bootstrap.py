@@ -1,0 +1,43 @@
+"""`fiona init`: a working configuration tree for a new installation or a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .config import ConfigError, load
+from .tree import FILE_MODE, Tree, atomic_write
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "config"
+
+
+def init(datadir: Path, port: int = 11112, aetitle: str = "FIONA", ip: str = "0.0.0.0",
+         force: bool = False, extra: dict | None = None) -> Path:
+    """Write config.json, enabled, secret.key (0600) and classifyRules.json under
+    `datadir/config`, and create the data tree. Existing files are kept unless `force`."""
+    datadir = datadir.resolve()
+    tree = Tree(datadir).make()
+    cfg_path = tree.config / "config.json"
+    if cfg_path.exists() and not force:
+        raise ConfigError([f"{cfg_path} exists already; use --force to overwrite it"])
+    config = {"DATADIR": str(datadir), "DICOMIP": ip, "DICOMPORT": port, "DICOMAETITLE": aetitle,
+              "CONTROL_PLANE": {"type": "local"},
+              "DESTINATIONS": {"research": {"type": "folder", "path": str(datadir / "research")}},
+              **(extra or {})}
+    atomic_write(cfg_path, (json.dumps(config, indent=2) + "\n").encode())
+    enabled = tree.config / "enabled"
+    if not enabled.exists():
+        atomic_write(enabled, b"111\n")
+    key = tree.config / "secret.key"
+    if not key.exists():
+        atomic_write(key, secrets.token_hex(32).encode() + b"\n")
+    os.chmod(key, 0o600)
+    rules = tree.config / "classifyRules.json"
+    if not rules.exists() or force:
+        shutil.copyfile(REPO_CONFIG / "classifyRules.json", rules)
+        os.chmod(rules, FILE_MODE)
+    load(str(cfg_path))  # what we wrote must pass our own validation
+    return cfg_path

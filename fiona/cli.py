@@ -1,0 +1,156 @@
+"""The `fiona` command: one subcommand per daemon and job.
+
+Daemons run in the foreground (systemd and `fiona up` supervise them); jobs run once and exit
+with 0 on success, 1 on a failure they explain, 2 on a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_path, load
+
+EPILOG = """Configuration: --config PATH, else $FIONA_CONFIG, else /data/config/config.json.
+Start here: `fiona init --data ./data` then `fiona up` (or `make run`)."""
+
+
+def _site_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", metavar="NAME", help="one of SITES in config.json (default: the "
+                   "main receiver)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fiona", description="FIONA research DICOM gateway: receive, index, assign, "
+        "de-identify, forward and export medical images.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="PATH", help="config.json to use")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", help="write a working config tree under a data folder",
+                       description="Create DIR/config (config.json, enabled, secret.key with mode "
+                       "0600, classifyRules.json) and the data tree under DIR/site.")
+    p.add_argument("--data", required=True, type=Path, metavar="DIR", help="the data folder")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    p.add_argument("--aetitle", default="FIONA", help="AE title (default FIONA)")
+    p.add_argument("--ip", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing config.json")
+
+    p = sub.add_parser("config", help="show the effective configuration or its errors")
+    p.add_argument("action", choices=["check"], help="check: validate and print")
+
+    p = sub.add_parser("storescp", help="the DICOM receiver daemon (C-STORE, C-ECHO)",
+                       description="Receive DICOM on DICOMIP:DICOMPORT for any called AE title; "
+                       "file each object durably under site/archive and journal it for the "
+                       "indexer. Runs in the foreground until SIGTERM or Ctrl-C.")
+    _site_arg(p)
+
+    p = sub.add_parser("process-single-file", help="the indexer daemon (raw/, series JSON)",
+                       description="Index received files: raw/, participants/, srs/, the series "
+                       "JSON and classification. Replays the receiver's journal from its last "
+                       "position on start, so nothing received while it was down is missed.")
+    _site_arg(p)
+    p.add_argument("--once", action="store_true",
+                   help="index what the journal holds now, then exit")
+
+    p = sub.add_parser("classify", help="show how the rules label DICOM files",
+                       description="Run classifyRules.json on each FILE and print the labels and "
+                       "the clauses that decided them.")
+    p.add_argument("--test", nargs="+", required=True, type=Path, metavar="FILE")
+    p.add_argument("--rules", type=Path, help="rules file (default: the site's, else shipped)")
+    _site_arg(p)
+
+    p = sub.add_parser("up", help="run every daemon in the foreground",
+                       description="Run the gateway's daemons in the foreground. Without a "
+                       "config (no --config, no $FIONA_CONFIG, no /data/config/config.json) "
+                       "it first runs `fiona init --data ./data`.")
+    p.add_argument("--data", type=Path, default=Path("data"),
+                   help="data folder for the first-run config (default ./data)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port for a first run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print("fiona: configuration error:", file=sys.stderr)
+        if exc.path:
+            print(f"  in {exc.path}", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  - {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "init":
+        from .bootstrap import init
+
+        path = init(args.data, args.port, args.aetitle, args.ip, args.force)
+        print(f"wrote {path}\nstart with: fiona --config {path} up")
+        return 0
+    if cmd == "up":
+        from . import up
+
+        explicit = args.config or os.environ.get("FIONA_CONFIG")
+        if not explicit and not config_path(None).exists():
+            explicit = str(args.data / "config" / "config.json")
+            if not Path(explicit).exists():
+                from .bootstrap import init
+
+                init(args.data, args.port)
+        return up.run(load(explicit))
+    config = load(args.config)
+    if cmd == "config":
+        print(json.dumps(config.effective(), indent=2))
+        print(f"# {config.path}: OK", file=sys.stderr)
+        return 0
+    if cmd == "storescp":
+        from .receive import storescp
+
+        return storescp.run(config, args.site, args.verbose)
+    if cmd == "process-single-file":
+        from .index import indexer
+
+        if args.once:
+            site = config.site(args.site)
+            ix = indexer.Indexer(site, indexer.load_rules(site))
+            print(f"indexed {ix.drain()} files")
+            return 0
+        return indexer.run(config, args.site, args.verbose)
+    if cmd == "classify":
+        return _classify(config, args)
+    raise AssertionError(cmd)
+
+
+def _classify(config, args: argparse.Namespace) -> int:
+    import pydicom
+
+    from .index.classify import RuleSet, format_explanation
+    from .index.header import image_record
+    from .index.indexer import load_rules
+
+    rules = RuleSet.load(args.rules) if args.rules else load_rules(config.site(args.site))
+    status = 0
+    for path in args.test:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            print(f"{path}: not readable as DICOM: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        record = image_record(ds)
+        record["ClassifyType"] = []
+        labels = rules.classify(dict(record), ds)
+        print(f"{path}: {', '.join(labels) or '(no labels)'}")
+        print(format_explanation(rules.explain(dict(record), ds)))
+    return status

@@ -1,0 +1,335 @@
+"""config.json, the `enabled` switch file and secret files.
+
+Admins edit `config.json` by hand, so every mistake must come back as a message that names the
+key and shows an example value; a typo in a key name is an error rather than a silently ignored
+setting. Secrets never live in config.json: they are separate files that must be mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/data/config/config.json"
+
+#: key -> (example value shown in errors, default value or REQUIRED)
+REQUIRED = object()
+
+TOP_LEVEL: dict[str, tuple[Any, Any]] = {
+    "DATADIR": ("/data", "/data"),
+    "DICOMIP": ("0.0.0.0", "0.0.0.0"),
+    "DICOMPORT": (11112, 11112),
+    "DICOMAETITLE": ("FIONA", "FIONA"),
+    "PROCESSING_USER": ("processing", "processing"),
+    "LOCALTIMEZONE": ("Europe/Oslo", None),
+    "SITES": ({"CT": {"DATADIR": "/data/ct", "DICOMPORT": 11113, "DICOMAETITLE": "FIONACT"}}, {}),
+    "SCANNERIP": ("10.0.0.5", None),
+    "SCANNERPORT": (104, None),
+    "SCANNERAETITLE": ("SCANNER", None),
+    "MPPSPORT": (11114, None),
+    "CONTROL_PLANE": ({"type": "local"}, {"type": "local"}),
+    "DESTINATIONS": ({"research": {"type": "folder", "path": "/data/research"}}, None),
+    "STUDY_QUIET_SECONDS": (16, 16),
+    "DISK": ({"refuse_store_percent": 95, "cleanup_percent": 80},
+             {"refuse_store_percent": 95, "cleanup_percent": 80}),
+    "WEB": ({"host": "127.0.0.1", "port": 8080, "auth": "local"},
+            {"host": "127.0.0.1", "port": 8080, "auth": "local"}),
+}
+
+SITE_KEYS: dict[str, tuple[Any, Any]] = {
+    "DATADIR": ("/data/ct", REQUIRED),
+    "DICOMPORT": (11113, REQUIRED),
+    "DICOMAETITLE": ("FIONACT", None),
+    "DICOMIP": ("0.0.0.0", None),
+}
+
+DESTINATION_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "folder": {"path": ("/data/research", REQUIRED)},
+    "dicom": {"aetitle": ("RESEARCHPACS", REQUIRED), "host": ("127.0.0.1", REQUIRED),
+              "port": (4242, REQUIRED), "query_aetitle": ("RESEARCHPACS", None),
+              "query_port": (4242, None)},
+    "sftp": {"host": ("sftp.example.org", REQUIRED), "port": (22, 22),
+             "user": ("fiona", REQUIRED), "key": ("/data/config/sftp_key", REQUIRED),
+             "remote_dir": ("/incoming", REQUIRED)},
+}
+
+CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "local": {},
+    "redcap": {"url": ("https://redcap.example.org/api/", REQUIRED),
+               "tokens": ("/data/config/tokens.json", REQUIRED), "verify_tls": (True, True)},
+}
+
+DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80)}
+WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local")}
+
+_AE_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class ConfigError(Exception):
+    """config.json (or a file it points to) is wrong; `errors` holds one message per fault."""
+
+    def __init__(self, errors: list[str], path: str | Path | None = None):
+        self.errors = errors
+        self.path = str(path) if path else None
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(where + "; ".join(errors))
+
+
+@dataclass(frozen=True)
+class Site:
+    """One receiver instance with its own data tree: the main one (name "") or one of SITES.
+
+    Daemons are started per site; every name a site owns (pipe, pid file, log) carries `suffix`.
+    """
+
+    name: str
+    datadir: Path
+    ip: str
+    port: int
+    aetitle: str
+
+    @property
+    def suffix(self) -> str:
+        return self.name
+
+
+@dataclass
+class Config:
+    """The validated configuration. `raw` keeps the file's values for `fiona config check`."""
+
+    path: Path
+    raw: dict[str, Any]
+    datadir: Path
+    dicom_ip: str
+    dicom_port: int
+    dicom_aetitle: str
+    processing_user: str
+    timezone: str | None
+    sites: dict[str, Site]
+    control_plane: dict[str, Any]
+    destinations: dict[str, dict[str, Any]]
+    study_quiet_seconds: float
+    refuse_store_percent: float
+    cleanup_percent: float
+    web: dict[str, Any]
+    scanner: dict[str, Any] = field(default_factory=dict)
+    mpps_port: int | None = None
+
+    def site(self, name: str | None = None) -> Site:
+        """The site called `name` (None or "" is the main receiver)."""
+        if not name:
+            return Site("", self.datadir, self.dicom_ip, self.dicom_port, self.dicom_aetitle)
+        try:
+            return self.sites[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sites)) or "none"
+            raise ConfigError([f"unknown site {name!r}; SITES in {self.path} has: {known}"]) from None
+
+    def all_sites(self) -> list[Site]:
+        return [self.site(None), *self.sites.values()]
+
+    def effective(self) -> dict[str, Any]:
+        """Every key with the value in force (file value or default), for display."""
+        out = {}
+        for key, (_example, default) in TOP_LEVEL.items():
+            out[key] = self.raw.get(key, default)
+        out["DATADIR"] = str(self.datadir)
+        out["DESTINATIONS"] = self.destinations
+        return out
+
+
+def config_path(explicit: str | None) -> Path:
+    """--config, else $FIONA_CONFIG, else /data/config/config.json."""
+    return Path(explicit or os.environ.get("FIONA_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _check_keys(obj: Any, spec: dict[str, tuple[Any, Any]], where: str, errors: list[str]) -> dict:
+    """Unknown keys and missing required keys, each named with an example value."""
+    if not isinstance(obj, dict):
+        errors.append(f"{where} must be an object, e.g. {json.dumps({k: v[0] for k, v in spec.items()})}")
+        return {}
+    for key in obj:
+        if key not in spec:
+            known = ", ".join(spec) or "(none)"
+            errors.append(f"unknown key {where}.{key}" if where else f"unknown key {key}")
+            errors[-1] += f" (known keys: {known})"
+    out = {}
+    for key, (example, default) in spec.items():
+        if key in obj:
+            out[key] = obj[key]
+        elif default is REQUIRED:
+            name = f"{where}.{key}" if where else key
+            errors.append(f"missing required key {name}, e.g. \"{key}\": {json.dumps(example)}")
+        else:
+            out[key] = default
+    return out
+
+
+def _int(value: Any, name: str, lo: int, hi: int, errors: list[str]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        errors.append(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        return lo
+    return value
+
+
+def _number(value: Any, name: str, lo: float, hi: float, errors: list[str]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        errors.append(f"{name} must be a number from {lo} to {hi}, got {value!r}")
+        return lo
+    return float(value)
+
+
+def _aetitle(value: Any, name: str, errors: list[str]) -> str:
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= 16 or _AE_BAD.search(value):
+        errors.append(f"{name} must be an AE title of 1 to 16 characters without backslash or "
+                      f"control characters, e.g. \"FIONA\"; got {value!r}")
+        return "FIONA"
+    return value.strip()
+
+
+def _dir(value: Any, name: str, base: Path, errors: list[str]) -> Path:
+    if not isinstance(value, str) or not value:
+        errors.append(f"{name} must be a directory path, e.g. \"/data\"; got {value!r}")
+        return base
+    return (base / value).resolve() if not os.path.isabs(value) else Path(value)
+
+
+def parse(raw: Any, path: Path) -> Config:
+    """Validate a loaded config.json object. Relative paths are relative to the file's folder."""
+    errors: list[str] = []
+    base = path.parent
+    top = _check_keys(raw, TOP_LEVEL, "", errors)
+    if not top:
+        raise ConfigError(errors, path)
+    datadir = _dir(top["DATADIR"], "DATADIR", base, errors)
+    ip = top["DICOMIP"] if isinstance(top["DICOMIP"], str) else errors.append(
+        f"DICOMIP must be an address string, e.g. \"0.0.0.0\"; got {top['DICOMIP']!r}") or "0.0.0.0"
+    port = _int(top["DICOMPORT"], "DICOMPORT", 1, 65535, errors)
+    aet = _aetitle(top["DICOMAETITLE"], "DICOMAETITLE", errors)
+
+    sites: dict[str, Site] = {}
+    if not isinstance(top["SITES"], dict):
+        errors.append("SITES must be an object of NAME: {DATADIR, DICOMPORT, DICOMAETITLE}")
+    else:
+        for name, entry in top["SITES"].items():
+            if not _SITE_NAME.match(name):
+                errors.append(f"SITES name {name!r} must be 1-32 letters, digits, '_' or '-'")
+                continue
+            s = _check_keys(entry, SITE_KEYS, f"SITES.{name}", errors)
+            if not s:
+                continue
+            sites[name] = Site(
+                name=name,
+                datadir=_dir(s["DATADIR"], f"SITES.{name}.DATADIR", base, errors),
+                ip=s["DICOMIP"] or ip,
+                port=_int(s["DICOMPORT"], f"SITES.{name}.DICOMPORT", 1, 65535, errors),
+                aetitle=_aetitle(s["DICOMAETITLE"] or aet, f"SITES.{name}.DICOMAETITLE", errors),
+            )
+    ports = [port] + [s.port for s in sites.values()]
+    if len(set(ports)) != len(ports):
+        errors.append(f"DICOMPORT values must differ between the main receiver and SITES: {ports}")
+
+    cp = top["CONTROL_PLANE"]
+    cp_type = cp.get("type") if isinstance(cp, dict) else None
+    if cp_type not in CONTROL_PLANE_KEYS:
+        errors.append(f"CONTROL_PLANE.type must be one of {sorted(CONTROL_PLANE_KEYS)}, "
+                      f"e.g. {{\"type\": \"local\"}}; got {cp_type!r}")
+        control_plane = {"type": "local"}
+    else:
+        rest = {k: v for k, v in cp.items() if k != "type"}
+        control_plane = {"type": cp_type,
+                         **_check_keys(rest, CONTROL_PLANE_KEYS[cp_type], "CONTROL_PLANE", errors)}
+        if control_plane.get("verify_tls") is False:
+            errors.append("CONTROL_PLANE.verify_tls must stay true: patient data never travels "
+                          "over unverified TLS; install the hospital CA instead")
+
+    destinations: dict[str, dict[str, Any]] = {}
+    dests = top["DESTINATIONS"]
+    if dests is None:
+        dests = {"research": {"type": "folder", "path": str(datadir / "research")}}
+    if not isinstance(dests, dict) or not dests:
+        errors.append("DESTINATIONS must be an object of NAME: {type, ...}, "
+                      "e.g. {\"research\": {\"type\": \"folder\", \"path\": \"/data/research\"}}")
+    else:
+        for name, d in dests.items():
+            d_type = d.get("type") if isinstance(d, dict) else None
+            if d_type not in DESTINATION_KEYS:
+                errors.append(f"DESTINATIONS.{name}.type must be one of {sorted(DESTINATION_KEYS)}; "
+                              f"got {d_type!r}")
+                continue
+            rest = {k: v for k, v in d.items() if k != "type"}
+            destinations[name] = {"type": d_type, **_check_keys(
+                rest, DESTINATION_KEYS[d_type], f"DESTINATIONS.{name}", errors)}
+
+    quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
+    disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
+    refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
+    cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 1, 100, errors)
+    web = _check_keys(top["WEB"], WEB_KEYS, "WEB", errors)
+    if web and web.get("auth") not in ("local", "remote-user"):
+        errors.append(f"WEB.auth must be \"local\" or \"remote-user\"; got {web.get('auth')!r}")
+    mpps = top["MPPSPORT"]
+    if mpps is not None:
+        mpps = _int(mpps, "MPPSPORT", 1, 65535, errors)
+    scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE") if top[k] is not None}
+    if errors:
+        raise ConfigError(errors, path)
+    return Config(
+        path=path, raw=raw, datadir=datadir, dicom_ip=ip, dicom_port=port, dicom_aetitle=aet,
+        processing_user=str(top["PROCESSING_USER"]), timezone=top["LOCALTIMEZONE"], sites=sites,
+        control_plane=control_plane, destinations=destinations, study_quiet_seconds=quiet,
+        refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
+        mpps_port=mpps,
+    )
+
+
+def load(explicit: str | None = None) -> Config:
+    """Read and validate the config file named by --config, $FIONA_CONFIG or the default."""
+    path = config_path(explicit)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"no config file here; create one with "
+                           f"`fiona init --data DIR` or pass --config PATH"], path) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], path) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"],
+                          path) from None
+    return parse(raw, path.resolve())
+
+
+def read_secret(path: Path) -> bytes:
+    """A secret file's bytes; refused unless it is private to its owner (mode 0600 or stricter)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError([f"secret file {path} is missing; `fiona init` creates one"]) from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError([f"secret file {path} is readable by group or others "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`"])
+    data = path.read_bytes().strip()
+    if not data:
+        raise ConfigError([f"secret file {path} is empty"])
+    return data
+
+
+ENABLED_PARTS = {"receive": 0, "scanner": 1, "reserved": 2}
+
+
+def is_enabled(datadir: Path, part: str) -> bool:
+    """The `enabled` switch for one part (receive, scanner); a missing file means all on."""
+    try:
+        text = (datadir / "config" / "enabled").read_text().strip()
+    except FileNotFoundError:
+        return True
+    i = ENABLED_PARTS[part]
+    return len(text) <= i or text[i] != "0"

@@ -1,0 +1,220 @@
+"""The indexer daemon (`fiona process-single-file`; original `processSingleFile3.py start`).
+
+It consumes the receiver's journal from its durable position: on start it replays whatever
+arrived while it was down, then it sleeps on the wake-up pipe (or a short timeout) and reads
+again. For each file it links the instance into raw/, participants/ and srs/, touches the
+series arrival file and merges the image into its series JSON; JSONs are written and the
+journal position committed once per batch, so a burst of images costs one write per series.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from .. import quarantine
+from ..config import Config, Site
+from ..daemon import PIPE_INDEXER, pipe_path, setup_logging, stop_event, write_pid
+from ..journal import JournalReader, Position, WakeupListener
+from ..tree import (InvalidValue, Tree, ensure_dir, safe_name, symlink, touch, valid_uid)
+from .classify import RuleSet
+from .csa import siemens_diffusion_entry
+from .header import image_record
+from .series import SeriesRecord, classify_image
+
+log = logging.getLogger("fiona.indexer")
+
+JOURNAL = "received"
+CONSUMER = "indexer"
+BATCH = 500
+IDLE_EVICT_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One journal line: who sent which archived file."""
+
+    caller: str
+    called: str
+    ip: str
+    study_dir: Path
+    name: str
+
+    @classmethod
+    def parse(cls, line: str) -> "FileEvent":
+        parts = line.split(",")
+        if len(parts) != 5:
+            raise InvalidValue(f"journal line has {len(parts)} fields, expected 5: {line[:200]!r}")
+        caller, called, ip, study_dir, name = parts
+        return cls(caller, called, ip, Path(study_dir), name)
+
+    def path(self, tree: Tree) -> Path:
+        """The archived file, checked to lie inside this site's archive."""
+        if not self.study_dir.name.startswith("scp_") or self.study_dir.parent != tree.archive:
+            raise InvalidValue(f"journal names a folder outside {tree.archive}: {self.study_dir}")
+        valid_uid(self.study_dir.name[4:], "StudyInstanceUID (journal)")
+        mod, _, sop = self.name.partition(".")
+        valid_uid(sop, "SOPInstanceUID (journal)")
+        if not mod.isalnum():
+            raise InvalidValue(f"journal names an invalid file {self.name!r}")
+        return self.study_dir / self.name
+
+
+def read_image(path: Path) -> Dataset:
+    """The header of an archived file (pixel data is never read here)."""
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _date_time(ds: Dataset) -> str:
+    """`<StudyDate>_<StudyTime>` for participants/, digits only, `unknown` where missing."""
+    date = "".join(c for c in str(ds.get("StudyDate", "") or "") if c.isdigit()) or "unknown"
+    time_ = str(ds.get("StudyTime", "") or "").split(".")[0]
+    time_ = "".join(c for c in time_ if c.isdigit()) or "unknown"
+    return f"{date}_{time_}"
+
+
+class Indexer:
+    """Turns archived files into the raw/ tree and series JSONs; one per site."""
+
+    def __init__(self, site: Site, rules: RuleSet):
+        self.site = site
+        self.tree = Tree(site.datadir).make()
+        self.rules = rules
+        self.reader = JournalReader(self.tree.journal, JOURNAL, CONSUMER)
+        self.series: dict[tuple[str, str], SeriesRecord] = {}
+        self._touched: dict[tuple[str, str], float] = {}
+        self.indexed = 0
+        self._read_to: Position | None = None
+
+    # --- one file ------------------------------------------------------------------------------
+    def index_file(self, event: FileEvent) -> None:
+        path = event.path(self.tree)
+        ds = read_image(path)
+        study = valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series = valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        series_dir = ensure_dir(self.tree.series_dir(study, series))
+        symlink(path, series_dir / sop)
+        study_raw = self.tree.raw / study
+        patient = safe_name(ds.get("PatientID"), default="unknown")
+        symlink(study_raw, ensure_dir(self.tree.participants / patient) / _date_time(ds))
+        if str(ds.get("Modality", "")) == "SR":
+            maker = safe_name(ds.get("Manufacturer"), default="_")
+            symlink(path, ensure_dir(self.tree.srs / maker / study) / sop)
+        touch(self.tree.arrived / f"{event.caller} {event.called} {event.ip} {study} {series}")
+
+        image = image_record(ds, event.caller, event.called, event.ip)
+        labels = classify_image(self.rules, image, ds)
+        record = self._series(study, series)
+        record.add(image, labels, self.rules.series_level, siemens_diffusion_entry(ds))
+        self.indexed += 1
+
+    def _series(self, study: str, series: str) -> SeriesRecord:
+        key = (study, series)
+        record = self.series.get(key)
+        if record is None:
+            record = SeriesRecord.load(self.tree.series_json(study, series),
+                                       self.tree.series_dir(study, series))
+            self.series[key] = record
+        self._touched[key] = time.monotonic()
+        return record
+
+    # --- batches -------------------------------------------------------------------------------
+    def index_pending(self, limit: int = BATCH) -> int:
+        """Index up to `limit` journal lines after the last one read; returns the count."""
+        count = 0
+        for line, pos in self.reader.read(limit, start=self._read_to):
+            self._read_to = pos
+            count += 1
+            try:
+                self.index_file(FileEvent.parse(line))
+            except FileNotFoundError as exc:
+                log.error("journal names %s but the file is gone; skipped (was it deleted by "
+                          "hand?)", exc.filename)
+            except Exception as exc:  # one bad file must not stop the indexer
+                self._hold(line, exc)
+        return count
+
+    def flush(self) -> None:
+        """Write the changed series JSONs, then commit the journal position past them."""
+        for record in self.series.values():
+            record.flush()
+        if self._read_to is not None and self._read_to != self.reader.position:
+            self.reader.commit(self._read_to)
+        self._evict()
+
+    def drain(self) -> int:
+        """Index everything the journal holds now and flush (for `--once` and tests)."""
+        total = 0
+        while n := self.index_pending():
+            total += n
+        self.flush()
+        return total
+
+    def _hold(self, line: str, exc: Exception) -> None:
+        reason = f"cannot index: {type(exc).__name__}: {str(exc)[:300]}"
+        quarantine.hold(self.tree, "index", reason, {"journal-line.txt": line.encode()},
+                        {"journal_line": line[:500]},
+                        "the file stays in the archive; fix the cause and re-run "
+                        "`fiona process-single-file --reindex` or send the study again")
+
+    def _evict(self) -> None:
+        """Forget series that have been quiet for a while (their JSON is on disk)."""
+        now = time.monotonic()
+        for key, seen in list(self._touched.items()):
+            if now - seen > IDLE_EVICT_SECONDS and not self.series[key].dirty:
+                del self.series[key]
+                del self._touched[key]
+
+    def run(self, stop: threading.Event, poll: float = 2.0, flush_every: float = 1.0) -> None:
+        """Replay the journal, then follow it, woken by the pipe, until `stop` is set.
+
+        While files keep coming, JSONs are written at most every `flush_every` seconds; as
+        soon as the journal is idle they are written at once."""
+        listener = WakeupListener(pipe_path(self.site, PIPE_INDEXER))
+        last_flush = time.monotonic()
+        done_since_flush = 0
+        try:
+            while not stop.is_set():
+                n = self.index_pending()
+                done_since_flush += n
+                now = time.monotonic()
+                if done_since_flush and (not n or now - last_flush >= flush_every):
+                    self.flush()
+                    log.info("indexed %d files in %.2f s", done_since_flush, now - last_flush)
+                    done_since_flush = 0
+                if not n:
+                    listener.wait(poll)
+                    last_flush = time.monotonic()
+        finally:
+            self.flush()
+            listener.close()
+
+
+def load_rules(site: Site) -> RuleSet:
+    """The site's classifyRules.json, else the shipped default."""
+    path = Tree(site.datadir).config / "classifyRules.json"
+    if not path.exists():
+        path = Path(__file__).resolve().parents[2] / "config" / "classifyRules.json"
+    return RuleSet.load(path)
+
+
+def run(config: Config, site_name: str | None, verbose: bool = False,
+        stop: threading.Event | None = None) -> int:
+    site = config.site(site_name)
+    if stop is None:
+        setup_logging(site, "processSingleFile", verbose)
+        stop = stop_event()
+    write_pid(site, "processSingleFile")
+    indexer = Indexer(site, load_rules(site))
+    log.info("indexer for %s started at journal position %s", site.datadir,
+             indexer.reader.position)
+    indexer.run(stop)
+    log.info("indexer stopped after %d files", indexer.indexed)
+    return 0

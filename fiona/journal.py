@@ -1,0 +1,226 @@
+"""Durable journals between daemons, and named-pipe wake-ups.
+
+The system FIONA replaces used a named pipe as its only queue: a dead reader made the receiver
+hang or drop notices, and dropped files were never indexed. Here the journal is the queue: the
+producer appends a line and fsyncs it before it reports success; the consumer keeps a durable
+read position and replays everything after it when it starts. The pipe only says "look now" and
+may lose messages freely.
+
+A journal is a folder of numbered segment files `<name>.<seq>.log`. A writer always starts a new
+segment, so a line torn by a crash can only be the last one of an older segment, where the reader
+recognises and skips it (the sender was never told "stored", so it sends again).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import select
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .tree import FILE_MODE, atomic_write, ensure_dir
+
+log = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+def _segments(folder: Path, name: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(name)}\.(\d{{10}})\.log$")
+    found = []
+    for entry in os.listdir(folder):
+        m = pattern.match(entry)
+        if m:
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def _segment_path(folder: Path, name: str, seq: int) -> Path:
+    return folder / f"{name}.{seq:010d}.log"
+
+
+class JournalWriter:
+    """Appends lines durably; thread-safe. `append` returns once the line is on disk."""
+
+    def __init__(self, folder: Path, name: str, durable: bool = True):
+        self.folder = ensure_dir(folder)
+        self.name = name
+        self.durable = durable
+        self._lock = threading.Lock()
+        existing = _segments(self.folder, name)
+        self._seq = (existing[-1] + 1) if existing else 1
+        self._open()
+
+    def _open(self) -> None:
+        path = _segment_path(self.folder, self.name, self._seq)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        self._size = 0
+
+    def append(self, line: str) -> None:
+        data = (line.replace("\n", " ") + "\n").encode()
+        with self._lock:
+            if self._size >= SEGMENT_BYTES:
+                os.close(self._fd)
+                self._seq += 1
+                self._open()
+            fd = self._fd
+            os.write(fd, data)
+            self._size += len(data)
+        if self.durable:
+            os.fdatasync(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a reader stands: segment number and byte offset in it."""
+
+    seq: int
+    offset: int
+
+
+class JournalReader:
+    """Reads lines after its durable position; `commit` moves the position.
+
+    Entries between the last commit and a crash are read again after a restart, so the
+    consumer must be idempotent; in exchange nothing is ever skipped.
+    """
+
+    def __init__(self, folder: Path, name: str, consumer: str):
+        self.folder = ensure_dir(folder)
+        self.name = name
+        self._pos_file = folder / f"{name}.{consumer}.pos"
+        self.position = self._load()
+
+    def _load(self) -> Position:
+        try:
+            seq, offset = self._pos_file.read_text().split()
+            return Position(int(seq), int(offset))
+        except FileNotFoundError:
+            segs = _segments(self.folder, self.name)
+            return Position(segs[0] if segs else 1, 0)
+
+    def read(self, limit: int = 10000, start: Position | None = None
+             ) -> Iterator[tuple[str, Position]]:
+        """Complete lines after `start` (default: the committed position), each with the
+        position just after it."""
+        pos = start or self.position
+        count = 0
+        while True:
+            segs = _segments(self.folder, self.name)
+            path = _segment_path(self.folder, self.name, pos.seq)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(pos.offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                data = b""
+            end = data.rfind(b"\n") + 1
+            offset = pos.offset
+            for raw in data[:end].splitlines(keepends=True):
+                offset += len(raw)
+                count += 1
+                yield raw.decode(errors="replace").rstrip("\n"), Position(pos.seq, offset)
+                if count >= limit:
+                    return
+            later = [s for s in segs if s > pos.seq]
+            if not later:
+                return
+            if end < len(data):
+                log.warning("journal %s: skipped a torn last line in segment %d (%d bytes); "
+                            "the sender was not acknowledged for it", self.name, pos.seq,
+                            len(data) - end)
+            pos = Position(later[0], 0)
+
+    def commit(self, pos: Position) -> None:
+        """Store `pos` durably and delete segments that lie wholly before it."""
+        atomic_write(self._pos_file, f"{pos.seq} {pos.offset}\n".encode())
+        self.position = pos
+        for seq in _segments(self.folder, self.name):
+            if seq < pos.seq:
+                try:
+                    os.unlink(_segment_path(self.folder, self.name, seq))
+                except FileNotFoundError:
+                    pass
+
+
+class WakeupSender:
+    """Writes one line to a named pipe without ever blocking; a missing reader is fine."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    def notify(self, line: str) -> None:
+        with self._lock:
+            if self._fd is None:
+                now = time.monotonic()
+                if now < self._next_try:
+                    return
+                self._next_try = now + self.RETRY_SECONDS
+                try:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    return  # no reader (ENXIO) or no pipe yet: the journal carries the event
+            try:
+                os.write(self._fd, (line + "\n").encode()[:4096])
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:  # EAGAIN: the reader is busy and will catch up
+                    os.close(self._fd)
+                    self._fd = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class WakeupListener:
+    """The reading end of a wake-up pipe; `wait` returns when poked or after a timeout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        ensure_dir(path.parent)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISFIFO(st.st_mode):
+                os.unlink(path)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            os.mkfifo(path, 0o620)
+        # O_RDWR keeps one writer open ourselves, so the pipe never reports end-of-file
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    def wait(self, timeout: float) -> list[str]:
+        """The lines that arrived (maybe none) within `timeout` seconds."""
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return []
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace").splitlines()
+
+    def close(self) -> None:
+        os.close(self._fd)

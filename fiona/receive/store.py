@@ -1,0 +1,227 @@
+"""What happens to one received object: validate, file durably, journal, wake the indexer.
+
+Success is answered only after the file and its journal line are on disk. Identifiers become
+paths only after `tree.valid_uid`; anything that fails goes to `quarantine/receive/` with a
+reason and the sender gets a failure status. Pixel data is never decoded here.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag
+
+from .. import quarantine
+from ..journal import JournalWriter, WakeupSender
+from ..tree import (FILE_MODE, InvalidValue, Tree, ensure_dir, fsync_dir, modality_prefix,
+                    safe_name, touch, valid_uid)
+from .ul import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Association, StoreRequest
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+MISMATCH = 0xC001  # SOP Instance UID of command and data set differ
+
+JOURNAL = "received"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: everything we need to file an object
+
+
+def _stop_after_series(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_HEADER_TAG
+
+
+def read_header(data: bytes, transfer_syntax: str) -> Dataset:
+    """The top-level elements up to SeriesInstanceUID of an encoded data set."""
+    if transfer_syntax == DEFLATED:
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    little = transfer_syntax != "1.2.840.10008.1.2.2"
+    return read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_after_series)
+
+
+@lru_cache(maxsize=4096)
+def _meta_prefix(sop_class: str, transfer_syntax: str, source_ae: str) -> tuple[bytes, bytes]:
+    """The file meta header split around the SOP Instance UID, cached per class and sender."""
+    marker = "9" * 64
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = marker
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    meta.SourceApplicationEntityTitle = source_ae
+    fp = DicomBytesIO()
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    encoded = fp.getvalue()
+    head, _, tail = encoded.partition(marker.encode())
+    # the element length and the group length must follow the real UID's length
+    return b"\x00" * 128 + b"DICM" + head, tail
+
+
+def file_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str,
+               data: bytes) -> bytes:
+    """Part-10 file content: preamble, file meta group, then the data set as received."""
+    head, tail = _meta_prefix(sop_class, transfer_syntax, source_ae)
+    uid = sop_instance.encode()
+    if len(uid) % 2:
+        uid += b"\x00"
+    delta = len(uid) - 64
+    # patch the group length (UL at offset 140) and the UID element's length field (2 bytes)
+    group_len = struct.unpack_from("<I", head, 140)[0] + delta
+    head = head[:140] + struct.pack("<I", group_len) + head[144:-2] + struct.pack("<H", len(uid))
+    return head + uid + tail + data
+
+
+def dataset_part(path: Path) -> tuple[str, bytes]:
+    """(transfer syntax, data set bytes) of a Part-10 file that this receiver wrote."""
+    raw = path.read_bytes()
+    group_len = struct.unpack_from("<I", raw, 140)[0]
+    meta_end = 144 + group_len
+    fp = io.BytesIO(raw[132:meta_end])
+    meta = read_dataset(fp, False, True)
+    return str(meta.TransferSyntaxUID), raw[meta_end:]
+
+
+def _line_value(value: str) -> str:
+    """An AE title as a field of the comma-separated journal and pipe lines."""
+    return safe_name(value, default="_").replace(",", "_").replace(" ", "_")
+
+
+class StoreHandler:
+    """The receiver's `on_store`: one instance per site, shared by all associations."""
+
+    def __init__(self, tree: Tree, refuse_store_percent: float, pipe: Path):
+        self.tree = tree.make()
+        self.refuse_store_percent = refuse_store_percent
+        self.journal = JournalWriter(tree.journal, JOURNAL)
+        self.wakeup = WakeupSender(pipe)
+        self._known_dirs: set[Path] = set()
+
+    def close(self) -> None:
+        self.journal.close()
+        self.wakeup.close()
+
+    # --- the handler -------------------------------------------------------------------------
+    def on_store(self, req: StoreRequest) -> int:
+        if self._disk_full():
+            return OUT_OF_RESOURCES
+        try:
+            sop = valid_uid(req.sop_instance_uid, "SOPInstanceUID (command)")
+            header = read_header(req.dataset, req.transfer_syntax)
+            ds_sop = valid_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
+            if ds_sop != sop:
+                return self._refuse(req, f"SOPInstanceUID of the data set ({ds_sop}) differs from "
+                                    f"the command's ({sop})", MISMATCH)
+            study = valid_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
+            valid_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_class = valid_uid(req.sop_class_uid, "SOPClassUID (command)")
+        except InvalidValue as exc:
+            return self._refuse(req, str(exc), CANNOT_UNDERSTAND)
+        except Exception as exc:  # pydicom raises many kinds on malformed bytes
+            return self._refuse(req, f"cannot parse the data set as DICOM ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})", CANNOT_UNDERSTAND)
+        source_ae = safe_name(req.association.calling_ae, default="UNKNOWN")[:16]
+        content = file_bytes(sop_class, sop, req.transfer_syntax, source_ae, req.dataset)
+        name = f"{modality_prefix(sop_class)}.{sop}"
+        try:
+            self._file(req, study, name, content)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("disk full while storing %s of study %s: free space under %s",
+                          sop, study, self.tree.datadir)
+                return OUT_OF_RESOURCES
+            raise
+        self._announce(req.association, study, name)
+        return SUCCESS
+
+    # --- steps -------------------------------------------------------------------------------
+    def _disk_full(self) -> bool:
+        usage = shutil.disk_usage(self.tree.site)
+        percent = 100.0 * usage.used / usage.total if usage.total else 0.0
+        if percent >= self.refuse_store_percent:
+            log.error("refusing to store: disk at %.1f%% >= DISK.refuse_store_percent %.0f%% "
+                      "under %s; free space or run `fiona clear-old-files`", percent,
+                      self.refuse_store_percent, self.tree.site)
+            return True
+        return False
+
+    def _dir(self, path: Path) -> Path:
+        if path not in self._known_dirs:
+            ensure_dir(path)
+            self._known_dirs.add(path)
+        return path
+
+    def _file(self, req: StoreRequest, study: str, name: str, content: bytes) -> None:
+        """Write durably under the final name unless it exists; an existing file with other
+        content goes to quarantine beside it, never over it."""
+        folder = self._dir(self.tree.study_archive(study))
+        final = folder / name
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.")
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            try:
+                os.link(tmp, final)  # atomic, and never replaces an existing file
+                fsync_dir(folder)
+                return
+            except FileExistsError:
+                pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(tmp)
+        old_ts, old_data = dataset_part(final)
+        if old_ts == req.transfer_syntax and old_data == req.dataset:
+            return  # an identical duplicate: nothing to do
+        quarantine.hold(
+            self.tree, "receive", "UID conflict: this SOPInstanceUID is already stored with "
+            "different content", {name: content}, self._context(req) | {"existing": str(final)},
+            "compare both objects; if the new one should replace the old, move it into the "
+            "archive by hand and re-run the indexer")
+
+    def _announce(self, assoc: Association, study: str, name: str) -> None:
+        caller, called = _line_value(assoc.calling_ae), _line_value(assoc.called_ae)
+        touch(self.tree.arrived / f"{caller} {called} {assoc.peer_ip} scp_{study}")
+        line = f"{caller},{called},{assoc.peer_ip},{self.tree.study_archive(study)},{name}"
+        self.journal.append(line)
+        self.wakeup.notify(line)
+
+    def _context(self, req: StoreRequest) -> dict:
+        a = req.association
+        return {"calling_ae": a.calling_ae, "called_ae": a.called_ae, "peer_ip": a.peer_ip,
+                "sop_instance_uid_command": req.sop_instance_uid[:200],
+                "sop_class_uid": req.sop_class_uid[:200], "transfer_syntax": req.transfer_syntax}
+
+    def _refuse(self, req: StoreRequest, reason: str, status: int) -> int:
+        name = "object.dcm"
+        try:
+            content = file_bytes(valid_uid(req.sop_class_uid), "1.2.3", req.transfer_syntax,
+                                 "UNKNOWN", req.dataset)
+        except InvalidValue:
+            name, content = "dataset.bin", req.dataset
+        quarantine.hold(self.tree, "receive", reason, {name: content}, self._context(req),
+                        f"the sender ({req.association.calling_ae} at {req.association.peer_ip}) "
+                        f"was told status {status:#06x}; fix the object at its source and send "
+                        f"it again")
+        return status

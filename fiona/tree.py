@@ -1,0 +1,226 @@
+"""The data tree: the one place that turns DICOM values into paths.
+
+Every path component that comes from a DICOM value or a network peer passes through
+`valid_uid` or `safe_name` here first (the system FIONA replaces used UIDs as paths unchecked,
+which allowed path traversal). Files are written to a temporary name in the same folder, fsynced
+and renamed, so a crash leaves either the old file or the new one, never half of one.
+Folders are 0750 and files 0640: the web server reads through its group, never through
+world-readable modes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+class InvalidValue(ValueError):
+    """A DICOM or network value that must not become part of a path; the text says why."""
+
+
+def valid_uid(value: object, what: str = "UID") -> str:
+    """`value` as a UID string, or InvalidValue: digits and dots, at most 64 characters,
+    no empty component and no leading zero in a component other than "0" itself."""
+    if value is None or value == "":
+        raise InvalidValue(f"{what} is missing")
+    uid = str(value).rstrip("\x00 ")
+    if len(uid) > 64:
+        raise InvalidValue(f"{what} is {len(uid)} characters long (at most 64 allowed)")
+    if not _UID.match(uid):
+        raise InvalidValue(f"{what} {uid[:80]!r} is not a valid UID (digits and dots, "
+                           f"no leading zeros)")
+    return uid
+
+
+def safe_name(value: object, what: str = "value", default: str = "unknown") -> str:
+    """A value (AE title, PatientID, Manufacturer) made safe as one path component.
+
+    Slashes, backslashes and control characters become '_', leading dots and surrounding
+    spaces are dropped, so '..', '/' or '.hidden' cannot escape or hide; empty becomes `default`.
+    """
+    text = "" if value is None else str(value)
+    text = _UNSAFE.sub("_", text).strip().lstrip(".").strip()
+    if len(text) > 64:
+        text = text[:64]
+    return text or default
+
+
+def modality_prefix(sop_class_uid: str) -> str:
+    """The MOD part of archive file names, from the SOP class (MR, CT, SC, PS, SR, ...)."""
+    from pydicom.uid import UID
+
+    name = UID(sop_class_uid).name if sop_class_uid else ""
+    for needle, mod in _MODALITY_WORDS:
+        if needle in name:
+            return mod
+    return "OT"
+
+
+_MODALITY_WORDS = (
+    ("Enhanced MR", "MR"), ("MR Spectroscopy", "MS"), ("MR Image", "MR"),
+    ("CT Image", "CT"), ("Positron Emission", "PT"), ("PET", "PT"),
+    ("Secondary Capture", "SC"), ("Presentation State", "PS"), ("SR", "SR"),
+    ("Ultrasound", "US"), ("Nuclear Medicine", "NM"), ("X-Ray", "XA"), ("Mammography", "MG"),
+    ("Computed Radiography", "CR"), ("Digital X-Ray", "DX"), ("RT ", "RT"),
+    ("Raw Data", "RAW"), ("Encapsulated PDF", "DOC"), ("Segmentation", "SEG"),
+)
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create `path` and missing parents with mode 0750 (umask does not widen it)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass  # made by another thread or process meanwhile
+    return path
+
+
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, then rename.
+
+    With `durable`, the data is fsynced before the rename and the folder after it, so once this
+    returns the file survives a power cut; readers never see a partial file either way.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def symlink(target: Path, link: Path) -> None:
+    """Point `link` at `target` (relative), replacing a stale link atomically."""
+    rel = os.path.relpath(target, link.parent)
+    try:
+        if os.readlink(link) == rel:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+    tmp = link.parent / f".tmp.{link.name}.{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(rel, tmp)
+    os.replace(tmp, link)
+
+
+def touch(path: Path) -> None:
+    """Create `path` empty or bump its modification time (the arrival clock)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Paths of one site's data tree (SPEC §2). Arguments must already be validated values."""
+
+    datadir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.datadir / "config"
+
+    @property
+    def site(self) -> Path:
+        return self.datadir / "site"
+
+    @property
+    def logs(self) -> Path:
+        return self.datadir / "logs"
+
+    @property
+    def archive(self) -> Path:
+        return self.site / "archive"
+
+    @property
+    def raw(self) -> Path:
+        return self.site / "raw"
+
+    @property
+    def participants(self) -> Path:
+        return self.site / "participants"
+
+    @property
+    def srs(self) -> Path:
+        return self.site / "srs"
+
+    @property
+    def arrived(self) -> Path:
+        return self.site / ".arrived"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.site / "quarantine"
+
+    @property
+    def outbox(self) -> Path:
+        return self.site / "outbox"
+
+    @property
+    def journal(self) -> Path:
+        return self.site / "journal"
+
+    @property
+    def run(self) -> Path:
+        """Named pipes and pid files; inside the tree so no other local user can hijack them."""
+        return self.site / "run"
+
+    def study_archive(self, study: str) -> Path:
+        return self.archive / f"scp_{study}"
+
+    def archive_file(self, study: str, modality: str, sop: str) -> Path:
+        return self.study_archive(study) / f"{modality}.{sop}"
+
+    def series_dir(self, study: str, series: str) -> Path:
+        return self.raw / study / series
+
+    def series_json(self, study: str, series: str) -> Path:
+        return self.raw / study / f"{series}.json"
+
+    def make(self) -> "Tree":
+        """Create the fixed folders (idempotent)."""
+        for p in (self.config, self.logs, self.archive, self.raw, self.participants, self.srs,
+                  self.arrived, self.quarantine, self.outbox, self.journal, self.run):
+            ensure_dir(p)
+        return self
