@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pydicom.config
+
 from .config import Site
 from .tree import FILE_MODE, Tree, atomic_write
 
@@ -22,7 +24,11 @@ def pipe_path(site: Site, name: str) -> Path:
 
 
 def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
-    """Log to `logs/<daemon><SITE>.log` and to stderr; returns the log file path."""
+    """Log to `logs/<daemon><SITE>.log` and to stderr; returns the log file path.
+
+    pydicom's warnings about invalid values are silenced: the daemons validate what they use
+    and log their own, actionable message instead."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     tree = Tree(site.datadir).make()
     path = tree.logs / f"{daemon}{site.suffix}.log"
     if not path.exists():

@@ -172,26 +172,30 @@ class Indexer:
                 del self.series[key]
                 del self._touched[key]
 
-    def run(self, stop: threading.Event, poll: float = 2.0, flush_every: float = 1.0) -> None:
+    def run(self, stop: threading.Event, poll: float = 2.0, flush_every: float = 1.0,
+            settle: float = 0.2) -> None:
         """Replay the journal, then follow it, woken by the pipe, until `stop` is set.
 
-        While files keep coming, JSONs are written at most every `flush_every` seconds; as
-        soon as the journal is idle they are written at once."""
+        JSONs are written when the journal has been quiet for `settle` seconds, and at least
+        every `flush_every` seconds while files keep coming, so a burst costs one write per
+        series rather than one per image."""
         listener = WakeupListener(pipe_path(self.site, PIPE_INDEXER))
-        last_flush = time.monotonic()
-        done_since_flush = 0
+        pending, first = 0, 0.0
         try:
             while not stop.is_set():
                 n = self.index_pending()
-                done_since_flush += n
-                now = time.monotonic()
-                if done_since_flush and (not n or now - last_flush >= flush_every):
-                    self.flush()
-                    log.info("indexed %d files in %.2f s", done_since_flush, now - last_flush)
-                    done_since_flush = 0
-                if not n:
+                if n and not pending:
+                    first = time.monotonic()
+                pending += n
+                if not pending:
                     listener.wait(poll)
-                    last_flush = time.monotonic()
+                    continue
+                if (n and time.monotonic() - first < flush_every) or (
+                        not n and listener.wait(settle)):
+                    continue
+                self.flush()
+                log.info("indexed %d files in %.2f s", pending, time.monotonic() - first)
+                pending = 0
         finally:
             self.flush()
             listener.close()

@@ -28,6 +28,7 @@ from .. import quarantine
 from ..journal import JournalWriter, WakeupSender
 from ..tree import (FILE_MODE, InvalidValue, Tree, ensure_dir, fsync_dir, modality_prefix,
                     safe_name, touch, valid_uid)
+from .structure import Malformed, check_complete
 from .ul import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Association, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,13 @@ def _stop_after_series(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 
 def read_header(data: bytes, transfer_syntax: str) -> Dataset:
-    """The top-level elements up to SeriesInstanceUID of an encoded data set."""
+    """The top-level elements up to SeriesInstanceUID of an encoded data set, after checking
+    that the whole data set is structurally complete (Malformed otherwise)."""
     if transfer_syntax == DEFLATED:
         data = zlib.decompress(data, -zlib.MAX_WBITS)
     implicit = transfer_syntax == "1.2.840.10008.1.2"
     little = transfer_syntax != "1.2.840.10008.1.2.2"
+    check_complete(data, implicit, little)
     return read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_after_series)
 
 
@@ -131,7 +134,7 @@ class StoreHandler:
             study = valid_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
             valid_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
             sop_class = valid_uid(req.sop_class_uid, "SOPClassUID (command)")
-        except InvalidValue as exc:
+        except (InvalidValue, Malformed) as exc:
             return self._refuse(req, str(exc), CANNOT_UNDERSTAND)
         except Exception as exc:  # pydicom raises many kinds on malformed bytes
             return self._refuse(req, f"cannot parse the data set as DICOM ({type(exc).__name__}: "
@@ -172,7 +175,11 @@ class StoreHandler:
         content goes to quarantine beside it, never over it."""
         folder = self._dir(self.tree.study_archive(study))
         final = folder / name
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.")
+        except FileNotFoundError:  # the folder was removed (cleanup) since we made it
+            self._known_dirs.discard(folder)
+            fd, tmp = tempfile.mkstemp(dir=self._dir(folder), prefix=".tmp.")
         try:
             os.fchmod(fd, FILE_MODE)
             view = memoryview(content)

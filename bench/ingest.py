@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: FIONA's receiver against DCMTK storescp and Orthanc, in one run.
+
+What is measured: the wall-clock time of one DCMTK `storescu` association that sends the
+same corpus of MR images (256x256 uint16 pixels with a realistic header, ~130 KB each) to each
+receiver on 127.0.0.1, from the start of storescu to its exit. files/s = images / seconds.
+A run counts only if storescu exits 0 and the receiver holds every image afterwards (files on
+disk; Orthanc's /statistics CountInstances). For FIONA the time until the indexer has recorded
+every image in its series JSONs is reported as well; receive files/s is the headline.
+
+Every receiver starts fresh with empty storage for every run; targets are interleaved and
+their order rotates per repetition, so a noisy neighbour hurts all of them alike. Only the
+median per target is compared. Note that FIONA fsyncs every file before it answers, while
+storescp and Orthanc do not. Temporary data goes under $TMPDIR (default /tmp).
+
+Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.dicomgen import make_study  # noqa: E402  (needs the repo root on sys.path)
+
+#: DCMTK's sender; the `storescu` on PATH may be a pynetdicom shim
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+N_SERIES = 4
+START_TIMEOUT = 60.0
+SEND_TIMEOUT = 600.0
+INDEX_TIMEOUT = 600.0
+STOP_TIMEOUT = 45.0  # `fiona up` gives its daemons 40 s to finish
+#: without it DCMTK and Orthanc wait ~40 ms per image on delayed ACKs
+BASE_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def free_port() -> int:
+    """A port the kernel just handed out, so parallel runs and other services do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, timeout: float, what: str, proc: subprocess.Popen | None = None,
+               interval: float = 0.05) -> None:
+    """Poll `ready()` until true; fail early if `proc` died, so a crash is not a timeout."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to its process group (its own session, so children go too)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of a crashed or stuck parent
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def count_files(root: Path) -> int:
+    """Finished files under `root`; temporary '.tmp.*' names of writers in flight excluded."""
+    return sum(1 for _dir, _subs, names in os.walk(root)
+               for name in names if not name.startswith("."))
+
+
+class Target(ABC):
+    """One receiver, started fresh in its own folder for one run."""
+
+    name: str
+    aetitle: str
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env or BASE_ENV,
+                                         cwd=self.workdir, start_new_session=True)
+        return self.proc
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start and return once the receiver accepts associations."""
+
+    @abstractmethod
+    def received(self) -> int:
+        """How many images the receiver holds now."""
+
+    def after_send(self, t0: float, images: int) -> dict:
+        """Extra measurements once the send is over (FIONA: indexing)."""
+        return {}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+class Fiona(Target):
+    name, aetitle = "FIONA", "FIONA"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.data = workdir / "data"
+        self.env = {**BASE_ENV,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                os.environ.get("PYTHONPATH")]))}
+        self.env.pop("FIONA_CONFIG", None)
+
+    def start(self) -> None:
+        fiona = [sys.executable, "-m", "fiona"]
+        subprocess.run(fiona + ["init", "--data", str(self.data), "--port", str(self.port),
+                                "--ip", "127.0.0.1"], check=True, env=self.env,
+                       cwd=self.workdir, stdout=subprocess.DEVNULL)
+        config = self.data / "config" / "config.json"
+        proc = self.spawn(fiona + ["--config", str(config), "up"], self.env)
+        wait_until(lambda: port_open(self.port), START_TIMEOUT, "fiona up", proc)
+
+    def received(self) -> int:
+        return count_files(self.data / "site" / "archive")
+
+    def indexed(self) -> int:
+        """Images the indexer has recorded: NumFiles summed over the series JSONs."""
+        total = 0
+        for path in (self.data / "site" / "raw").glob("*/*.json"):
+            try:
+                total += int(json.loads(path.read_bytes()).get("NumFiles", 0))
+            except (OSError, ValueError):
+                pass  # replaced while we read it; the next poll sees the new one
+        return total
+
+    def after_send(self, t0: float, images: int) -> dict:
+        wait_until(lambda: self.indexed() >= images, INDEX_TIMEOUT, "FIONA indexing",
+                   self.proc)
+        seconds = time.perf_counter() - t0
+        return {"index_seconds": seconds, "index_files_per_s": images / seconds}
+
+
+class DcmtkStorescp(Target):
+    name, aetitle = "storescp", "STORESCP"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.out = workdir / "out"
+
+    def start(self) -> None:
+        self.out.mkdir()
+        proc = self.spawn([STORESCP, "-od", str(self.out), str(self.port)])
+        wait_until(lambda: port_open(self.port), START_TIMEOUT, "storescp", proc)
+
+    def received(self) -> int:
+        return count_files(self.out)
+
+
+class Orthanc(Target):
+    name, aetitle = "Orthanc", "ORTHANC"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.http_port = free_port()
+
+    def start(self) -> None:
+        config = {
+            "Name": "fiona-bench", "DicomAet": self.aetitle,
+            "DicomPort": self.port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        proc = self.spawn([ORTHANC, str(path)])
+        wait_until(lambda: self.http("/system") is not None, START_TIMEOUT, "Orthanc", proc)
+        wait_until(lambda: port_open(self.port), START_TIMEOUT, "Orthanc DICOM port", proc)
+
+    def http(self, path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
+                                        timeout=5) as resp:
+                return json.load(resp)
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+
+    def received(self) -> int:
+        stats = self.http("/statistics")
+        return int(stats["CountInstances"]) if stats else -1
+
+
+TARGETS: tuple[type[Target], ...] = (Fiona, DcmtkStorescp, Orthanc)
+
+
+@dataclass
+class Results:
+    """Per-target measurements, in run order."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list[dict]] = field(default_factory=dict)
+
+    def add(self, target: str, seconds: float, extra: dict) -> None:
+        self.seconds.setdefault(target, []).append(seconds)
+        self.extra.setdefault(target, []).append(extra)
+
+    def rates(self, target: str, images: int) -> list[float]:
+        return [images / s for s in self.seconds.get(target, [])]
+
+
+def make_corpus(root: Path, images: int) -> Path:
+    """One study of `images` MR images in N_SERIES series, written once and reused by all runs."""
+    corpus = root / "corpus"
+    per_series = -(-images // N_SERIES)
+    study = make_study(corpus, N_SERIES, per_series, rows=256, cols=256)
+    for extra in study["files"][images:]:  # --images not divisible by the series count
+        extra.unlink()
+    return corpus
+
+
+def send(target: Target, corpus: Path) -> float:
+    """Run one storescu association to `target`; seconds from its start to its exit."""
+    cmd = [STORESCU, "+sd", "-aec", target.aetitle, "127.0.0.1", str(target.port), str(corpus)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=BASE_ENV, capture_output=True, text=True,
+                          timeout=SEND_TIMEOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu to {target.name} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-2000:]}")
+    return seconds
+
+
+def run_once(cls: type[Target], root: Path, corpus: Path, images: int, keep: bool,
+             label: str) -> tuple[float, dict]:
+    """Start `cls` fresh, send the corpus, check every image arrived, stop it."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{cls.name}-", dir=root))
+    target = cls(workdir)
+    try:
+        target.start()
+        t0 = time.perf_counter()
+        seconds = send(target, corpus)
+        got = target.received()
+        if got != images:
+            raise RuntimeError(f"{target.name} holds {got} of {images} images after the send")
+        extra = target.after_send(t0, images)
+    except BaseException:
+        target.stop()
+        print(f"--- last lines of {target.log}:\n{log_tail(target.log)}", file=sys.stderr)
+        raise
+    target.stop()
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    line = f"{label} {target.name:<9} {images} files in {seconds:6.2f} s = " \
+           f"{images / seconds:7.1f} files/s"
+    if "index_seconds" in extra:
+        line += f"  (indexed after {extra['index_seconds']:.2f} s = " \
+                f"{extra['index_files_per_s']:.1f} files/s)"
+    progress(line)
+    return seconds, extra
+
+
+def _row(name: str, rates: list[float], note: str = "") -> float:
+    median = statistics.median(rates)
+    progress(f"{name:<14} {median:>14.1f}   {' '.join(f'{r:.1f}' for r in rates)}{note}")
+    return median
+
+
+def report(results: Results, images: int) -> dict:
+    """Print the table and the ratios; return the same as a JSON-able dict."""
+    progress(f"\n{'target':<14} {'median files/s':>14}   runs (files/s)")
+    medians = {cls.name: _row(cls.name, results.rates(cls.name, images)) for cls in TARGETS}
+    index_rates = [e["index_files_per_s"] for e in results.extra[Fiona.name]]
+    index_median = _row("FIONA indexed", index_rates, "   (send start -> all in series JSONs)")
+    ratios = {"FIONA/Orthanc": medians["FIONA"] / medians["Orthanc"],
+              "FIONA/storescp": medians["FIONA"] / medians["storescp"]}
+    progress(f"\nFIONA / Orthanc  = {ratios['FIONA/Orthanc']:.2f} (target >= 1.0)")
+    progress(f"FIONA / storescp = {ratios['FIONA/storescp']:.2f} (target >= 0.5)")
+    return {
+        "images": images,
+        "targets": {cls.name: {"seconds": results.seconds[cls.name],
+                               "files_per_s": results.rates(cls.name, images),
+                               "median_files_per_s": medians[cls.name]} for cls in TARGETS},
+        "fiona_indexing": {"seconds": [e["index_seconds"] for e in results.extra[Fiona.name]],
+                           "files_per_s": index_rates, "median_files_per_s": index_median},
+        "ratios": ratios,
+        "cpus": os.cpu_count(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1000, help="corpus size (default 1000)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per target, interleaved (default 3)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary corpus, storage folders and logs")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.images < 1 or args.repeat < 1:
+        p.error("--images and --repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # a SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the finally blocks stop the receivers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for tool in (STORESCU, STORESCP, ORTHANC):
+        if not os.access(tool, os.X_OK):
+            print(f"missing {tool}: apt-get install dcmtk orthanc", file=sys.stderr)
+            return 2
+    root = Path(tempfile.mkdtemp(prefix="fiona-bench-"))
+    try:
+        progress(f"generating {args.images} MR images (256x256) under {root} ...")
+        corpus = make_corpus(root, args.images)
+        size = sum(f.stat().st_size for f in corpus.iterdir())
+        progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
+        results = Results()
+        for rep in range(args.repeat):
+            order = TARGETS[rep % len(TARGETS):] + TARGETS[:rep % len(TARGETS)]
+            for cls in order:
+                seconds, extra = run_once(cls, root, corpus, args.images, args.keep,
+                                          f"[run {rep + 1}/{args.repeat}]")
+                results.add(cls.name, seconds, extra)
+        summary = report(results, args.images)
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+            progress(f"results written to {args.json}")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
