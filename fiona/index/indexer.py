@@ -10,6 +10,7 @@ journal position committed once per batch, so a burst of images costs one write 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ JOURNAL = "received"
 CONSUMER = "indexer"
 BATCH = 500
 IDLE_EVICT_SECONDS = 600
+#: indexing can wait a moment, a sender cannot: the receiver gets the CPU first
+NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def run(config: Config, site_name: str | None, verbose: bool = False,
         setup_logging(site, "processSingleFile", verbose)
         stop = stop_event()
     write_pid(site, "processSingleFile")
+    os.nice(NICENESS)
     indexer = Indexer(site, load_rules(site))
     log.info("indexer for %s started at journal position %s", site.datadir,
              indexer.reader.position)

@@ -13,12 +13,11 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
@@ -26,9 +25,9 @@ from pydicom.tag import BaseTag
 
 from .. import quarantine
 from ..journal import JournalWriter, WakeupSender
-from ..tree import (FILE_MODE, InvalidValue, Tree, ensure_dir, fsync_dir, modality_prefix,
-                    safe_name, touch, valid_uid)
-from .structure import Malformed, check_complete
+from ..tree import (DurableCreator, InvalidValue, Tree, ensure_dir, fsync_dir,
+                    metadata_journaled_together, modality_prefix, safe_name, touch, valid_uid)
+from .structure import Malformed, scan
 from .ul import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Association, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -41,21 +40,28 @@ MISMATCH = 0xC001  # SOP Instance UID of command and data set differ
 JOURNAL = "received"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: everything we need to file an object
+_HEADER_TAGS = {"SOPInstanceUID": 0x00080018, "StudyInstanceUID": 0x0020000D,
+                "SeriesInstanceUID": 0x0020000E}
 
 
 def _stop_after_series(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
-def read_header(data: bytes, transfer_syntax: str) -> Dataset:
-    """The top-level elements up to SeriesInstanceUID of an encoded data set, after checking
-    that the whole data set is structurally complete (Malformed otherwise)."""
+def read_header(data: bytes, transfer_syntax: str) -> dict[str, str | None]:
+    """The UIDs that file an object, after checking that the data set is complete (Truncated
+    otherwise). The structural walk finds them without pydicom on the hot path; pydicom
+    reads the header only of objects whose encoding the walk cannot follow."""
     if transfer_syntax == DEFLATED:
         data = zlib.decompress(data, -zlib.MAX_WBITS)
     implicit = transfer_syntax == "1.2.840.10008.1.2"
     little = transfer_syntax != "1.2.840.10008.1.2.2"
-    check_complete(data, implicit, little)
-    return read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_after_series)
+    found = scan(data, implicit, little, frozenset(_HEADER_TAGS.values()))
+    if found is not None:
+        return {k: found[t].rstrip(b"\x00 ").decode("ascii", "replace") if t in found else None
+                for k, t in _HEADER_TAGS.items()}
+    ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop_after_series)
+    return {k: ds.get(k) for k in _HEADER_TAGS}
 
 
 @lru_cache(maxsize=4096)
@@ -115,8 +121,13 @@ class StoreHandler:
         self.journal = JournalWriter(tree.journal, JOURNAL)
         self.wakeup = WakeupSender(pipe)
         self._known_dirs: set[Path] = set()
+        self.creator = DurableCreator(self.tree.archive)
+        #: on ext4 and XFS the journal's fdatasync (before "stored" is answered) also commits
+        #: the link into the archive folder, so a separate folder fsync is not needed there
+        self.journal_covers_renames = metadata_journaled_together(tree.archive, tree.journal)
 
     def close(self) -> None:
+        self.creator.close()
         self.journal.close()
         self.wakeup.close()
 
@@ -159,7 +170,7 @@ class StoreHandler:
         percent = 100.0 * usage.used / usage.total if usage.total else 0.0
         if percent >= self.refuse_store_percent:
             log.error("refusing to store: disk at %.1f%% >= DISK.refuse_store_percent %.0f%% "
-                      "under %s; free space or run `fiona clear-old-files`", percent,
+                      "under %s; free disk space there (or raise the watermark in config.json)", percent,
                       self.refuse_store_percent, self.tree.site)
             return True
         return False
@@ -176,28 +187,15 @@ class StoreHandler:
         folder = self._dir(self.tree.study_archive(study))
         final = folder / name
         try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.")
+            self.creator.create(f"{folder.name}/{name}", content)
+            if not self.journal_covers_renames:
+                fsync_dir(folder)
+            return
+        except FileExistsError:
+            pass
         except FileNotFoundError:  # the folder was removed (cleanup) since we made it
             self._known_dirs.discard(folder)
-            fd, tmp = tempfile.mkstemp(dir=self._dir(folder), prefix=".tmp.")
-        try:
-            os.fchmod(fd, FILE_MODE)
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            try:
-                os.link(tmp, final)  # atomic, and never replaces an existing file
-                fsync_dir(folder)
-                return
-            except FileExistsError:
-                pass
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            os.unlink(tmp)
+            return self._file(req, study, name, content)
         old_ts, old_data = dataset_part(final)
         if old_ts == req.transfer_syntax and old_data == req.dataset:
             return  # an identical duplicate: nothing to do

@@ -25,11 +25,13 @@ class Truncated(Malformed):
 
 
 class _Walker:
-    def __init__(self, data: bytes, implicit: bool, little: bool):
+    def __init__(self, data: bytes, implicit: bool, little: bool, wanted: frozenset[int]):
         self.data = data
         self.implicit = implicit
         self.e = "<" if little else ">"
         self.n = len(data)
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
 
     def _need(self, pos: int, size: int, what: str) -> None:
         if pos + size > self.n:
@@ -64,6 +66,9 @@ class _Walker:
                 pos = self.items(pos)
             else:
                 self._need(pos, length, f"value of ({group:04X},{elem:04X})")
+                tag = group << 16 | elem
+                if not in_item and tag in self.wanted:
+                    self.found[tag] = self.data[pos:pos + length]
                 pos += length
         if in_item:
             raise Truncated("data set is truncated inside a sequence item")
@@ -90,23 +95,24 @@ class _Walker:
                 pos += length
 
 
-def check_complete(data: bytes, implicit: bool, little: bool) -> None:
-    """Raise Truncated if `data` ends inside an element, item or sequence.
+def scan(data: bytes, implicit: bool, little: bool, wanted: frozenset[int]
+         ) -> dict[int, bytes] | None:
+    """Check that `data` is complete and return the raw values of the `wanted` top-level tags.
 
-    Some devices write implicit VR under an explicit transfer syntax (pydicom detects and
-    reads that), so a walk that fails on structure is tried again with the other VR encoding;
-    where neither walk reaches the end for a reason other than truncation, the data set is
-    left to pydicom to judge rather than refused here."""
+    Raises Truncated if the data set ends inside an element, item or sequence. Some devices
+    write implicit VR under an explicit transfer syntax (pydicom detects and reads that), so a
+    walk that fails on structure is tried again with the other VR encoding; where neither walk
+    reaches the end for a reason other than truncation, None is returned and the caller lets
+    pydicom judge the data set rather than refusing it here."""
     if not data:
         raise Truncated("the data set is empty")
-    try:
-        _Walker(data, implicit, little).dataset(0, in_item=False)
-    except Truncated:
-        raise
-    except Malformed:
+    for vr_implicit in (implicit, not implicit):
+        walker = _Walker(data, vr_implicit, little, wanted)
         try:
-            _Walker(data, not implicit, little).dataset(0, in_item=False)
+            walker.dataset(0, in_item=False)
+            return walker.found
         except Truncated:
             raise
         except Malformed:
-            pass
+            continue
+    return None
