@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, config_path, load
+from .daemon import DaemonError
 
 EPILOG = """Configuration: --config PATH, else $FIONA_CONFIG, else /data/config/config.json.
 Start here: `fiona init --data ./data` then `fiona up` (or `make run`)."""
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  - {err}", file=sys.stderr)
         return 2
+    except DaemonError as exc:
+        print(f"fiona: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -149,8 +153,6 @@ def _classify(config, args: argparse.Namespace) -> int:
             status = 1
             continue
         record = image_record(ds)
-        record["ClassifyType"] = []
-        labels = rules.classify(dict(record), ds)
-        print(f"{path}: {', '.join(labels) or '(no labels)'}")
-        print(format_explanation(rules.explain(dict(record), ds)))
+        print(f"{path}:")
+        print(format_explanation(rules.explain(record, ds)))
     return status

@@ -140,6 +140,8 @@ class Config:
         for key, (_example, default) in TOP_LEVEL.items():
             out[key] = self.raw.get(key, default)
         out["DATADIR"] = str(self.datadir)
+        out["SITES"] = {s.name: {"DATADIR": str(s.datadir), "DICOMIP": s.ip, "DICOMPORT": s.port,
+                                 "DICOMAETITLE": s.aetitle} for s in self.sites.values()}
         out["DESTINATIONS"] = self.destinations
         return out
 

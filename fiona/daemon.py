@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pydicom.config
 
@@ -23,8 +26,13 @@ def pipe_path(site: Site, name: str) -> Path:
     return Tree(site.datadir).run / f".{name}{site.suffix}"
 
 
+class DaemonError(Exception):
+    """A daemon cannot start; the text says why and what to do."""
+
+
 def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
-    """Log to `logs/<daemon><SITE>.log` and to stderr; returns the log file path.
+    """Log to `logs/<daemon><SITE>.log`, and to stderr when that is a terminal (under
+    systemd or the bin/ scripts stderr is not, and the file alone keeps the log).
 
     pydicom's warnings about invalid values are silenced: the daemons validate what they use
     and log their own, actionable message instead."""
@@ -39,21 +47,49 @@ def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(fmt)
-    root.addHandler(file_handler)
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    root.addHandler(stream)
+    handlers: list[logging.Handler] = [logging.FileHandler(path)]
+    if sys.stderr.isatty() or os.environ.get("FIONA_LOG_STDERR") == "1":
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
     return path
 
 
-def write_pid(site: Site, daemon: str) -> Path:
-    path = Tree(site.datadir).make().run / f"{daemon}{site.suffix}.pid"
-    atomic_write(path, f"{os.getpid()}\n".encode(), durable=False)
-    return path
+class PidFile:
+    """`run/<daemon><SITE>.pid`, locked while the daemon lives, removed when it exits, so a
+    second instance for the same site refuses to start instead of competing."""
+
+    def __init__(self, site: Site, daemon: str):
+        self.path = Tree(site.datadir).make().run / f"{daemon}{site.suffix}.pid"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise DaemonError(f"{daemon} for {site.datadir} is already running (pid {other}); "
+                              f"stop it first (bin/storectl.sh stop, or systemctl stop)") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
 
 
+@contextmanager
+def running(site: Site, daemon: str, verbose: bool = False) -> Iterator[threading.Event]:
+    """Set up logging, claim the pid file, and yield the stop event (SIGTERM/SIGINT)."""
+    setup_logging(site, daemon, verbose)
+    pid = PidFile(site, daemon)
+    try:
+        yield stop_event()
+    finally:
+        pid.release()
 def stop_event() -> threading.Event:
     """An event set by SIGTERM or SIGINT, so a daemon finishes the work in hand and exits."""
     event = threading.Event()

@@ -265,8 +265,9 @@ def test_psf_send_refuses_a_non_pipe(gateway: Gateway):
 
 def test_psf_test_prints_labels(gateway: Gateway):
     res = ok(script(gateway, PSF, "test", CT_SMALL))
-    first = res.stdout.splitlines()[0]
-    assert first.startswith(CT_SMALL) and "GE" in first
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(CT_SMALL)
+    assert lines[1].startswith("labels:") and "GE" in lines[1]
     res = script(gateway, PSF, "test", str(gateway.datadir / "nothing.dcm"))
     assert res.returncode != 0
 

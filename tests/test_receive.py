@@ -263,7 +263,7 @@ def test_concurrent_associations(gateway: Gateway, tmp_path: Path):
 
 def test_classify_test_command_explains_labels(gateway: Gateway):
     res = gateway.run("classify", "--test", str(_testdata("CT_small.dcm")))
-    assert "GE" in res.stdout.splitlines()[0]
+    assert "GE" in res.stdout.splitlines()[1]
     assert "Manufacturer" in res.stdout  # the clause that decided it
 
 

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from .. import quarantine
 from ..config import Config, Site
-from ..daemon import PIPE_INDEXER, pipe_path, setup_logging, stop_event, write_pid
+from ..daemon import PIPE_INDEXER, pipe_path, running
 from ..journal import JournalReader, Position, WakeupListener
 from ..tree import (InvalidValue, Tree, ensure_dir, safe_name, symlink, touch, valid_uid)
 from .classify import RuleSet
@@ -164,8 +164,8 @@ class Indexer:
         reason = f"cannot index: {type(exc).__name__}: {str(exc)[:300]}"
         quarantine.hold(self.tree, "index", reason, {"journal-line.txt": line.encode()},
                         {"journal_line": line[:500]},
-                        "the file stays in the archive; fix the cause and re-run "
-                        "`fiona process-single-file --reindex` or send the study again")
+                        "the file stays in the archive, unindexed; fix the cause (see the "
+                        "reason) and send the study again")
 
     def _evict(self) -> None:
         """Forget series that have been quiet for a while (their JSON is on disk)."""
@@ -212,17 +212,13 @@ def load_rules(site: Site) -> RuleSet:
     return RuleSet.load(path)
 
 
-def run(config: Config, site_name: str | None, verbose: bool = False,
-        stop: threading.Event | None = None) -> int:
+def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    if stop is None:
-        setup_logging(site, "processSingleFile", verbose)
-        stop = stop_event()
-    write_pid(site, "processSingleFile")
-    os.nice(NICENESS)
-    indexer = Indexer(site, load_rules(site))
-    log.info("indexer for %s started at journal position %s", site.datadir,
-             indexer.reader.position)
-    indexer.run(stop)
-    log.info("indexer stopped after %d files", indexer.indexed)
+    with running(site, "processSingleFile", verbose) as stop:
+        os.nice(NICENESS)
+        indexer = Indexer(site, load_rules(site))
+        log.info("indexer for %s started at journal position %s", site.datadir,
+                 indexer.reader.position)
+        indexer.run(stop)
+        log.info("indexer stopped after %d files", indexer.indexed)
     return 0

@@ -12,7 +12,7 @@ import threading
 import time
 
 from ..config import Config, Site, is_enabled
-from ..daemon import PIPE_INDEXER, pipe_path, setup_logging, stop_event, write_pid
+from ..daemon import PIPE_INDEXER, DaemonError, pipe_path, running
 from ..tree import Tree
 from .store import StoreHandler
 from .ul import AcceptorServer, Association
@@ -56,22 +56,27 @@ def make_server(config: Config, site: Site) -> tuple[AcceptorServer, Receiver]:
     return server, receiver
 
 
-def run(config: Config, site_name: str | None, verbose: bool = False,
-        stop: threading.Event | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or `stop`), then finish the associations in progress."""
+def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT, then finish the associations in progress."""
     site = config.site(site_name)
-    if stop is None:
-        setup_logging(site, "storescpd", verbose)
-        stop = stop_event()
-    write_pid(site, "storescpd")
-    server, receiver = make_server(config, site)
-    log.info("FIONA receiver listening on %s:%d as %s (data under %s)", site.ip, server.port,
-             site.aetitle, site.datadir)
-    thread = threading.Thread(target=server.serve_forever, name="storescp-accept", daemon=True)
-    thread.start()
-    stop.wait()
-    log.info("stopping: finishing associations in progress")
-    server.shutdown()
-    thread.join(5)
-    receiver.close()
+    with running(site, "storescpd", verbose) as stop:
+        try:
+            server, receiver = make_server(config, site)
+        except OSError as exc:
+            raise DaemonError(f"cannot listen on {site.ip}:{site.port}: {exc.strerror}; is "
+                              f"another receiver using DICOMPORT {site.port}? Stop it or "
+                              f"choose another port in {config.path}") from None
+        log.info("FIONA receiver listening on %s:%d as %s (data under %s)", site.ip,
+                 server.port, site.aetitle, site.datadir)
+        if not receiver.accepting():
+            log.warning("the receiver is switched off in %s: associations are refused until "
+                        "its first character is 1", site.datadir / "config" / "enabled")
+        thread = threading.Thread(target=server.serve_forever, name="storescp-accept",
+                                  daemon=True)
+        thread.start()
+        stop.wait()
+        log.info("stopping: finishing associations in progress")
+        server.shutdown()
+        thread.join(5)
+        receiver.close()
     return 0
