@@ -33,8 +33,7 @@ def init(datadir: Path, port: int = 11112, aetitle: str = "FIONA", ip: str = "0.
         atomic_write(enabled, b"111\n")
     key = tree.config / "secret.key"
     if not key.exists():
-        atomic_write(key, secrets.token_hex(32).encode() + b"\n")
-    os.chmod(key, 0o600)
+        atomic_write(key, secrets.token_hex(32).encode() + b"\n", mode=0o600)
     rules = tree.config / "classifyRules.json"
     if not rules.exists() or force:
         shutil.copyfile(REPO_CONFIG / "classifyRules.json", rules)

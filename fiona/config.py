@@ -224,8 +224,8 @@ def parse(raw: Any, path: Path) -> Config:
                 errors.append(f"SITES name {name!r} must be 1-32 letters, digits, '_' or '-'")
                 continue
             s = _check_keys(entry, SITE_KEYS, f"SITES.{name}", errors)
-            if not s:
-                continue
+            if not s or "DATADIR" not in s or "DICOMPORT" not in s:
+                continue  # the missing key is already reported
             sites[name] = Site(
                 name=name,
                 datadir=_dir(s["DATADIR"], f"SITES.{name}.DATADIR", base, errors),
@@ -239,7 +239,7 @@ def parse(raw: Any, path: Path) -> Config:
 
     cp = top["CONTROL_PLANE"]
     cp_type = cp.get("type") if isinstance(cp, dict) else None
-    if cp_type not in CONTROL_PLANE_KEYS:
+    if not isinstance(cp_type, str) or cp_type not in CONTROL_PLANE_KEYS:
         errors.append(f"CONTROL_PLANE.type must be one of {sorted(CONTROL_PLANE_KEYS)}, "
                       f"e.g. {{\"type\": \"local\"}}; got {cp_type!r}")
         control_plane = {"type": "local"}
@@ -261,7 +261,7 @@ def parse(raw: Any, path: Path) -> Config:
     else:
         for name, d in dests.items():
             d_type = d.get("type") if isinstance(d, dict) else None
-            if d_type not in DESTINATION_KEYS:
+            if not isinstance(d_type, str) or d_type not in DESTINATION_KEYS:
                 errors.append(f"DESTINATIONS.{name}.type must be one of {sorted(DESTINATION_KEYS)}; "
                               f"got {d_type!r}")
                 continue
@@ -272,13 +272,25 @@ def parse(raw: Any, path: Path) -> Config:
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
     disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
     refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
-    cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 1, 100, errors)
+    cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 0, 100, errors)
     web = _check_keys(top["WEB"], WEB_KEYS, "WEB", errors)
     if web and web.get("auth") not in ("local", "remote-user"):
         errors.append(f"WEB.auth must be \"local\" or \"remote-user\"; got {web.get('auth')!r}")
+    if web:
+        _int(web.get("port"), "WEB.port", 1, 65535, errors)
+    if top["SCANNERPORT"] is not None:
+        _int(top["SCANNERPORT"], "SCANNERPORT", 1, 65535, errors)
+    if top["SCANNERAETITLE"] is not None:
+        _aetitle(top["SCANNERAETITLE"], "SCANNERAETITLE", errors)
     mpps = top["MPPSPORT"]
     if mpps is not None:
         mpps = _int(mpps, "MPPSPORT", 1, 65535, errors)
+        if mpps in ports:
+            errors.append(f"MPPSPORT {mpps} is already a DICOMPORT; choose another port")
+    if cleanup >= refuse:
+        errors.append(f"DISK.cleanup_percent ({cleanup:g}) must be below "
+                      f"DISK.refuse_store_percent ({refuse:g}), so cleanup starts before "
+                      f"the receiver refuses studies")
     scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE") if top[k] is not None}
     if errors:
         raise ConfigError(errors, path)
@@ -315,6 +327,8 @@ def read_secret(path: Path) -> bytes:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError([f"secret file {path} is missing; `fiona init` creates one"]) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError([f"secret file {path} is not a regular file"])
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError([f"secret file {path} is readable by group or others "
                            f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`"])

@@ -70,11 +70,16 @@ class JournalWriter:
                 os.close(self._fd)
                 self._seq += 1
                 self._open()
-            fd = self._fd
-            os.write(fd, data)
+            os.write(self._fd, data)
             self._size += len(data)
-        if self.durable:
-            os.fdatasync(fd)
+            # sync outside the lock so that concurrent appends share the commit; a private
+            # descriptor, because a rotation may close the shared one meanwhile
+            fd = os.dup(self._fd) if self.durable else -1
+        if fd >= 0:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -176,8 +181,11 @@ class WakeupSender:
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
                 except OSError:
                     return  # no reader (ENXIO) or no pipe yet: the journal carries the event
+            data = (line + "\n").encode()
+            if len(data) > select.PIPE_BUF:
+                return  # not atomic in a pipe; the journal carries the event anyway
             try:
-                os.write(self._fd, (line + "\n").encode()[:4096])
+                os.write(self._fd, data)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:  # EAGAIN: the reader is busy and will catch up
                     os.close(self._fd)

@@ -38,7 +38,7 @@ def valid_uid(value: object, what: str = "UID") -> str:
     uid = str(value).rstrip("\x00 ")
     if len(uid) > 64:
         raise InvalidValue(f"{what} is {len(uid)} characters long (at most 64 allowed)")
-    if not _UID.match(uid):
+    if not _UID.fullmatch(uid):
         raise InvalidValue(f"{what} {uid[:80]!r} is not a valid UID (digits and dots, "
                            f"no leading zeros)")
     return uid
@@ -51,10 +51,10 @@ def safe_name(value: object, what: str = "value", default: str = "unknown") -> s
     spaces are dropped, so '..', '/' or '.hidden' cannot escape or hide; empty becomes `default`.
     """
     text = "" if value is None else str(value)
-    text = _UNSAFE.sub("_", text).strip().lstrip(".").strip()
-    if len(text) > 64:
-        text = text[:64]
-    return text or default
+    text = _UNSAFE.sub("_", text)
+    while text != (trimmed := text.strip().lstrip(".")):
+        text = trimmed  # until neither spaces nor dots lead: ". .." must not become ".."
+    return text[:64].rstrip() or default
 
 
 def modality_prefix(sop_class_uid: str) -> str:
@@ -93,15 +93,15 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True, mode: int = FILE_MODE) -> None:
     """Write `data` to `path` through a temporary file in the same folder, then rename.
 
     With `durable`, the data is fsynced before the rename and the folder after it, so once this
     returns the file survives a power cut; readers never see a partial file either way.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")  # created 0600
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, mode)
         _write_all(fd, data)
         if durable:
             os.fsync(fd)
@@ -132,9 +132,14 @@ class DurableCreator:
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self._spares: queue.Queue[int] = queue.Queue(spares)
         self._closed = threading.Event()
-        self.unnamed = self._open_unnamed() is not None
-        if self.unnamed:
-            threading.Thread(target=self._prepare, name="spare-files", daemon=True).start()
+        probe = self._open_unnamed()
+        self.unnamed = probe is not None
+        self._helper: threading.Thread | None = None
+        if probe is not None:
+            os.close(probe)
+            self._helper = threading.Thread(target=self._prepare, name="spare-files",
+                                            daemon=True)
+            self._helper.start()
 
     def _open_unnamed(self) -> int | None:
         try:
@@ -176,6 +181,8 @@ class DurableCreator:
 
     def close(self) -> None:
         self._closed.set()
+        if self._helper is not None:
+            self._helper.join(2)
         while True:
             try:
                 os.close(self._spares.get_nowait())

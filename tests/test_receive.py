@@ -220,7 +220,7 @@ def test_hostile_input_is_refused_and_quarantined(gateway: Gateway, tmp_path: Pa
 
 
 def test_disk_above_watermark_answers_out_of_resources(make_gateway, tmp_path: Path):
-    gw = make_gateway(DISK={"refuse_store_percent": 1, "cleanup_percent": 1})
+    gw = make_gateway(DISK={"refuse_store_percent": 1, "cleanup_percent": 0.5})
     gw.start("storescp")
     res = gw.storescu(_testdata("CT_small.dcm"))
     assert "OutOfResources" in res.stderr + res.stdout or "a700" in (res.stderr + res.stdout).lower()

@@ -106,13 +106,20 @@ def scan(data: bytes, implicit: bool, little: bool, wanted: frozenset[int]
     pydicom judge the data set rather than refusing it here."""
     if not data:
         raise Truncated("the data set is empty")
-    for vr_implicit in (implicit, not implicit):
-        walker = _Walker(data, vr_implicit, little, wanted)
-        try:
-            walker.dataset(0, in_item=False)
-            return walker.found
-        except Truncated:
-            raise
-        except Malformed:
-            continue
-    return None
+    walker = _Walker(data, implicit, little, wanted)
+    try:
+        walker.dataset(0, in_item=False)
+        return walker.found
+    except Truncated:
+        raise
+    except Malformed as exc:
+        first = exc
+    walker = _Walker(data, not implicit, little, wanted)
+    try:
+        walker.dataset(0, in_item=False)
+        return walker.found
+    except Truncated as exc:  # refuse rather than file an object that may be incomplete
+        declared = "implicit" if implicit else "explicit"
+        raise Truncated(f"as {declared} VR: {first}; as the other VR: {exc}") from None
+    except Malformed:
+        return None
