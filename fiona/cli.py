@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, config_path, load
+from .control import jobs
 from .daemon import DaemonError
 
 EPILOG = """Configuration: --config PATH, else $FIONA_CONFIG, else /data/config/config.json.
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", nargs="+", required=True, type=Path, metavar="FILE")
     p.add_argument("--rules", type=Path, help="rules file (default: the site's, else shipped)")
     _site_arg(p)
+
+    jobs.add_parsers(sub, _site_arg)
 
     p = sub.add_parser("up", help="run every daemon in the foreground",
                        description="Run the gateway's daemons in the foreground. Without a "
@@ -133,7 +136,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return indexer.run(config, args.site, args.verbose)
     if cmd == "classify":
         return _classify(config, args)
-    raise AssertionError(cmd)
+    if cmd == "detect-study-arrival":
+        from .arrive import detector
+
+        return detector.run(config, args.site, args.verbose)
+    return jobs.run(config, args)
 
 
 def _classify(config, args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
     "CONTROL_PLANE": ({"type": "local"}, {"type": "local"}),
     "DESTINATIONS": ({"research": {"type": "folder", "path": "/data/research"}}, None),
     "STUDY_QUIET_SECONDS": (16, 16),
+    "ARRIVAL_WORKFLOWS": ([{"name": "nifti", "command": ["/usr/local/bin/convert-study",
+                                                         "@PATH@"]}], []),
     "DISK": ({"refuse_store_percent": 95, "cleanup_percent": 80},
              {"refuse_store_percent": 95, "cleanup_percent": 80}),
     "WEB": ({"host": "127.0.0.1", "port": 8080, "auth": "local"},
@@ -120,6 +122,7 @@ class Config:
     web: dict[str, Any]
     scanner: dict[str, Any] = field(default_factory=dict)
     mpps_port: int | None = None
+    workflows: list[dict[str, Any]] = field(default_factory=list)
 
     def site(self, name: str | None = None) -> Site:
         """The site called `name` (None or "" is the main receiver)."""
@@ -202,6 +205,43 @@ def _dir(value: Any, name: str, base: Path, errors: list[str]) -> Path:
     return (base / value).resolve() if not os.path.isabs(value) else Path(value)
 
 
+WORKFLOW_KEYS = {"name", "command", "image", "runtime", "args", "timeout"}
+
+
+def _workflows(value: Any, errors: list[str]) -> list[dict[str, Any]]:
+    """ARRIVAL_WORKFLOWS: argv lists or container images, never shell command strings."""
+    example = '{"name": "nifti", "command": ["/usr/local/bin/convert", "@PATH@"]}'
+    if not isinstance(value, list):
+        errors.append(f"ARRIVAL_WORKFLOWS must be a list, e.g. [{example}]")
+        return []
+    out = []
+    for i, entry in enumerate(value):
+        where = f"ARRIVAL_WORKFLOWS[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            errors.append(f"{where} must be an object with a name, e.g. {example}")
+            continue
+        unknown = set(entry) - WORKFLOW_KEYS
+        if unknown:
+            errors.append(f"unknown key {where}.{sorted(unknown)[0]} (known keys: "
+                          f"{', '.join(sorted(WORKFLOW_KEYS))})")
+        command, image = entry.get("command"), entry.get("image")
+        if command is not None:
+            if not (isinstance(command, list) and command and
+                    all(isinstance(a, str) for a in command)):
+                errors.append(f"{where}.command must be an argv list of strings (no shell), "
+                              f"e.g. {example}")
+                continue
+        elif not isinstance(image, str) or not image:
+            errors.append(f"{where} needs \"command\" (an argv list) or \"image\" "
+                          f"(a container image), e.g. {example}")
+            continue
+        if entry.get("runtime", "docker") not in ("docker", "podman"):
+            errors.append(f"{where}.runtime must be \"docker\" or \"podman\"")
+            continue
+        out.append(entry)
+    return out
+
+
 def parse(raw: Any, path: Path) -> Config:
     """Validate a loaded config.json object. Relative paths are relative to the file's folder."""
     errors: list[str] = []
@@ -270,6 +310,7 @@ def parse(raw: Any, path: Path) -> Config:
                 rest, DESTINATION_KEYS[d_type], f"DESTINATIONS.{name}", errors)}
 
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
+    workflows = _workflows(top["ARRIVAL_WORKFLOWS"], errors)
     disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
     refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
     cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 0, 100, errors)
@@ -299,7 +340,7 @@ def parse(raw: Any, path: Path) -> Config:
         processing_user=str(top["PROCESSING_USER"]), timezone=top["LOCALTIMEZONE"], sites=sites,
         control_plane=control_plane, destinations=destinations, study_quiet_seconds=quiet,
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
-        mpps_port=mpps,
+        mpps_port=mpps, workflows=workflows,
     )
 
 

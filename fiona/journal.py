@@ -147,6 +147,11 @@ class JournalReader:
                             len(data) - end)
             pos = Position(later[0], 0)
 
+    def caught_up(self) -> bool:
+        """True when the consumer (in any process) has committed every complete line."""
+        self.position = self._load()
+        return next(iter(self.read(1)), None) is None
+
     def commit(self, pos: Position) -> None:
         """Store `pos` durably and delete segments that lie wholly before it."""
         atomic_write(self._pos_file, f"{pos.seq} {pos.offset}\n".encode())

@@ -1,0 +1,234 @@
+"""The arrival daemon (`fiona detect-study-arrival`; original `detectStudyArrival.sh`).
+
+A study has arrived when none of its `.arrived/` touch files changed for STUDY_QUIET_SECONDS
+(and the indexer has caught up, so its series JSONs are complete). Then the study and its
+series are registered in the control plane, the automatic assignment rules run, the arrival
+workflows run, and the touch files seen are removed. A series that arrives later touches the
+files again and makes an *amendment* of the same study, never a second study.
+
+The touch files on disk are the truth: inotify (watchdog) only wakes the loop early, a rescan
+at start picks up whatever arrived while the daemon was down, and a touch file is removed only
+after the study is registered, so a kill at any moment loses nothing. While the control plane
+cannot be reached, arrivals wait and are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from ..config import Config, Site
+from ..control import open_control_plane
+from ..control.assign import Arrival, Assigner
+from ..control.base import ControlPlane, Series, Study, Unavailable, now_iso
+from ..control.keyed import Keyed
+from ..daemon import running
+from ..journal import JournalReader
+from ..tree import InvalidValue, Tree, valid_uid
+from .workflows import Workflow
+
+log = logging.getLogger("fiona.arrival")
+
+RETRY_SECONDS = (5, 10, 30, 60)
+COUPLING_SWEEP_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class TouchFile:
+    path: Path
+    study: str
+    mtime: float
+
+    @classmethod
+    def parse(cls, path: Path) -> "TouchFile":
+        """`<caller> <called> <ip> scp_<Study>` (receiver) or `... <Study> <Series>`."""
+        parts = path.name.split(" ")
+        if len(parts) == 4 and parts[3].startswith("scp_"):
+            study = parts[3][4:]
+        elif len(parts) == 5:
+            study = parts[3]
+        else:
+            raise InvalidValue(f"unexpected arrival file name {path.name!r}")
+        return cls(path, valid_uid(study, "StudyInstanceUID"), path.stat().st_mtime)
+
+
+def study_from_series(tree: Tree, study_uid: str) -> Arrival | None:
+    """The study as its series JSONs describe it, with the clear identifiers for matching."""
+    folder = tree.raw / study_uid
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("study %s: cannot read %s: %s", study_uid, path.name, exc)
+    if not records:
+        return None
+    first = records[0]
+    conn = first.get("IncomingConnection", {})
+    series = [Series(uid=r["SeriesInstanceUID"], description=str(r.get("SeriesDescription", "")),
+                     date=str(r.get("StudyDate", "")), time=str(r.get("SeriesTime", "")),
+                     num_files=int(r.get("NumFiles", 0)),
+                     sequence_name=str(r.get("SequenceName", "")),
+                     classify_types=list(r.get("ClassifyType", [])),
+                     modality=str(r.get("Modality", "")))
+              for r in records if r.get("SeriesInstanceUID")]
+    study = Study(uid=study_uid, institution=str(first.get("InstitutionName", "")),
+                  calling_ae=conn.get("AETitleCaller", ""), called_ae=conn.get("AETitleCalled", ""),
+                  description=str(first.get("StudyDescription", "")),
+                  date=str(first.get("StudyDate", "")), time=str(first.get("StudyTime", "")),
+                  accession=str(first.get("AccessionNumber", "")), series=series)
+    return Arrival(study, patient_id=str(first.get("PatientID", "")),
+                   patient_name=str(first.get("PatientName", "")))
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's signature
+        self.event.set()
+
+
+class ArrivalDetector:
+    """Turns quiet studies into registered, assigned studies; one per site."""
+
+    def __init__(self, config: Config, site: Site, control: ControlPlane, keyed: Keyed):
+        self.site = site
+        self.tree = Tree(site.datadir).make()
+        self.quiet = config.study_quiet_seconds
+        self.control = control
+        self.keyed = keyed
+        self.assigner = Assigner(control, keyed)
+        self.workflows = [Workflow.from_config(w) for w in config.workflows]
+        self.indexer = JournalReader(self.tree.journal, "received", "indexer")
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self.arrivals = 0
+
+    def touch_files(self) -> dict[str, list[TouchFile]]:
+        by_study: dict[str, list[TouchFile]] = {}
+        for entry in os.scandir(self.tree.arrived):
+            try:
+                touch = TouchFile.parse(Path(entry.path))
+            except FileNotFoundError:
+                continue
+            except InvalidValue as exc:
+                log.error("%s; remove it from %s", exc, self.tree.arrived)
+                continue
+            by_study.setdefault(touch.study, []).append(touch)
+        return by_study
+
+    def due(self) -> tuple[list[tuple[str, list[TouchFile]]], float]:
+        """Studies quiet long enough, and the seconds until the next one will be."""
+        now = time.time()
+        ready, wait = [], 60.0
+        for study, files in self.touch_files().items():
+            remaining = max(f.mtime for f in files) + self.quiet - now
+            retry = self._retry_at.get(study, 0.0) - time.monotonic()
+            remaining = max(remaining, retry)
+            if remaining <= 0:
+                ready.append((study, files))
+            else:
+                wait = min(wait, remaining)
+        return ready, wait
+
+    def process(self, study_uid: str, files: list[TouchFile]) -> None:
+        """Register, assign, run workflows, then remove the touch files we saw."""
+        arrival = study_from_series(self.tree, study_uid)
+        if arrival is None:
+            log.warning("study %s: no series indexed yet; waiting for the indexer", study_uid)
+            self._retry_at[study_uid] = time.monotonic() + 5
+            return
+        study = arrival.study
+        known = self.control.study(study_uid)
+        amendment = known is not None
+        study.arrival = known.arrival if known else now_iso()
+        study.patient_id_hash = self.keyed.patient_id(arrival.patient_id)
+        study.patient_name_hash = self.keyed.patient_name(arrival.patient_name)
+        self.control.register_study(study)
+        made = self.assigner.on_arrival(arrival, amendment)
+        log.info("study %s %s: %d series, %d files, from %s to %s; %d request(s)", study_uid,
+                 "amended" if amendment else "arrived", len(study.series),
+                 sum(s.num_files for s in study.series), study.calling_ae, study.called_ae,
+                 len(made))
+        for workflow in self.workflows:
+            workflow.run(study_uid, [s.uid for s in study.series], self.tree.raw / study_uid)
+        for touch in files:
+            try:
+                if touch.path.stat().st_mtime == touch.mtime:
+                    touch.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.arrivals += 1
+
+    def step(self) -> float:
+        """Process what is due; returns how long to sleep at most."""
+        ready, wait = self.due()
+        if ready and not self.indexer.caught_up():
+            return 1.0  # series JSONs are still being written
+        for study_uid, files in ready:
+            try:
+                self.process(study_uid, files)
+                self._retry_at.pop(study_uid, None)
+                self._failures.pop(study_uid, None)
+            except Unavailable as exc:
+                n = self._failures.get(study_uid, 0)
+                delay = RETRY_SECONDS[min(n, len(RETRY_SECONDS) - 1)]
+                self._failures[study_uid] = n + 1
+                self._retry_at[study_uid] = time.monotonic() + delay
+                log.warning("study %s waits: the control plane is unreachable (%s); retrying "
+                            "in %d s", study_uid, exc, delay)
+                wait = min(wait, delay)
+        return wait
+
+    def sweep_coupling(self, since: str) -> None:
+        """Coupling rows entered in the control plane itself (REDCap) since `since`."""
+        fetch = getattr(self.control, "coupling_rows_since", None)
+        if fetch is None:
+            return  # the local backend applies rows when they are uploaded
+        rows = fetch(since)
+        if rows:
+            made = self.assigner.apply_coupling(rows)
+            log.info("coupling list: %d new row(s), %d request(s)", len(rows), len(made))
+
+    def run(self, stop: threading.Event) -> None:
+        wake = threading.Event()
+        observer = Observer()
+        observer.schedule(_Wake(wake), str(self.tree.arrived), recursive=False)
+        observer.start()
+        last_sweep, since = 0.0, now_iso()
+        try:
+            while not stop.is_set():
+                wait = self.step()
+                if time.monotonic() - last_sweep > COUPLING_SWEEP_SECONDS:
+                    stamp = now_iso()
+                    try:
+                        self.sweep_coupling(since)
+                        since = stamp
+                    except Unavailable as exc:
+                        log.warning("coupling list not checked: %s", exc)
+                    last_sweep = time.monotonic()
+                wake.wait(max(0.2, min(wait, 5.0)))
+                wake.clear()
+        finally:
+            observer.stop()
+            observer.join(5)
+
+
+def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
+    site = config.site(site_name)
+    with running(site, "detectStudyArrival", verbose) as stop:
+        detector = ArrivalDetector(config, site, open_control_plane(config, site),
+                                   Keyed.from_datadir(site.datadir))
+        log.info("arrival detector for %s: quiet period %g s, control plane %s", site.datadir,
+                 config.study_quiet_seconds, detector.control.kind)
+        detector.run(stop)
+    return 0

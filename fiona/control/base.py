@@ -1,0 +1,255 @@
+"""The control plane: one interface, several backends (SQLite `local`, `redcap`).
+
+It holds what people decide and see: projects, participants, incoming studies, transfer
+requests, coupling lists, routing rules and auto-ID mappings. Backends are found by name in a
+registry (`fiona.control.open_control_plane`), as mercure finds its target types. Records are
+plain dataclasses, as pydicom's data objects are: a backend only stores and fetches them; the
+rules for assignment live in `fiona.control.assign`, once for every backend.
+
+Patient identifiers never reach a backend in clear text: incoming studies carry keyed
+HMAC-SHA256 values (`fiona.control.keyed`).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+
+class ControlPlaneError(Exception):
+    """The control plane refused or could not be reached; the text names what and why."""
+
+
+class Unavailable(ControlPlaneError):
+    """The backend cannot be reached now (network, server down); callers retry later."""
+
+
+@dataclass
+class Project:
+    """A research project (DataTransferProjects; the local `projects` table)."""
+
+    name: str                                  # acronym: the key everywhere
+    naming: str = r"^[A-Za-z0-9_-]+$"          # project_patient_naming: regex for participant IDs
+    events: list[str] = field(default_factory=lambda: ["baseline"])
+    long_name: str = ""
+    contact: str = ""
+    contact_email: str = ""
+    active: bool = True
+    use_autoid: bool = False
+    autoid_aetitle: str = ""
+    features: set[int] = field(default_factory=set)  # 0 drop PR, 1 never pixel-mask, 2 drop SC
+    rec_start: str = ""                        # ethics approval period, YYYY-MM-DD
+    rec_end: str = ""
+    import_rule_tag: str = ""
+    import_rule_regexp: str = ""
+    pixel_exclusions: list[tuple[str, str]] = field(default_factory=list)
+
+    def check_participant(self, participant: str) -> None:
+        """Refuse a participant ID that the project's naming rule does not allow."""
+        if not re.fullmatch(self.naming, participant or ""):
+            raise ControlPlaneError(f"participant ID {participant!r} does not match project "
+                                    f"{self.name}'s naming rule {self.naming}")
+
+    def check_event(self, event: str) -> None:
+        if event not in self.events:
+            raise ControlPlaneError(f"project {self.name} has no event {event!r}; its events "
+                                    f"are: {', '.join(self.events)}")
+
+
+@dataclass
+class Series:
+    """One series of an incoming study, as the Assign page lists it."""
+
+    uid: str
+    description: str = ""
+    date: str = ""
+    time: str = ""
+    num_files: int = 0
+    sequence_name: str = ""
+    classify_types: list[str] = field(default_factory=list)
+    modality: str = ""
+
+
+@dataclass
+class Study:
+    """An incoming study (the Incoming project's record), identifiers keyed."""
+
+    uid: str
+    patient_name_hash: str = ""
+    patient_id_hash: str = ""
+    institution: str = ""
+    calling_ae: str = ""       # study_aetitle_sender
+    called_ae: str = ""        # study_aetitle_addressed
+    description: str = ""
+    date: str = ""
+    time: str = ""
+    accession: str = ""
+    arrival: str = ""          # ISO timestamp of arrival
+    series: list[Series] = field(default_factory=list)
+    hidden: bool = False       # removed from the Assign list by remove-old-entries
+
+
+@dataclass
+class TransferRequest:
+    """A request to de-identify and forward one study for (project, participant, event).
+
+    `requested` above `transferred` means pending (a resend raises `requested`)."""
+
+    study_uid: str
+    project: str
+    participant: str
+    event: str
+    requested: str             # ISO timestamp
+    instance: int = 0          # backend's id (REDCap repeat instance, SQLite row id)
+    transferred: str = ""      # ISO timestamp of the last completed transfer
+    mapped_uid: str = ""
+    error_flags: set[int] = field(default_factory=set)  # 1 de-identification, 2 send, 3 masking
+    error_message: str = ""
+    active_proc_time: float = 0.0
+    complete: bool = False
+    source: str = ""           # how it came: assign, coupling, routing, autoid, amendment
+
+    @property
+    def pending(self) -> bool:
+        return not self.transferred or self.requested > self.transferred
+
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.study_uid, self.project, self.participant, self.event)
+
+
+@dataclass
+class CouplingRow:
+    """One row of a coupling list: a study (by accession number or UID) for a participant."""
+
+    accession: str
+    project: str
+    participant: str
+    event: str
+    study_uid: str = ""
+    added: str = ""
+    id: int = 0
+
+
+@dataclass
+class RoutingRule:
+    """Assign already-pseudonymized data by AE titles and an anchored PatientID/Name regex."""
+
+    name: str
+    project: str
+    event: str
+    active: bool = True
+    called_ae: str = ""        # routing_incoming_aetitle (empty: any)
+    calling_ae: str = ""       # routing_sending_aetitle (empty: any)
+    patient_id_regex: str = ""
+    patient_name_regex: str = ""
+
+
+class ControlPlane(ABC):
+    """What every backend provides. Methods raise Unavailable when the backend cannot be
+    reached (callers keep the work and retry) and ControlPlaneError when it refuses."""
+
+    kind: str = ""
+
+    @abstractmethod
+    def test_connection(self) -> None:
+        """Raise ControlPlaneError with a clear reason unless the backend is usable."""
+
+    # --- projects and participants ------------------------------------------------------------
+    @abstractmethod
+    def projects(self) -> list[Project]: ...
+
+    def project(self, name: str) -> Project:
+        for p in self.projects():
+            if p.name == name:
+                return p
+        raise ControlPlaneError(f"no project {name!r}; known: "
+                                f"{', '.join(p.name for p in self.projects()) or 'none'}")
+
+    @abstractmethod
+    def save_project(self, project: Project) -> None: ...
+
+    @abstractmethod
+    def participants(self, project: str) -> list[str]: ...
+
+    @abstractmethod
+    def add_participant(self, project: str, participant: str) -> None:
+        """Create the participant (idempotent); the caller has checked the naming rule."""
+
+    # --- incoming studies -----------------------------------------------------------------------
+    @abstractmethod
+    def register_study(self, study: Study) -> None:
+        """Insert or update a study and its series (series are merged by UID)."""
+
+    @abstractmethod
+    def studies(self, include_hidden: bool = False) -> list[Study]: ...
+
+    def study(self, uid: str) -> Study | None:
+        for s in self.studies(include_hidden=True):
+            if s.uid == uid:
+                return s
+        return None
+
+    @abstractmethod
+    def hide_studies_before(self, arrival_before: datetime) -> int:
+        """Take unassigned studies that arrived before the time off the Assign list."""
+
+    # --- transfer requests ------------------------------------------------------------------------
+    @abstractmethod
+    def requests(self, study_uid: str | None = None) -> list[TransferRequest]: ...
+
+    @abstractmethod
+    def add_request(self, request: TransferRequest) -> TransferRequest:
+        """Store a new request (the caller has checked it is not a duplicate)."""
+
+    @abstractmethod
+    def update_request(self, request: TransferRequest) -> None:
+        """Write back status fields (transferred, mapped UID, errors, requested for resends)."""
+
+    def pending_requests(self) -> list[TransferRequest]:
+        """Requests waiting to be sent, oldest first."""
+        return sorted((r for r in self.requests() if r.pending), key=lambda r: r.requested)
+
+    # --- coupling lists, routing rules, auto-ID ------------------------------------------------
+    @abstractmethod
+    def coupling_rows(self) -> list[CouplingRow]: ...
+
+    @abstractmethod
+    def add_coupling_rows(self, rows: list[CouplingRow]) -> None: ...
+
+    @abstractmethod
+    def routing_rules(self) -> list[RoutingRule]: ...
+
+    @abstractmethod
+    def save_routing_rule(self, rule: RoutingRule) -> None: ...
+
+    @abstractmethod
+    def autoid(self, project: str, patient_hash: str) -> str | None:
+        """The participant ID already given to this (keyed) patient in the project."""
+
+    @abstractmethod
+    def autoid_values(self, project: str) -> set[str]: ...
+
+    @abstractmethod
+    def save_autoid(self, project: str, patient_hash: str, value: str, method: str) -> None: ...
+
+    # --- mirror into the research project ----------------------------------------------------
+    @abstractmethod
+    def mirror_forwarded(self, request: TransferRequest, description: str) -> None:
+        """Record a forwarded study with the participant in the project's own tables
+        (REDCap: the participant record in the event, an `imaging` instance)."""
+
+    @abstractmethod
+    def imaging(self, project: str) -> list[dict]:
+        """What `mirror_forwarded` recorded for a project: dicts with participant, event,
+        study_uid (the mapped, de-identified one) and description."""
+
+
+def now_iso() -> str:
+    """Timestamps are ISO strings to the second in local time, as REDCap shows them."""
+    return datetime.now().replace(microsecond=0).isoformat(sep=" ")
+
+
+def today() -> str:
+    return date.today().isoformat()

@@ -1,0 +1,46 @@
+"""Keyed hashes of patient identifiers (HMAC-SHA256 with `secret.key`).
+
+The system FIONA replaces stored unkeyed SHA-256 of patient IDs; an 11-digit national ID is
+brute-forced from that in minutes. A keyed hash cannot be reversed without the key, which stays
+on the gateway (mode 0600). A `purpose` (and for auto-ID the project) is mixed in, so a value
+from one table cannot be matched against another table or project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from ..config import read_secret
+
+
+class Keyed:
+    """Keyed hashing with one site's secret."""
+
+    def __init__(self, key: bytes):
+        if len(key) < 16:
+            raise ValueError("the secret key is too short (at least 16 bytes)")
+        self._key = key
+
+    @classmethod
+    def from_datadir(cls, datadir: Path) -> "Keyed":
+        return cls(read_secret(datadir / "config" / "secret.key"))
+
+    def hash(self, value: str, purpose: str) -> str:
+        """Hex HMAC-SHA256 of `value` (surrounding spaces ignored) for one purpose; "" stays
+        "" so that a missing identifier does not look like a real one."""
+        text = (value or "").strip()
+        if not text:
+            return ""
+        message = f"{purpose}\x00{text}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def patient_name(self, name: str) -> str:
+        return self.hash(name, "PatientName")
+
+    def patient_id(self, patient_id: str) -> str:
+        return self.hash(patient_id, "PatientID")
+
+    def autoid(self, project: str, patient_id: str) -> str:
+        return self.hash(patient_id, f"AutoID:{project}")

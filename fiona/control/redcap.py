@@ -1,0 +1,689 @@
+"""The `redcap` control plane: the REDCap API, one token per REDCap project.
+
+The control projects (`Incoming`, `Routing`, `CouplingList`, `AutoID`, `DataTransferProjects`)
+and one REDCap per research project (token named by the project's acronym) are described in
+`config/redcap/` (data dictionaries and `projects.json`) and SPEC §6.
+
+What this backend does differently from the system FIONA replaces:
+- It never exports a whole project every minute: each method exports only the records, forms
+  and fields it needs (`records[]`, `forms[]`, `fields[]`, `filterLogic` where no repeating
+  instrument is involved), and `coupling_rows_since`, `requests_since` and `studies_since` use
+  `dateRangeBegin` so a daemon can poll for changes.
+- Writes are batched: a study and all its series are one import.
+- Tokens live in `tokens.json` (mode 0600), TLS is always verified, and every error names the
+  REDCap project and URL it concerns.
+
+Every REDCap value is a string: the mapping functions below turn rows into the dataclasses of
+`fiona.control.base` and back, so a value written comes back equal.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import requests
+
+from ..config import ConfigError, read_secret
+from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, RoutingRule, Series,
+                   Study, TransferRequest, Unavailable, now_iso)
+
+# REDCap project names (keys in tokens.json) of the control projects.
+INCOMING = "Incoming"
+ROUTING = "Routing"
+COUPLING = "CouplingList"
+AUTOID = "AutoID"
+PROJECTS = "DataTransferProjects"
+CONTROL_PROJECTS = (INCOMING, ROUTING, COUPLING, AUTOID, PROJECTS)
+
+STUDY_ID = "study_instance_uid"      # record id of Incoming
+RECORD_ID = "record_id"              # record id of every other project
+REPEAT_FORM = "redcap_repeat_instrument"
+REPEAT_INSTANCE = "redcap_repeat_instance"
+EVENT = "redcap_event_name"
+
+TRANSFER_FLAGS = (1, 2, 3)            # transfer_error checkbox codes
+PROJECT_FEATURES = (0, 1, 2)          # project_features checkbox codes
+COMPLETE = "2"                        # REDCap form status "Complete"
+
+STUDY_FIELDS = {  # Study attribute -> Incoming base field
+    "institution": "study_institution_name",
+    "calling_ae": "study_aetitle_sender",
+    "called_ae": "study_aetitle_addressed",
+    "patient_name_hash": "study_patient_name",
+    "patient_id_hash": "study_patient_id",
+    "description": "study_description",
+    "date": "study_date",
+    "time": "study_time",
+    "accession": "study_accession_number",
+    "arrival": "study_arrival_date",
+}
+SERIES_FIELDS = {  # Series attribute -> series field (num_files, classify_types converted)
+    "uid": "series_instance_uid",
+    "description": "series_description",
+    "date": "series_date",
+    "time": "series_time",
+    "num_files": "series_num_files",
+    "sequence_name": "series_sequence_name",
+    "classify_types": "series_classify_types",
+    "modality": "series_modality",
+}
+ROUTING_FIELDS = {  # RoutingRule attribute -> Routing field (name is the record id)
+    "project": "routing_dest_project",
+    "event": "routing_event_name",
+    "called_ae": "routing_incoming_aetitle",
+    "calling_ae": "routing_sending_aetitle",
+    "patient_id_regex": "routing_allowed_patientid",
+    "patient_name_regex": "routing_allowed_patientname",
+}
+COUPLING_FIELDS = {
+    "accession": "cl_accessionnumber",
+    "study_uid": "cl_studyinstanceuid",
+    "project": "cl_projectname",
+    "participant": "cl_subjectid",
+    "event": "cl_eventname",
+    "added": "cl_date",
+}
+PROJECT_TEXT_FIELDS = {
+    "long_name": "project_name",
+    "contact": "project_contact",
+    "contact_email": "project_contact_email",
+    "naming": "project_patient_naming",
+    "rec_start": "project_rec_start_date",
+    "rec_end": "project_rec_end_date",
+    "autoid_aetitle": "project_autoid_aetitle",
+    "import_rule_tag": "project_import_rule_1_tag",
+    "import_rule_regexp": "project_import_rule_1_regexp",
+}
+
+
+def redcap_event(event: str) -> str:
+    """FIONA's event name -> the REDCap unique event name in arm 1 (`baseline_arm_1`)."""
+    return f"{event}_arm_1"
+
+
+def plain_event(unique_event: str) -> str:
+    return unique_event[:-len("_arm_1")] if unique_event.endswith("_arm_1") else unique_event
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(str(value).strip() or default)
+    except ValueError:
+        try:
+            return int(float(value))
+        except ValueError:
+            return default
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(str(value).strip() or 0)
+    except ValueError:
+        return 0.0
+
+
+def _instance(row: dict) -> int:
+    return _int(row.get(REPEAT_INSTANCE, ""), 0)
+
+
+def _logic_str(value: str) -> str:
+    """A string literal for REDCap logic (filterLogic); values with both quotes are refused."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ControlPlaneError(f"cannot search REDCap for a value with both quote marks: {value!r}")
+
+
+# --- rows <-> dataclasses ---------------------------------------------------------------------
+def study_row(study: Study, removed: str = "") -> dict[str, str]:
+    row = {STUDY_ID: study.uid, REPEAT_FORM: "", REPEAT_INSTANCE: ""}
+    for attr, name in STUDY_FIELDS.items():
+        row[name] = str(getattr(study, attr) or "")
+    row["study_removed_date"] = removed
+    return row
+
+
+def series_row(study_uid: str, series: Series, instance: int) -> dict[str, str]:
+    row = {STUDY_ID: study_uid, REPEAT_FORM: "series", REPEAT_INSTANCE: str(instance)}
+    for attr, name in SERIES_FIELDS.items():
+        value = getattr(series, attr)
+        if attr == "classify_types":
+            value = ",".join(value)
+        row[name] = str(value if value is not None else "")
+    return row
+
+
+def row_series(row: dict) -> Series:
+    return Series(
+        uid=row.get("series_instance_uid", ""),
+        description=row.get("series_description", ""),
+        date=row.get("series_date", ""),
+        time=row.get("series_time", ""),
+        num_files=_int(row.get("series_num_files", "")),
+        sequence_name=row.get("series_sequence_name", ""),
+        classify_types=[t for t in row.get("series_classify_types", "").split(",") if t],
+        modality=row.get("series_modality", ""),
+    )
+
+
+def rows_studies(rows: list[dict]) -> list[Study]:
+    """Incoming rows (base and `series` rows, any order) -> studies with their series."""
+    studies: dict[str, Study] = {}
+    series: dict[str, dict[str, Series]] = {}
+    for row in rows:
+        uid = row.get(STUDY_ID, "")
+        if not uid:
+            continue
+        form = row.get(REPEAT_FORM, "")
+        if form == "series":
+            s = row_series(row)
+            if s.uid:
+                series.setdefault(uid, {})[s.uid] = s
+        elif not form:
+            values = {attr: row.get(name, "") for attr, name in STUDY_FIELDS.items()}
+            studies[uid] = Study(uid=uid, hidden=bool(row.get("study_removed_date", "")),
+                                 **values)
+    for uid, study in studies.items():
+        study.series = [series[uid][k] for k in sorted(series.get(uid, {}))]
+    return sorted(studies.values(), key=lambda s: s.arrival, reverse=True)
+
+
+TRANSFER_STATUS_FIELDS = ("transfer_requested_date", "transfer_date", "transfer_mapped_uid",
+                          "transfer_error_message", "transfer_active_proc_time",
+                          "transfer_source", "transfers_complete",
+                          *(f"transfer_error___{f}" for f in TRANSFER_FLAGS))
+
+
+def request_row(r: TransferRequest, key_fields: bool = True) -> dict[str, str]:
+    """A `transfers` instance; without `key_fields` only what `update_request` may change."""
+    row = {STUDY_ID: r.study_uid, REPEAT_FORM: "transfers", REPEAT_INSTANCE: str(r.instance),
+           "transfer_requested_date": r.requested,
+           "transfer_date": r.transferred,
+           "transfer_mapped_uid": r.mapped_uid,
+           "transfer_error_message": r.error_message,
+           "transfer_active_proc_time": repr(float(r.active_proc_time or 0.0)),
+           "transfer_source": r.source,
+           "transfers_complete": COMPLETE if r.complete else "0"}
+    for f in TRANSFER_FLAGS:
+        row[f"transfer_error___{f}"] = _flag(f in r.error_flags)
+    unknown = set(r.error_flags) - set(TRANSFER_FLAGS)
+    if unknown:
+        raise ControlPlaneError(f"transfer error flags {sorted(unknown)} are not in REDCap's "
+                                f"transfer_error choices {list(TRANSFER_FLAGS)}")
+    if key_fields:
+        row.update({"transfer_project_name": r.project, "transfer_name": r.participant,
+                    "transfer_event_name": r.event})
+    return row
+
+
+def row_request(row: dict) -> TransferRequest:
+    return TransferRequest(
+        study_uid=row.get(STUDY_ID, ""),
+        project=row.get("transfer_project_name", ""),
+        participant=row.get("transfer_name", ""),
+        event=row.get("transfer_event_name", ""),
+        requested=row.get("transfer_requested_date", ""),
+        instance=_instance(row),
+        transferred=row.get("transfer_date", ""),
+        mapped_uid=row.get("transfer_mapped_uid", ""),
+        error_flags={f for f in TRANSFER_FLAGS if row.get(f"transfer_error___{f}") == "1"},
+        error_message=row.get("transfer_error_message", ""),
+        active_proc_time=_float(row.get("transfer_active_proc_time", "")),
+        complete=row.get("transfers_complete", "") == COMPLETE,
+        source=row.get("transfer_source", ""),
+    )
+
+
+def rows_requests(rows: Iterable[dict]) -> list[TransferRequest]:
+    out = [row_request(r) for r in rows
+           if r.get(REPEAT_FORM) == "transfers" and _instance(r) > 0]
+    # a transfers row without a project (an instance blanked by hand) is no request
+    return [r for r in out if r.project or r.participant or r.requested]
+
+
+def project_row(p: Project) -> dict[str, str]:
+    row = {RECORD_ID: p.name, REPEAT_FORM: "", REPEAT_INSTANCE: "",
+           "project_events": ",".join(p.events),
+           "project_active": _flag(p.active),
+           "project_use_autoid": _flag(p.use_autoid)}
+    for attr, name in PROJECT_TEXT_FIELDS.items():
+        row[name] = str(getattr(p, attr) or "")
+    unknown = set(p.features) - set(PROJECT_FEATURES)
+    if unknown:
+        raise ControlPlaneError(f"project features {sorted(unknown)} are not in REDCap's "
+                                f"project_features choices {list(PROJECT_FEATURES)}")
+    for f in PROJECT_FEATURES:
+        row[f"project_features___{f}"] = _flag(f in p.features)
+    return row
+
+
+def rows_projects(rows: list[dict]) -> list[Project]:
+    base: dict[str, dict] = {}
+    exclusions: dict[str, list[tuple[int, tuple[str, str]]]] = {}
+    for row in rows:
+        name = row.get(RECORD_ID, "")
+        form = row.get(REPEAT_FORM, "")
+        if form == "rewritepixelexclusions":
+            tag, reg = row.get("rewrite_ex_tag", ""), row.get("rewrite_ex_reg", "")
+            if tag or reg:  # blanked instances are deleted ones (see save_project)
+                exclusions.setdefault(name, []).append((_instance(row), (tag, reg)))
+        elif not form and name:
+            base[name] = row
+    out = []
+    for name in sorted(base):
+        row = base[name]
+        values = {attr: row.get(field, "") for attr, field in PROJECT_TEXT_FIELDS.items()}
+        if not values["naming"]:
+            values["naming"] = Project.__dataclass_fields__["naming"].default
+        out.append(Project(
+            name=name,
+            events=[e.strip() for e in row.get("project_events", "").split(",") if e.strip()],
+            active=row.get("project_active", "1") != "0",
+            use_autoid=row.get("project_use_autoid", "") == "1",
+            features={f for f in PROJECT_FEATURES if row.get(f"project_features___{f}") == "1"},
+            pixel_exclusions=[x for _i, x in sorted(exclusions.get(name, []))],
+            **values))
+    return out
+
+
+def routing_row(rule: RoutingRule) -> dict[str, str]:
+    row = {RECORD_ID: rule.name, "routing_active": _flag(rule.active)}
+    for attr, name in ROUTING_FIELDS.items():
+        row[name] = str(getattr(rule, attr) or "")
+    return row
+
+
+def row_routing(row: dict) -> RoutingRule:
+    return RoutingRule(name=row.get(RECORD_ID, ""), active=row.get("routing_active", "") == "1",
+                       **{attr: row.get(name, "") for attr, name in ROUTING_FIELDS.items()})
+
+
+def coupling_row(r: CouplingRow, record_id: str) -> dict[str, str]:
+    row = {RECORD_ID: record_id}
+    for attr, name in COUPLING_FIELDS.items():
+        row[name] = str(getattr(r, attr) or "")
+    return row
+
+
+def row_coupling(row: dict) -> CouplingRow:
+    return CouplingRow(id=_int(row.get(RECORD_ID, "")),
+                       **{attr: row.get(name, "") for attr, name in COUPLING_FIELDS.items()})
+
+
+# --- the backend ------------------------------------------------------------------------------
+class RedcapControlPlane(ControlPlane):
+    """The control plane in REDCap. `tokens` maps REDCap project names to API tokens."""
+
+    kind = "redcap"
+
+    def __init__(self, url: str, tokens: dict[str, str], verify_tls: bool = True,
+                 timeout: float = 30, tokens_file: str | Path | None = None):
+        if verify_tls is not True:
+            raise ControlPlaneError("REDCap TLS verification cannot be turned off: patient data "
+                                    "never travels over unverified TLS; install the hospital CA")
+        self.url = url
+        self.tokens = dict(tokens)
+        self.verify_tls = True
+        self.timeout = timeout
+        self.tokens_file = str(tokens_file) if tokens_file else "tokens.json"
+        self._local = threading.local()
+        self._write_lock = threading.Lock()  # add_request/mirror_forwarded read-then-write
+
+    @classmethod
+    def from_config(cls, cp: dict) -> "RedcapControlPlane":
+        """From config.json's CONTROL_PLANE: reads the tokens file (must be mode 0600)."""
+        path = Path(cp["tokens"])
+        raw = read_secret(path)
+        try:
+            tokens = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = (f" at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                     if isinstance(exc, json.JSONDecodeError) else "")
+            raise ConfigError([f"REDCap tokens file {path} is not valid JSON{where}; it must be "
+                               f"an object {{\"<REDCap project>\": \"<API token>\"}}"]) from None
+        if not isinstance(tokens, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tokens.items()):
+            raise ConfigError([f"REDCap tokens file {path} must be an object of project name to "
+                               f"token strings, e.g. {{\"Incoming\": \"0123...\"}}"])
+        return cls(cp["url"], tokens, verify_tls=cp.get("verify_tls", True),
+                   timeout=float(cp.get("timeout", 30)), tokens_file=path)
+
+    # --- the API ----------------------------------------------------------------------------
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.verify = True
+            self._local.session = s
+        return s
+
+    def has_token(self, project: str) -> bool:
+        return bool(self.tokens.get(project))
+
+    def _token(self, project: str) -> str:
+        token = self.tokens.get(project)
+        if not token:
+            raise ControlPlaneError(f"no API token for REDCap project {project!r} in "
+                                    f"{self.tokens_file}; add \"{project}\": \"<token>\" there")
+        return token
+
+    def _post(self, project: str, data: dict[str, Any]) -> Any:
+        """One API call for a REDCap project; returns the decoded JSON (or text)."""
+        payload = {"token": self._token(project), "format": "json", "returnFormat": "json",
+                   **data}
+        what = f"REDCap project {project} at {self.url}"
+        try:
+            resp = self._session().post(self.url, data=payload, timeout=self.timeout,
+                                        verify=True)
+        except requests.exceptions.SSLError as exc:
+            raise ControlPlaneError(f"TLS verification failed for {what}: {exc}; install the "
+                                    f"server's CA certificate") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise Unavailable(f"cannot reach {what}: {type(exc).__name__}: {exc}") from None
+        except requests.exceptions.RequestException as exc:
+            raise Unavailable(f"request to {what} failed: {exc}") from None
+        if resp.status_code >= 500:
+            raise Unavailable(f"{what} answered HTTP {resp.status_code}: {_error_text(resp)}")
+        if resp.status_code in (401, 403):
+            raise ControlPlaneError(f"REDCap refused the API token for project {project} at "
+                                    f"{self.url} (HTTP {resp.status_code}: {_error_text(resp)}): "
+                                    f"check tokens.json ({self.tokens_file})")
+        if resp.status_code >= 400:
+            raise ControlPlaneError(f"{what} refused the request (HTTP {resp.status_code}): "
+                                    f"{_error_text(resp)}")
+        text = resp.text
+        try:
+            value = json.loads(text) if text.strip() else None
+        except json.JSONDecodeError:
+            return text.strip()
+        if isinstance(value, dict) and "error" in value and len(value) == 1:
+            raise ControlPlaneError(f"{what} refused the request: {value['error']}")
+        return value
+
+    def export(self, project: str, records: Iterable[str] = (), fields: Iterable[str] = (),
+               forms: Iterable[str] = (), events: Iterable[str] = (), filter_logic: str = "",
+               since: str = "") -> list[dict]:
+        """content=record export (flat, raw values) of only what is asked for."""
+        data: dict[str, Any] = {"content": "record", "action": "export", "type": "flat",
+                                "rawOrLabel": "raw", "rawOrLabelHeaders": "raw",
+                                "exportCheckboxLabel": "false", "exportSurveyFields": "false",
+                                "exportDataAccessGroups": "false"}
+        for key, values in (("records", records), ("fields", fields), ("forms", forms),
+                            ("events", events)):
+            for i, value in enumerate(values):
+                data[f"{key}[{i}]"] = value
+        if filter_logic:
+            data["filterLogic"] = filter_logic
+        if since:
+            data["dateRangeBegin"] = since
+        rows = self._post(project, data)
+        if rows is None:
+            return []
+        if not isinstance(rows, list):
+            raise ControlPlaneError(f"REDCap project {project} at {self.url} returned "
+                                    f"{str(rows)[:200]!r} where a list of records was expected")
+        return rows
+
+    def import_rows(self, project: str, rows: list[dict], overwrite: bool = False,
+                    auto_number: bool = False) -> Any:
+        """content=record import of many rows in one call. `overwrite` lets blank values clear
+        fields; `auto_number` lets REDCap number the records (returns `new,old` pairs)."""
+        if not rows:
+            return None
+        data = {"content": "record", "action": "import", "type": "flat",
+                "overwriteBehavior": "overwrite" if overwrite else "normal",
+                "forceAutoNumber": "true" if auto_number else "false",
+                "returnContent": "auto_ids" if auto_number else "count",
+                "dateFormat": "YMD", "data": json.dumps(rows)}
+        return self._post(project, data)
+
+    # --- connection -------------------------------------------------------------------------
+    def test_connection(self) -> None:
+        missing = [p for p in CONTROL_PROJECTS if not self.has_token(p)]
+        if missing:
+            raise ControlPlaneError(f"{self.tokens_file} has no API token for the REDCap "
+                                    f"project(s) {', '.join(missing)}")
+        for project in self.tokens:
+            info = self._post(project, {"content": "project"})
+            if not isinstance(info, dict):
+                raise ControlPlaneError(f"REDCap project {project} at {self.url} returned "
+                                        f"{str(info)[:200]!r} for its project information")
+
+    # --- projects and participants ----------------------------------------------------------
+    def projects(self) -> list[Project]:
+        return rows_projects(self.export(PROJECTS))
+
+    def project(self, name: str) -> Project:
+        found = rows_projects(self.export(PROJECTS, records=[name]))
+        for p in found:
+            if p.name == name:
+                return p
+        return super().project(name)  # the error message lists the known projects
+
+    def save_project(self, project: Project) -> None:
+        old = self.export(PROJECTS, records=[project.name], fields=[RECORD_ID],
+                          forms=["rewritepixelexclusions"])
+        old_instances = {_instance(r) for r in old
+                         if r.get(REPEAT_FORM) == "rewritepixelexclusions"}
+        rows = [project_row(project)]
+        for i, (tag, reg) in enumerate(project.pixel_exclusions, start=1):
+            rows.append({RECORD_ID: project.name, REPEAT_FORM: "rewritepixelexclusions",
+                         REPEAT_INSTANCE: str(i), "rewrite_ex_tag": tag, "rewrite_ex_reg": reg})
+        for i in sorted(old_instances - set(range(1, len(project.pixel_exclusions) + 1))):
+            rows.append({RECORD_ID: project.name, REPEAT_FORM: "rewritepixelexclusions",
+                         REPEAT_INSTANCE: str(i), "rewrite_ex_tag": "", "rewrite_ex_reg": ""})
+        self.import_rows(PROJECTS, rows, overwrite=True)
+
+    def participants(self, project: str) -> list[str]:
+        if self.has_token(project):
+            rows = self.export(project, fields=[RECORD_ID])
+            return sorted({r[RECORD_ID] for r in rows if r.get(RECORD_ID)})
+        rows = self.export(INCOMING, fields=[STUDY_ID, "transfer_project_name", "transfer_name"])
+        return sorted({r.get("transfer_name", "") for r in rows
+                       if r.get(REPEAT_FORM) == "transfers"
+                       and r.get("transfer_project_name") == project and r.get("transfer_name")})
+
+    def add_participant(self, project: str, participant: str) -> None:
+        if not self.has_token(project):
+            return
+        events = self.project(project).events or ["baseline"]
+        self.import_rows(project, [{RECORD_ID: participant,
+                                    EVENT: redcap_event(events[0])}])
+
+    # --- incoming studies -------------------------------------------------------------------
+    def _study_rows(self, uid: str) -> list[dict]:
+        return self.export(INCOMING, records=[uid], forms=["incoming_studies", "series"])
+
+    def register_study(self, study: Study) -> None:
+        old = self._study_rows(study.uid)
+        base = [r for r in old if not r.get(REPEAT_FORM)]
+        removed = base[0].get("study_removed_date", "") if base else ""
+        if not base and study.hidden:
+            removed = now_iso()
+        instances = {r.get("series_instance_uid", ""): _instance(r) for r in old
+                     if r.get(REPEAT_FORM) == "series"}
+        next_instance = max(instances.values(), default=0) + 1
+        rows = [study_row(study, removed)]
+        for s in study.series:
+            instance = instances.get(s.uid)
+            if not instance:
+                instance = instances[s.uid] = next_instance
+                next_instance += 1
+            rows.append(series_row(study.uid, s, instance))
+        self.import_rows(INCOMING, rows, overwrite=True)
+
+    def studies(self, include_hidden: bool = False) -> list[Study]:
+        found = rows_studies(self.export(INCOMING, forms=["incoming_studies", "series"]))
+        return found if include_hidden else [s for s in found if not s.hidden]
+
+    def study(self, uid: str) -> Study | None:
+        found = [s for s in rows_studies(self._study_rows(uid)) if s.uid == uid]
+        return found[0] if found else None
+
+    def studies_since(self, since: str) -> list[Study]:
+        """Studies (with series) created or changed in REDCap since `since` (REDCap server
+        time, "YYYY-MM-DD HH:MM:SS"), by `dateRangeBegin`."""
+        return rows_studies(self.export(INCOMING, forms=["incoming_studies", "series"],
+                                        since=since))
+
+    def hide_studies_before(self, arrival_before: datetime) -> int:
+        cutoff = arrival_before.replace(microsecond=0).isoformat(sep=" ")
+        rows = self.export(INCOMING, fields=[STUDY_ID, "study_arrival_date",
+                                             "study_removed_date", "transfer_project_name"])
+        assigned = {r[STUDY_ID] for r in rows if r.get(REPEAT_FORM) == "transfers"}
+        stamp = now_iso()
+        hide = [{STUDY_ID: r[STUDY_ID], "study_removed_date": stamp} for r in rows
+                if not r.get(REPEAT_FORM) and r.get(STUDY_ID)
+                and not r.get("study_removed_date")
+                and r.get("study_arrival_date", "") < cutoff
+                and r[STUDY_ID] not in assigned]
+        self.import_rows(INCOMING, hide)
+        return len(hide)
+
+    # --- transfer requests ------------------------------------------------------------------
+    def requests(self, study_uid: str | None = None) -> list[TransferRequest]:
+        if study_uid is None:
+            return rows_requests(self.export(INCOMING, forms=["transfers"]))
+        return [r for r in rows_requests(self.export(INCOMING, records=[study_uid],
+                                                     forms=["transfers"]))
+                if r.study_uid == study_uid]
+
+    def requests_since(self, since: str) -> list[TransferRequest]:
+        """Every request of the studies created or changed since `since` (REDCap server time,
+        "YYYY-MM-DD HH:MM:SS"): for a daemon that polls for new requests and resends."""
+        return rows_requests(self.export(INCOMING, forms=["transfers"], since=since))
+
+    def add_request(self, request: TransferRequest) -> TransferRequest:
+        with self._write_lock:
+            rows = [r for r in self.export(INCOMING, records=[request.study_uid],
+                                           forms=["transfers"])
+                    if r.get(STUDY_ID) == request.study_uid
+                    and r.get(REPEAT_FORM) == "transfers"]
+            if any(r.key() == request.key() for r in rows_requests(rows)):
+                raise ControlPlaneError(f"a request for {request.key()} exists already")
+            request.instance = max((_instance(r) for r in rows), default=0) + 1
+            self.import_rows(INCOMING, [request_row(request)], overwrite=True)
+        return request
+
+    def update_request(self, request: TransferRequest) -> None:
+        if request.instance < 1:
+            raise ControlPlaneError(f"request {request.key()} has no REDCap repeat instance; "
+                                    f"it was not stored with add_request")
+        self.import_rows(INCOMING, [request_row(request, key_fields=False)], overwrite=True)
+
+    # --- coupling lists, routing rules, auto-ID ------------------------------------------------
+    def coupling_rows(self) -> list[CouplingRow]:
+        return sorted((row_coupling(r) for r in self.export(COUPLING)), key=lambda r: r.id)
+
+    def coupling_rows_since(self, since: str) -> list[CouplingRow]:
+        """Coupling rows created or changed since `since` (REDCap server time,
+        "YYYY-MM-DD HH:MM:SS"), by `dateRangeBegin`: rows that arrive after their study."""
+        return sorted((row_coupling(r) for r in self.export(COUPLING, since=since)),
+                      key=lambda r: r.id)
+
+    def add_coupling_rows(self, rows: list[CouplingRow]) -> None:
+        if not rows:
+            return
+        data = [coupling_row(r, str(i)) for i, r in enumerate(rows, start=1)]
+        answer = self.import_rows(COUPLING, data, auto_number=True)
+        ids = _auto_ids(answer)
+        if len(ids) != len(rows):
+            raise ControlPlaneError(f"REDCap project {COUPLING} at {self.url} stored "
+                                    f"{len(ids)} of {len(rows)} coupling rows ({answer!r})")
+        for r, i in zip(rows, [str(i) for i in range(1, len(rows) + 1)]):
+            r.id = _int(ids.get(i, 0))
+
+    def routing_rules(self) -> list[RoutingRule]:
+        return sorted((row_routing(r) for r in self.export(ROUTING) if r.get(RECORD_ID)),
+                      key=lambda r: r.name)
+
+    def save_routing_rule(self, rule: RoutingRule) -> None:
+        self.import_rows(ROUTING, [routing_row(rule)], overwrite=True)
+
+    def _autoid_rows(self, project: str, logic: str) -> list[dict]:
+        rows = self.export(AUTOID, filter_logic=f"[autoid_project_name] = {_logic_str(project)}"
+                                                f"{' and (' + logic + ')' if logic else ''}")
+        return [r for r in rows if r.get("autoid_project_name") == project]
+
+    def autoid(self, project: str, patient_hash: str) -> str | None:
+        rows = self._autoid_rows(project, f"[autoid_hash] = {_logic_str(patient_hash)}")
+        values = [r.get("autoid_value", "") for r in rows
+                  if r.get("autoid_hash") == patient_hash and r.get("autoid_value")]
+        return values[0] if values else None
+
+    def autoid_values(self, project: str) -> set[str]:
+        return {r["autoid_value"] for r in self._autoid_rows(project, "") if r.get("autoid_value")}
+
+    def save_autoid(self, project: str, patient_hash: str, value: str, method: str) -> None:
+        with self._write_lock:
+            taken = [r for r in self._autoid_rows(
+                        project, f"[autoid_hash] = {_logic_str(patient_hash)} or "
+                                 f"[autoid_value] = {_logic_str(value)}")
+                     if r.get("autoid_hash") == patient_hash or r.get("autoid_value") == value]
+            if taken:
+                raise ControlPlaneError(f"auto-ID {value!r} or this patient is taken in "
+                                        f"{project} already")
+            self.import_rows(AUTOID, [{RECORD_ID: "1", "autoid_project_name": project,
+                                       "autoid_hash": patient_hash, "autoid_value": value,
+                                       "autoid_method": method}], auto_number=True)
+
+    # --- mirror into the research project ----------------------------------------------------
+    def mirror_forwarded(self, request: TransferRequest, description: str) -> None:
+        project = request.project
+        if not self.has_token(project):
+            raise ControlPlaneError(f"cannot record the forwarded study in project {project}'s "
+                                    f"REDCap: no API token for {project!r} in "
+                                    f"{self.tokens_file}")
+        event = redcap_event(request.event)
+        with self._write_lock:
+            rows = [r for r in self.export(project, records=[request.participant],
+                                           fields=[RECORD_ID], forms=["imaging"],
+                                           events=[event])
+                    if r.get(REPEAT_FORM) == "imaging" and r.get(EVENT, event) == event]
+            if any(r.get("img_study_instance_uid") == request.mapped_uid for r in rows):
+                return
+            instance = max((_instance(r) for r in rows), default=0) + 1
+            self.import_rows(project, [{
+                RECORD_ID: request.participant, EVENT: event, REPEAT_FORM: "imaging",
+                REPEAT_INSTANCE: str(instance), "img_study_instance_uid": request.mapped_uid,
+                "img_event_name": request.event, "img_study_description": description}])
+
+    def imaging(self, project: str) -> list[dict]:
+        if not self.has_token(project):
+            return []
+        rows = self.export(project, fields=[RECORD_ID], forms=["imaging"])
+        return [{"participant": r.get(RECORD_ID, ""),
+                 "event": r.get("img_event_name") or plain_event(r.get(EVENT, "")),
+                 "study_uid": r.get("img_study_instance_uid", ""),
+                 "description": r.get("img_study_description", "")}
+                for r in rows if r.get(REPEAT_FORM) == "imaging"
+                and r.get("img_study_instance_uid")]
+
+
+def _error_text(resp: requests.Response) -> str:
+    try:
+        value = resp.json()
+    except ValueError:
+        return resp.text.strip()[:300] or resp.reason or ""
+    if isinstance(value, dict) and "error" in value:
+        return str(value["error"])
+    return str(value)[:300]
+
+
+def _auto_ids(answer: Any) -> dict[str, str]:
+    """returnContent=auto_ids answers ["new,old", ...]: old (our placeholder) -> new id."""
+    out = {}
+    if isinstance(answer, list):
+        for item in answer:
+            new, _, old = str(item).partition(",")
+            out[old.strip()] = new.strip()
+    return out
