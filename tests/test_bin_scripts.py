@@ -364,7 +364,8 @@ def test_service_unit(path: Path):
 def test_target_groups_the_daemons():
     unit = parse_unit(SYSTEMD / "fiona.target")
     wants = " ".join(unit["Unit"]["Wants"]).split()
-    assert set(wants) == {"fiona-storescp.service", "fiona-process-single-file.service"}
+    assert set(wants) == {"fiona-storescp.service", "fiona-process-single-file.service",
+                          "fiona-detect-study-arrival.service"}
     for name in wants:
         assert (SYSTEMD / name).exists()
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
@@ -409,7 +410,7 @@ def test_cron_file():
         assert argv[1] in existing, f"cron job calls `fiona {argv[1]}`, which does not exist"
     jobs = {shlex.split(p)[7] for p in planned}
     assert {"heartbeat", "clear-old-files", "clear-stale-links", "clear-exports",
-            "remove-old-entries", "resend-project", "populate-projects",
+            "remove-old-entries", "resend", "populate-projects",
             "get-all-patients"} <= jobs | {shlex.split(c)[1] for c in active}
     assert "enabled when the subcommand ships (see README)" in text
     heartbeat = [p for p in planned if " heartbeat" in p]

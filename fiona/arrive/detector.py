@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime, timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,11 @@ from .workflows import Workflow
 
 log = logging.getLogger("fiona.arrival")
 
-RETRY_SECONDS = (5, 10, 30, 60)
+RETRY_SECONDS = (2, 5, 10, 30)
 COUPLING_SWEEP_SECONDS = 60
+#: rows are asked for from this long before the last sweep: the control plane's clock may
+#: differ from ours, and a row seen twice makes no second request
+SWEEP_OVERLAP = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -189,12 +193,16 @@ class ArrivalDetector:
                 wait = min(wait, delay)
         return wait
 
-    def sweep_coupling(self, since: str) -> None:
-        """Coupling rows entered in the control plane itself (REDCap) since `since`."""
+    def sweep_coupling(self, since: datetime | None) -> None:
+        """Coupling rows entered in the control plane itself (REDCap) since `since` (all of
+        them at start, for rows entered while the daemon was down)."""
         fetch = getattr(self.control, "coupling_rows_since", None)
         if fetch is None:
             return  # the local backend applies rows when they are uploaded
-        rows = fetch(since)
+        if since is None:
+            rows = self.control.coupling_rows()
+        else:
+            rows = fetch((since - SWEEP_OVERLAP).isoformat(sep=" ", timespec="seconds"))
         if rows:
             made = self.assigner.apply_coupling(rows)
             log.info("coupling list: %d new row(s), %d request(s)", len(rows), len(made))
@@ -204,12 +212,12 @@ class ArrivalDetector:
         observer = Observer()
         observer.schedule(_Wake(wake), str(self.tree.arrived), recursive=False)
         observer.start()
-        last_sweep, since = 0.0, now_iso()
+        last_sweep, since = 0.0, None  # type: float, datetime | None
         try:
             while not stop.is_set():
                 wait = self.step()
                 if time.monotonic() - last_sweep > COUPLING_SWEEP_SECONDS:
-                    stamp = now_iso()
+                    stamp = datetime.now()
                     try:
                         self.sweep_coupling(since)
                         since = stamp

@@ -130,6 +130,19 @@ def _float(value: Any) -> float:
         return 0.0
 
 
+def _number(value: float) -> str:
+    """A float as REDCap's `number` validation takes it (no exponent), exactly if possible."""
+    text = repr(float(value or 0.0))
+    return text if "e" not in text and "n" not in text else f"{float(value):.9f}"
+
+
+def _timestamp(since: str | datetime) -> str:
+    """dateRangeBegin's format, YYYY-MM-DD HH:MM:SS (REDCap server time)."""
+    if isinstance(since, datetime):
+        return since.replace(microsecond=0, tzinfo=None).isoformat(sep=" ")
+    return str(since).replace("T", " ")[:19]
+
+
 def _instance(row: dict) -> int:
     return _int(row.get(REPEAT_INSTANCE, ""), 0)
 
@@ -210,7 +223,7 @@ def request_row(r: TransferRequest, key_fields: bool = True) -> dict[str, str]:
            "transfer_date": r.transferred,
            "transfer_mapped_uid": r.mapped_uid,
            "transfer_error_message": r.error_message,
-           "transfer_active_proc_time": repr(float(r.active_proc_time or 0.0)),
+           "transfer_active_proc_time": _number(r.active_proc_time),
            "transfer_source": r.source,
            "transfers_complete": COMPLETE if r.complete else "0"}
     for f in TRANSFER_FLAGS:
@@ -411,7 +424,7 @@ class RedcapControlPlane(ControlPlane):
 
     def export(self, project: str, records: Iterable[str] = (), fields: Iterable[str] = (),
                forms: Iterable[str] = (), events: Iterable[str] = (), filter_logic: str = "",
-               since: str = "") -> list[dict]:
+               since: str | datetime = "") -> list[dict]:
         """content=record export (flat, raw values) of only what is asked for."""
         data: dict[str, Any] = {"content": "record", "action": "export", "type": "flat",
                                 "rawOrLabel": "raw", "rawOrLabelHeaders": "raw",
@@ -424,7 +437,7 @@ class RedcapControlPlane(ControlPlane):
         if filter_logic:
             data["filterLogic"] = filter_logic
         if since:
-            data["dateRangeBegin"] = since
+            data["dateRangeBegin"] = _timestamp(since)
         rows = self._post(project, data)
         if rows is None:
             return []
@@ -487,7 +500,8 @@ class RedcapControlPlane(ControlPlane):
         if self.has_token(project):
             rows = self.export(project, fields=[RECORD_ID])
             return sorted({r[RECORD_ID] for r in rows if r.get(RECORD_ID)})
-        rows = self.export(INCOMING, fields=[STUDY_ID, "transfer_project_name", "transfer_name"])
+        rows = self.export(INCOMING, fields=[STUDY_ID, "transfer_project_name", "transfer_name"],
+                           filter_logic=f"[transfer_project_name] = {_logic_str(project)}")
         return sorted({r.get("transfer_name", "") for r in rows
                        if r.get(REPEAT_FORM) == "transfers"
                        and r.get("transfer_project_name") == project and r.get("transfer_name")})
@@ -495,9 +509,32 @@ class RedcapControlPlane(ControlPlane):
     def add_participant(self, project: str, participant: str) -> None:
         if not self.has_token(project):
             return
-        events = self.project(project).events or ["baseline"]
-        self.import_rows(project, [{RECORD_ID: participant,
-                                    EVENT: redcap_event(events[0])}])
+        row = {RECORD_ID: participant}
+        event = self.first_event(project)
+        if event:
+            row[EVENT] = event
+        self.import_rows(project, [row])
+
+    def first_event(self, project: str) -> str:
+        """The unique name of the first event of a research project's REDCap (arm 1 first),
+        or "" for a classic (not longitudinal) project. Asked of that REDCap itself, so a
+        participant is created even if its events differ from `project_events`."""
+        try:
+            events = self._post(project, {"content": "event"})
+        except Unavailable:
+            raise
+        except ControlPlaneError as exc:
+            if "classic" in str(exc).lower():
+                return ""
+            raise
+        if not isinstance(events, list) or not events:
+            return ""
+        first = min(events, key=lambda e: _int(e.get("arm_num", 1), 1))
+        arm = first.get("arm_num", 1)
+        for e in events:  # REDCap lists events in order within each arm
+            if str(e.get("arm_num", 1)) == str(arm):
+                return str(e.get("unique_event_name", ""))
+        return ""
 
     # --- incoming studies -------------------------------------------------------------------
     def _study_rows(self, uid: str) -> list[dict]:
@@ -529,7 +566,7 @@ class RedcapControlPlane(ControlPlane):
         found = [s for s in rows_studies(self._study_rows(uid)) if s.uid == uid]
         return found[0] if found else None
 
-    def studies_since(self, since: str) -> list[Study]:
+    def studies_since(self, since: str | datetime) -> list[Study]:
         """Studies (with series) created or changed in REDCap since `since` (REDCap server
         time, "YYYY-MM-DD HH:MM:SS"), by `dateRangeBegin`."""
         return rows_studies(self.export(INCOMING, forms=["incoming_studies", "series"],
@@ -557,7 +594,7 @@ class RedcapControlPlane(ControlPlane):
                                                      forms=["transfers"]))
                 if r.study_uid == study_uid]
 
-    def requests_since(self, since: str) -> list[TransferRequest]:
+    def requests_since(self, since: str | datetime) -> list[TransferRequest]:
         """Every request of the studies created or changed since `since` (REDCap server time,
         "YYYY-MM-DD HH:MM:SS"): for a daemon that polls for new requests and resends."""
         return rows_requests(self.export(INCOMING, forms=["transfers"], since=since))
@@ -584,7 +621,7 @@ class RedcapControlPlane(ControlPlane):
     def coupling_rows(self) -> list[CouplingRow]:
         return sorted((row_coupling(r) for r in self.export(COUPLING)), key=lambda r: r.id)
 
-    def coupling_rows_since(self, since: str) -> list[CouplingRow]:
+    def coupling_rows_since(self, since: str | datetime) -> list[CouplingRow]:
         """Coupling rows created or changed since `since` (REDCap server time,
         "YYYY-MM-DD HH:MM:SS"), by `dateRangeBegin`: rows that arrive after their study."""
         return sorted((row_coupling(r) for r in self.export(COUPLING, since=since)),
