@@ -308,3 +308,30 @@ def test_stored_records_never_hold_clear_identifiers(tmp_path, backend):
                        for p in gw.tree.site.glob("fiona.db*"))
     for clear in ("NID12345678", "Nordmann", "Kari"):
         assert clear not in dump, f"{clear} stored in clear text"
+
+
+def test_coupling_row_entered_in_redcap_after_the_study(tmp_path, redcap):
+    """Researchers may type the coupling row into REDCap itself; the daemon polls for rows
+    changed since its last look (dateRangeBegin), not the whole list."""
+    import urllib.parse
+    import urllib.request
+
+    gw = make(tmp_path, redcap)
+    study = make_study(tmp_path / "s", n_series=1, images_per_series=2, accession="RC1", seed=15)
+    start_all(gw)
+    assert gw.storescu(tmp_path / "s").returncode == 0
+    wait_study(gw, study["study"], 1)
+    row = {"record_id": "1", "cl_accessionnumber": "RC1", "cl_projectname": "PROJ",
+           "cl_subjectid": "P0042", "cl_eventname": "followup", "cl_studyinstanceuid": "",
+           "cl_date": ""}
+    body = urllib.parse.urlencode({"token": redcap.tokens["CouplingList"], "content": "record",
+                                   "format": "json", "type": "flat",
+                                   "data": json.dumps([row])}).encode()
+    with urllib.request.urlopen(redcap.emulator.url, body) as answer:
+        assert json.load(answer)["count"] == 1
+    wait_for(lambda: requests_of(gw, study["study"]), 60, "the request from the REDCap row")
+    [req] = requests_of(gw, study["study"])
+    assert (req.participant, req.event, req.source) == ("P0042", "followup", "coupling")
+    polls = [r for r in redcap.emulator.requests if r["project"] == "CouplingList"
+             and r["content"] == "record" and r.get("action", "export") == "export"]
+    assert any("dateRangeBegin" in r["params"] for r in polls)

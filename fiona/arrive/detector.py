@@ -39,7 +39,7 @@ from .workflows import Workflow
 log = logging.getLogger("fiona.arrival")
 
 RETRY_SECONDS = (2, 5, 10, 30)
-COUPLING_SWEEP_SECONDS = 60
+COUPLING_SWEEP_SECONDS = 15
 #: rows are asked for from this long before the last sweep: the control plane's clock may
 #: differ from ours, and a row seen twice makes no second request
 SWEEP_OVERLAP = timedelta(minutes=10)
