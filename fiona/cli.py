@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs.add_parsers(sub, _site_arg)
 
+    p = sub.add_parser("anonymize", help="de-identify a folder of DICOM files into another",
+                       description="De-identify every DICOM file under IN_DIR (PS3.15 Annex E "
+                       "with the profile's options, keyed UIDs and date shift from "
+                       "DATADIR/config/secret.key), check each result with the verification "
+                       "gate, and write OUT_DIR/<series UID>/<SOP UID>.dcm.")
+    p.add_argument("--project", required=True, help="project name (keys UIDs and dates)")
+    p.add_argument("--participant", required=True, metavar="ID",
+                   help="pseudonym written to PatientID and PatientName")
+    p.add_argument("--event", default="", metavar="E", help="event name (ClinicalTrialTimePoint)")
+    p.add_argument("--profile", default="default", metavar="NAME",
+                   help="config/profiles/NAME.json (default: default)")
+    p.add_argument("in_dir", type=Path, metavar="IN_DIR")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+
     p = sub.add_parser("up", help="run every daemon in the foreground",
                        description="Run the gateway's daemons in the foreground. Without a "
                        "config (no --config, no $FIONA_CONFIG, no /data/config/config.json) "
@@ -134,12 +148,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"indexed {ix.drain()} files")
             return 0
         return indexer.run(config, args.site, args.verbose)
+    if cmd == "anonymize":
+        from .deid.anonymize import cli_anonymize
+
+        return cli_anonymize(config, args)
     if cmd == "classify":
         return _classify(config, args)
     if cmd == "detect-study-arrival":
         from .arrive import detector
 
         return detector.run(config, args.site, args.verbose)
+    if cmd == "anonymize-and-send":
+        from .send import forward
+
+        return forward.run(config, args.site, args.verbose)
     return jobs.run(config, args)
 
 

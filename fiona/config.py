@@ -54,7 +54,7 @@ DESTINATION_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "folder": {"path": ("/data/research", REQUIRED)},
     "dicom": {"aetitle": ("RESEARCHPACS", REQUIRED), "host": ("127.0.0.1", REQUIRED),
               "port": (4242, REQUIRED), "query_aetitle": ("RESEARCHPACS", None),
-              "query_port": (4242, None)},
+              "query_port": (4242, None), "associations": (2, 2)},
     "sftp": {"host": ("sftp.example.org", REQUIRED), "port": (22, 22),
              "user": ("fiona", REQUIRED), "key": ("/data/config/sftp_key", REQUIRED),
              "remote_dir": ("/incoming", REQUIRED)},

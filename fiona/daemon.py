@@ -15,15 +15,25 @@ from typing import Iterator
 import pydicom.config
 
 from .config import Site
+from .journal import WakeupSender
 from .tree import FILE_MODE, Tree, atomic_write
 
 PIPE_INDEXER = "processSingleFilePipe"
+PIPE_FORWARDER = "anonymizeAndSendPipe"
 
 
 def pipe_path(site: Site, name: str) -> Path:
     """A daemon's wake-up pipe. It lives in the site's `run/` folder (mode 0750) rather than
     in /tmp, where any local user could create it first and read or block the messages."""
     return Tree(site.datadir).run / f".{name}{site.suffix}"
+
+
+def notify_forwarder(site: Site) -> None:
+    """Wake the forwarder after new or renewed requests; harmless when it is not running
+    (it polls as a fallback)."""
+    sender = WakeupSender(pipe_path(site, PIPE_FORWARDER))
+    sender.notify("requests")
+    sender.close()
 
 
 class DaemonError(Exception):

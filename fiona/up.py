@@ -20,7 +20,8 @@ from .config import Config
 log = logging.getLogger("fiona.up")
 
 #: (subcommand, per-site?) in data-flow order
-DAEMONS = (("storescp", True), ("process-single-file", True), ("detect-study-arrival", True))
+DAEMONS = (("storescp", True), ("process-single-file", True), ("detect-study-arrival", True),
+           ("anonymize-and-send", True))
 
 
 def _commands(config: Config) -> list[list[str]]:

@@ -365,7 +365,8 @@ def test_target_groups_the_daemons():
     unit = parse_unit(SYSTEMD / "fiona.target")
     wants = " ".join(unit["Unit"]["Wants"]).split()
     assert set(wants) == {"fiona-storescp.service", "fiona-process-single-file.service",
-                          "fiona-detect-study-arrival.service"}
+                          "fiona-detect-study-arrival.service",
+                          "fiona-anonymize-and-send.service"}
     for name in wants:
         assert (SYSTEMD / name).exists()
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]

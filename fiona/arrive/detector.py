@@ -31,7 +31,7 @@ from ..control import open_control_plane
 from ..control.assign import Arrival, Assigner
 from ..control.base import ControlPlane, Series, Study, Unavailable, now_iso
 from ..control.keyed import Keyed
-from ..daemon import running
+from ..daemon import notify_forwarder, running
 from ..journal import JournalReader
 from ..tree import InvalidValue, Tree, valid_uid
 from .workflows import Workflow
@@ -159,6 +159,8 @@ class ArrivalDetector:
         study.patient_name_hash = self.keyed.patient_name(arrival.patient_name)
         self.control.register_study(study)
         made = self.assigner.on_arrival(arrival, amendment)
+        if made:
+            notify_forwarder(self.site)
         log.info("study %s %s: %d series, %d files, from %s to %s; %d request(s)", study_uid,
                  "amended" if amendment else "arrived", len(study.series),
                  sum(s.num_files for s in study.series), study.calling_ae, study.called_ae,
@@ -205,6 +207,8 @@ class ArrivalDetector:
             rows = fetch((since - SWEEP_OVERLAP).isoformat(sep=" ", timespec="seconds"))
         if rows:
             made = self.assigner.apply_coupling(rows)
+            if made:
+                notify_forwarder(self.site)
             log.info("coupling list: %d new row(s), %d request(s)", len(rows), len(made))
 
     def run(self, stop: threading.Event) -> None:

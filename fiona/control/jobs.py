@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ..config import Config
+from ..daemon import notify_forwarder
 from . import open_control_plane
 from .assign import Assigner
 from .base import ControlPlane, ControlPlaneError, Project, RoutingRule
@@ -85,6 +86,13 @@ def add_parsers(sub: argparse._SubParsersAction, site_arg) -> None:
     sub.add_parser("populate-projects", help="record forwarded studies in each project's "
                    "participant tables (populateProjects)")
 
+    p = sub.add_parser("anonymize-and-send", help="the de-identify-and-forward daemon",
+                       description="Take pending transfer requests oldest first; de-identify "
+                       "each study (PS3.15 Annex E), check it with the verification gate, "
+                       "mask burned-in text, send it to the destination, verify arrival and "
+                       "write the outcome back to the control plane.")
+    site_arg(p)
+
     p = sub.add_parser("detect-study-arrival", help="the arrival daemon",
                        description="Watch .arrived/; register quiet studies in the control "
                        "plane, apply coupling lists, routing rules and auto-ID, run the "
@@ -100,10 +108,13 @@ def run(config: Config, args: argparse.Namespace) -> int:
     assigner = Assigner(control, Keyed.from_datadir(site.datadir))
     handler = HANDLERS[(args.command, getattr(args, "action", None))]
     try:
-        return handler(control, assigner, args)
+        status = handler(control, assigner, args)
     except ControlPlaneError as exc:
         print(f"fiona {args.command}: {exc}", file=sys.stderr)
         return 1
+    if args.command in ("assign", "coupling", "resend"):
+        notify_forwarder(site)
+    return status
 
 
 def _project_add(control: ControlPlane, assigner: Assigner, args) -> int:

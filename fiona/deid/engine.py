@@ -1,0 +1,868 @@
+"""The de-identification engine: DICOM PS3.15 Annex E (Table E.1-1 as data) applied at every depth.
+
+`Deidentifier(settings).apply(ds)` de-identifies one dataset in place (file meta included) in a
+single walk over its elements; the action for each tag is worked out once per engine and cached.
+Elements whose action is "keep" are never decoded (pydicom's raw elements are written back as
+they were read), and replacement UIDs and dates are written as raw bytes, so de-identifying costs
+little more than reading and writing the file.
+
+Documented decisions
+--------------------
+Actions (the table's code for the tag with the options on; see `fiona.deid.table`):
+
+- X remove; Z zero length (a sequence: no items); D a dummy value of the VR ("ANONYMIZED",
+  0, 19000101, 8 zero bytes, ...; a UI: a keyed replacement; a sequence: one empty item, so
+  no content of it survives); K keep (a sequence is kept and its items are de-identified);
+  U keyed replacement UID.
+- C (clean): a DA or DT is shifted under the Modified Dates option, kept under Full Dates,
+  emptied otherwise; a TM is kept under either date option; a UI is replaced; free text (AE AS CS
+  LO LT PN SH ST UC UT UR) is kept with every identifying value of the source (name parts, IDs,
+  accession number, birth date, institution; see `fiona.deid.gate.Identifiers`) cut out; numbers
+  are kept; binary values (OB OW UN ..., e.g. overlay data under Clean Graphics) cannot be
+  cleaned and are removed; a sequence is kept and de-identified item by item, and free text in
+  it that the table does not list (e.g. an SR TextValue under Clean Structured Content) is
+  cleaned the same way.
+- Combined codes (`resolve_combined`): the least destructive code that keeps the IOD valid is
+  chosen from a fixed list of attributes that are Type 1 or Type 2 in common IODs:
+  `TYPE1_ATTRIBUTES` take D (or Z for X/Z), `TYPE2_ATTRIBUTES` take Z (or D for X/D); X/Z/U*
+  on a listed sequence keeps the sequence and replaces the UIDs in it; anything else takes the
+  first code (X for X/Z, X/D, X/Z/D, X/Z/U*; Z for Z/D).
+- Not in the table: kept, except that every UI value (see below) is replaced, a DA/DT is
+  treated as a listed date (shifted, kept, or emptied as above), an element of an unknown
+  public tag whose VR is unknown (implicit VR, or UN) is removed, and the whole group of an overlay
+  (60xx, even) goes when its Overlay Data does (so overlay labels and descriptions go too).
+  Group lengths (gggg,0000) outside the file meta and command elements (0000,eeee), which never
+  belong in a stored object, are removed whatever the table says. The 128-byte preamble is
+  zeroed (it can hold a TIFF header or vendor data).
+- UIDs: every UI value at any depth is replaced by `uid()` unless it is a UID that pydicom
+  knows (SOP classes, transfer syntaxes, ... `pydicom.uid.UID_dictionary`), the attribute is a
+  class-like one (keyword ending in ClassUID or SyntaxUID, CodingSchemeUID, ContextUID,
+  MappingResourceUID), or the table says K (Retain UIDs Option). `uid()` is
+  "2.25." + int(HMAC-SHA256(key, "uid" NUL project NUL uid)[:16]) (at most 44 characters, no
+  leading zeros): the same UID with the same key and project gives the same UID in every
+  process, and another project gives another one.
+- Dates: under the Modified Dates option every DA, DT (its date part; time and offset kept) at
+  every depth is shifted by `shift()` days (added). `shift()` is the profile's fixed
+  `date_shift_days` or HMAC(key, "date-shift" NUL project NUL participant) mapped into
+  `shift_range` (never 0): constant per participant, so intervals between a participant's
+  studies are kept, and different for different participants. An unparsable date is emptied.
+- Private elements (odd groups) are removed with their private creators, except elements on
+  `Settings.safe_private` ((creator, element offset) pairs): listing any turns the Retain Safe
+  Private Option on (and it is then named in DeidentificationMethodCodeSequence), the listed
+  elements and their creators are kept, and the elements inside a kept private sequence are
+  de-identified like any other (dates shifted, UIDs replaced, private ones removed unless
+  listed).
+- File meta: MediaStorageSOPInstanceUID := the replaced SOPInstanceUID (so the two agree),
+  ImplementationClassUID/VersionName := pydicom's / "FIONA"; source, sending and receiving AE
+  titles and private information are removed.
+- After the table, in this order: project values (PatientID, PatientName := participant;
+  InstitutionName := `institution` or the project, also under the Retain Institution Identity
+  Option; ClinicalTrialTimePointID and -Description := event when there is one) and markers
+  (PatientIdentityRemoved YES, DeidentificationMethod: "FIONA <version> PS3.15 E.1-1
+  <edition>", the code meanings and "FIONA profile <name>"; DeidentificationMethodCodeSequence
+  with 113100 and one item per option applied, scheme DCM, CID 7050 meanings;
+  LongitudinalTemporalInformationModified MODIFIED / UNMODIFIED / REMOVED), then the import
+  rule, then the profile's keep/replace/remove (a remove also takes away a project value).
+- Import rule (`extra["import_rule"] = {"tag": keyword or "gggg,eeee", "regexp": ...}`): the
+  source value of the tag is matched (re.search) before de-identification; the named groups
+  that matched are joined with "_" (in the order they appear in the pattern) and written to the
+  tag AFTER de-identification, so the result survives even if the table removes the tag. No
+  match writes an empty value (nothing of an unmatched value can leak).
+- Profile (`config/profiles/NAME.json`, see `load_profile`, `with_profile`): `remove` removes
+  the attribute at every depth; `keep` keeps the attribute's source value at every depth and
+  restores the source value at the top level after the project values (so a misconfigured
+  profile that keeps PatientName really leaks it, and the verification gate must stop it);
+  `replace` writes a value at the top level and wherever the attribute occurs nested.
+
+A Deidentifier caches per-tag plans, replacement UIDs and shifted dates; use one per thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, private_dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.tag import BaseTag
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+
+from .table import Table, default_table
+
+try:  # the package version goes into DeidentificationMethod
+    from .. import __version__ as FIONA_VERSION
+except ImportError:  # pragma: no cover
+    FIONA_VERSION = "0"
+
+DEFAULT_OPTIONS = frozenset({"rtnLongModifDatesOpt"})
+MODIF_DATES, FULL_DATES, SAFE_PRIV, RTN_UIDS = ("rtnLongModifDatesOpt", "rtnLongFullDatesOpt",
+                                                "rtnSafePrivOpt", "rtnUIDsOpt")
+
+#: attributes that are Type 1 in common IODs: a combined code takes D (X/Z: Z; X/Z/U*: U)
+TYPE1_ATTRIBUTES = frozenset({
+    "AcquisitionDateTime", "ContentDate", "ContentTime", "DeviceSerialNumber",
+    "ObservationDateTime", "ReferencedImageSequence", "SourceImageSequence",
+})
+#: attributes that are Type 2 in common IODs: a combined code takes Z (X/D: D; X/Z/U*: U)
+TYPE2_ATTRIBUTES = frozenset({
+    "PatientSexNeutered", "AcquisitionContextSequence", "TreatmentMachineName", "ReviewerName",
+    "RTPlanDate", "RTPlanTime", "ContrastBolusAgent", "ContentCreatorName", "PatientID",
+})
+
+#: UI attributes that name classes or coding schemes, not instances: never replaced
+_CLASS_LIKE = frozenset({"CodingSchemeUID", "ContextUID", "MappingResourceUID"})
+
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
+_NUMBER_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT",
+                         "US or SS", "US or SS or OW", "US or OW"})
+_DUMMY_TEXT = {"AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101",
+               "DT": "19000101000000", "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED",
+               "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED",
+               "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "urn:anonymized"}
+_DUMMY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
+_META_KEEP = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010})
+
+_IMPL_UID = PYDICOM_IMPLEMENTATION_UID.encode() + (b"\x00" if len(PYDICOM_IMPLEMENTATION_UID) & 1
+                                                   else b"")
+_META_IMPL_UID = RawDataElement(BaseTag(0x00020012), "UI", len(_IMPL_UID), _IMPL_UID, 0, False,
+                                True)
+_IMPL_NAME = f"FIONA_{FIONA_VERSION}"[:16].encode()
+_IMPL_NAME += b" " if len(_IMPL_NAME) & 1 else b""
+_META_IMPL_NAME = RawDataElement(BaseTag(0x00020013), "SH", len(_IMPL_NAME), _IMPL_NAME, 0, False,
+                                 True)
+
+# operations, worked out once per (tag, VR)
+KEEP, DEL, EMPTY, DUMMY, UID, DATE, DATETIME, RECURSE, EMPTY_SQ, DUMMY_SQ, SCRUB, REPLACE, \
+    RECURSE_CLEAN = range(13)
+
+_UID_PREFIX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
+_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?((?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?"
+                 r"(?:[+-]\d{4})?)")
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
+PROFILE_KEYS = {"name", "description", "options", "date_shift_days", "keep", "remove", "replace"}
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def resolve_combined(code: str, keyword: str | None) -> str:
+    """One action for a combined code (see the module doc)."""
+    if "/" not in code:
+        return code
+    parts = code.replace("*", "").split("/")
+    if keyword in TYPE1_ATTRIBUTES:
+        if "U" in parts:
+            return "U"
+        return "D" if "D" in parts else "Z"
+    if keyword in TYPE2_ATTRIBUTES:
+        if "U" in parts:
+            return "U"
+        return "Z" if "Z" in parts else "D"
+    return parts[0]
+
+
+def is_class_like_uid(keyword: str | None) -> bool:
+    """A UI attribute that names a class or coding scheme (its value is never replaced)."""
+    return bool(keyword) and (keyword.endswith("ClassUID") or keyword.endswith("SyntaxUID") or
+                              keyword in _CLASS_LIKE)
+
+
+def is_well_known_uid(value: str) -> bool:
+    """A UID of the standard (SOP class, transfer syntax, ...) that pydicom knows."""
+    return value in UID_dictionary
+
+
+@dataclass
+class Settings:
+    """What one de-identification needs. `key` is the bytes of DATADIR/config/secret.key.
+
+    `safe_private` lists (private creator, element offset 0x00-0xFF) pairs whose private
+    elements are kept; listing any turns the Retain Safe Private Option on. `extra` carries the
+    profile's `keep`/`remove`/`replace` and the project's `import_rule`; it may hold a whole
+    profile, whose `options` and `date_shift_days` must then agree with the fields here (build
+    Settings from a profile with `with_profile`)."""
+
+    project: str
+    participant: str
+    key: bytes
+    event: str = ""
+    options: frozenset[str] = DEFAULT_OPTIONS
+    uid_prefix: str = "2.25."
+    date_shift_days: int | None = None
+    shift_range: tuple[int, int] = (-3650, -365)
+    safe_private: tuple[tuple[str, int], ...] = ()
+    institution: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.options = frozenset(self.options)
+        if self.safe_private:
+            self.options = self.options | {SAFE_PRIV}
+        if not self.project or not self.participant:
+            raise ValueError("Settings need a project and a participant")
+        if not isinstance(self.key, bytes) or len(self.key) < 16:
+            raise ValueError("the secret key must be at least 16 bytes")
+        if MODIF_DATES in self.options and FULL_DATES in self.options:
+            raise ValueError(f"options {MODIF_DATES} and {FULL_DATES} exclude each other")
+        if self.date_shift_days == 0:
+            raise ValueError("date_shift_days must not be 0 (dates would not be modified)")
+        lo, hi = self.shift_range
+        if lo > hi or lo == hi == 0:
+            raise ValueError(f"shift_range {self.shift_range} is empty")
+        if not _UID_PREFIX.match(self.uid_prefix) or len(self.uid_prefix) > 40:
+            raise ValueError(f"uid_prefix {self.uid_prefix!r} must be a valid UID root ending "
+                             f"in '.', at most 40 characters")
+        for creator, offset in self.safe_private:
+            if not isinstance(creator, str) or not 0 <= int(offset) <= 0xFF:
+                raise ValueError(f"safe_private entry {(creator, offset)!r}: (creator, 0x00-0xFF)")
+
+
+class Deidentifier:
+    """De-identifies datasets for one (project, participant, event) with one key."""
+
+    def __init__(self, settings: Settings, table: Table | None = None):
+        self.settings = s = settings
+        self.table = table or default_table()
+        unknown = s.options - set(self.table.options)
+        if unknown:
+            raise ValueError(f"unknown de-identification option(s) {sorted(unknown)}; known: "
+                             f"{sorted(self.table.options)}")
+        extra = s.extra or {}
+        if "options" in extra and frozenset(extra["options"]) | (
+                {SAFE_PRIV} if s.safe_private else set()) != s.options:
+            raise ValueError(f"profile options {sorted(extra['options'])} differ from the "
+                             f"settings' {sorted(s.options)}; build the settings with "
+                             f"with_profile()")
+        if "date_shift_days" in extra and extra["date_shift_days"] != s.date_shift_days:
+            raise ValueError("profile date_shift_days differs from the settings'; build the "
+                             "settings with with_profile()")
+        self._opts = s.options
+        self._dates = ("shift" if MODIF_DATES in s.options else
+                       "keep" if FULL_DATES in s.options else "remove")
+        self._key = s.key
+        self._project = s.project.encode("utf-8")
+        self._uids: dict[str, str] = {}
+        self._shifted: dict[str, str | None] = {}
+        self._shift: int | None = None
+        self._safe = {(c.strip(), int(o)) for c, o in s.safe_private}
+        self._remove = {BaseTag(_tag(k)) for k in extra.get("remove", ())}
+        self._keep = {BaseTag(_tag(k)) for k in extra.get("keep", ())}
+        self._replace = {BaseTag(_tag(k)): v for k, v in (extra.get("replace") or {}).items()}
+        self._plans: dict[int, tuple[str | None, int]] = {}
+        self._plans_clean: dict[int, tuple[str | None, int]] = {}
+        rule = extra.get("import_rule")
+        self._import: tuple[int, re.Pattern] | None = None
+        if rule:
+            self._import = (_tag(rule["tag"]), re.compile(rule["regexp"]))
+        self._profile_name = str(extra.get("name") or "")
+        self._scrub_re: re.Pattern | None = None
+        # free text is cleaned (C) only under options other than the date and UID ones
+        self._needs = any(c == "C" and n in self._opts and n not in (MODIF_DATES, FULL_DATES,
+                                                                      RTN_UIDS)
+                          for row in self.table.exact.values() for n, c in row.options.items())
+        self._ops: dict[tuple[int, str, bool], int] = {}
+        self._meta_action = self.table.action(0x00020003, self._opts, False)
+        self._written_cache: dict[tuple[bool, bool], list[tuple[int, Any]]] = {}
+        self._markers = self._marker_values()
+
+    # --- keyed values ---------------------------------------------------------------------------
+    def uid(self, uid: str) -> str:
+        """The keyed replacement of `uid` (see the module doc); "" stays ""."""
+        u = str(uid).strip("\x00 ")
+        if not u:
+            return ""
+        out = self._uids.get(u)
+        if out is None:
+            digest = hmac.new(self._key, b"uid\x00" + self._project + b"\x00" + u.encode(),
+                              hashlib.sha256).digest()
+            prefix = self.settings.uid_prefix
+            n = int.from_bytes(digest[:16], "big")
+            room = 64 - len(prefix)
+            if len(str(n)) > room:
+                n %= 10 ** room
+            out = self._uids[u] = prefix + str(n)
+        return out
+
+    def shift(self) -> int:
+        """Days added to every date: fixed, or keyed per (key, project, participant); never 0."""
+        if self._shift is None:
+            s = self.settings
+            if s.date_shift_days is not None:
+                self._shift = int(s.date_shift_days)
+            else:
+                lo, hi = s.shift_range
+                msg = b"date-shift\x00" + self._project + b"\x00" + s.participant.encode()
+                n = int.from_bytes(hmac.new(self._key, msg, hashlib.sha256).digest()[:8], "big")
+                count = hi - lo + 1 - (1 if lo <= 0 <= hi else 0)
+                d = lo + n % count
+                if lo <= 0 <= d:
+                    d += 1
+                self._shift = d
+        return self._shift
+
+    # --- the walk -------------------------------------------------------------------------------
+    def apply(self, ds: Dataset, ids: Any = None) -> Dataset:
+        """De-identify `ds` in place (file meta too) and return it. `ids` (gate.Identifiers of
+        the source) is used by the clean (C) action on free text; computed when needed."""
+        if self._needs_identifiers() and ids is None:
+            from .gate import Identifiers
+
+            ids = Identifiers.from_dataset(ds, uids=False)
+        self._scrub_re = ids.scrub_pattern() if ids is not None and self._needs_identifiers() \
+            else None
+        import_value = self._import_source(ds)
+        kept = self._kept_source(ds)
+        if getattr(ds, "preamble", None):
+            ds.preamble = b"\x00" * 128          # may hold a TIFF header or vendor data
+        self._walk(ds)
+        self._file_meta(ds)
+        # project values and markers: prepared once per encoding, written as raw elements
+        d = ds._dict
+        for tag, elem in self._written(ds):
+            d[tag] = elem
+        if import_value is not None:
+            tag, value = import_value
+            _put(ds, tag, value)
+        # profile
+        for tag, elem in kept.items():
+            d[tag] = elem
+        for tag, value in self._replace.items():
+            _put(ds, tag, value)
+        for tag in self._remove:
+            d.pop(tag, None)
+        return ds
+
+    def _written(self, ds: Dataset) -> list[tuple[int, Any]]:
+        """The elements written after the table: project values and markers. For a dataset
+        read from a file (known encoding) they are raw elements encoded once per encoding."""
+        implicit, little = ds.original_encoding
+        key = (implicit, little)
+        cached = self._written_cache.get(key) if implicit is not None else None
+        if cached is not None:
+            return cached
+        s = self.settings
+        method, codes, temporal = self._markers
+        values: list[tuple[str, Any]] = [
+            ("PatientID", s.participant), ("PatientName", s.participant),
+            ("InstitutionName", s.institution or s.project)]
+        if s.event:
+            values += [("ClinicalTrialTimePointID", s.event),
+                       ("ClinicalTrialTimePointDescription", s.event)]
+        values += [("PatientIdentityRemoved", "YES"), ("DeidentificationMethod", method),
+                   ("LongitudinalTemporalInformationModified", temporal)]
+        out: list[tuple[int, Any]] = []
+        for kw, value in values:
+            tag = BaseTag(tag_for_keyword(kw))
+            vr = dictionary_VR(tag)
+            text = "\\".join(value) if isinstance(value, list) else value
+            if implicit is not None and text.isascii():
+                raw = text.encode("ascii")
+                if len(raw) & 1:
+                    raw += b" "
+                out.append((tag, RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, implicit,
+                                                little)))
+            else:
+                out.append((tag, DataElement(tag, vr, value)))
+        seq_tag = BaseTag(tag_for_keyword("DeidentificationMethodCodeSequence"))
+        seq = DataElement(seq_tag, "SQ", Sequence([_code_item(v, m) for v, m in codes]))
+        if implicit is None:
+            out.append((seq_tag, seq))
+            return out                     # encoding unknown: plain elements, not cached
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = implicit, little
+        write_data_element(fp, seq)
+        body = fp.getvalue()[8 if implicit else 12:]
+        out.append((seq_tag, RawDataElement(BaseTag(seq_tag), "SQ", len(body), body, 0,
+                                            implicit, little)))
+        out.sort(key=lambda te: te[0])
+        self._written_cache[key] = out
+        return out
+
+    def _needs_identifiers(self) -> bool:
+        return self._needs
+
+    def _walk(self, ds: Dataset, clean: bool = False) -> None:
+        """Apply the plan to every element of `ds` and, through sequences, below it. `clean`:
+        inside a sequence whose action is C (clean), where free text not in the table is
+        cleaned too."""
+        d = ds._dict
+        plans = self._plans_clean if clean else self._plans
+        private = False
+        for tag in list(d):
+            if (tag >> 16) & 1:
+                private = True
+                continue
+            elem = d[tag]
+            p = plans.get(tag)
+            if p is None:
+                p = plans[tag] = self._plan(tag, None, clean)
+            vr = elem.VR
+            if vr is None or vr == p[0]:
+                op = p[1]
+            else:
+                if vr == "UN" and p[0] is not None and elem.is_raw:
+                    elem = ds[tag]        # pydicom converts UN to the dictionary's VR
+                    vr = elem.VR
+                op = self._ops.get((tag, vr, clean))
+                if op is None:
+                    op = self._ops[(tag, vr, clean)] = self._plan(tag, vr, clean)[1]
+            if op == KEEP:
+                continue
+            if vr is None:
+                vr = p[0]
+            if op == DEL:
+                del d[tag]
+            elif op == RECURSE or op == RECURSE_CLEAN:
+                if elem.is_raw:
+                    elem = ds[tag]
+                for item in elem.value or ():
+                    self._walk(item, clean or op == RECURSE_CLEAN)
+            elif op == UID:
+                self._map_uids(d, tag, elem)
+            elif op == DATE or op == DATETIME:
+                self._shift_dates(d, tag, elem, op)
+            elif op == EMPTY:
+                _set(d, tag, elem, b"", None)
+            elif op == DUMMY:
+                _set_dummy(d, tag, elem, vr)
+            elif op == EMPTY_SQ:
+                ds[tag].value = []
+            elif op == DUMMY_SQ:
+                ds[tag].value = [Dataset()]
+            elif op == SCRUB:
+                self._scrub(ds, tag)
+            elif op == REPLACE:
+                _put(ds, tag, self._replace[tag])
+        if private:
+            self._private(ds)
+
+    def _plan(self, tag: int, vr: str | None, clean: bool = False) -> tuple[str | None, int]:
+        """(dictionary VR, operation) for a public tag; `vr` overrides the dictionary's."""
+        try:
+            dvr = dictionary_VR(tag)
+        except KeyError:
+            dvr = None
+        kw = keyword_for_tag(tag) or None
+        v = vr or dvr
+        if not tag & 0xFFFF or not tag >> 16:
+            return dvr, DEL                       # group length; command group
+        if tag in self._remove:
+            return dvr, DEL
+        if tag in self._replace:
+            return dvr, REPLACE
+        group = tag >> 16
+        if 0x6000 <= group <= 0x60FF and tag & 0xFFFF != 0x3000:
+            overlay = self.table.action((group << 16) | 0x3000, self._opts, False)
+            if self._op(resolve_combined(overlay or "K", "OverlayData"), "OB", None) == DEL:
+                return dvr, DEL
+        if tag in self._keep:
+            action: str | None = "K"
+        else:
+            action = self.table.action(tag, self._opts, False)
+            if action is not None:
+                action = resolve_combined(action, kw)
+        return dvr, self._op(action, v, kw, clean)
+
+    def _op(self, action: str | None, vr: str | None, kw: str | None,
+            clean: bool = False) -> int:
+        if vr == "SQ":
+            if action == "C":
+                return RECURSE_CLEAN
+            return {"X": DEL, "Z": EMPTY_SQ, "D": DUMMY_SQ}.get(action or "", RECURSE)
+        if action == "X":
+            return DEL
+        if action == "Z":
+            return EMPTY
+        if action in ("D", "U"):
+            return UID if vr == "UI" else DUMMY
+        if action == "K":
+            return KEEP
+        if vr is None or (vr == "UN" and action is None and kw is None):
+            return DEL      # an unknown tag of unknown VR: it cannot be told what it holds
+        if vr in ("DA", "DT"):
+            if action == "C" or action is None:
+                return {"shift": DATE if vr == "DA" else DATETIME, "keep": KEEP,
+                        "remove": EMPTY}[self._dates]
+        if action == "C":
+            if vr == "TM":
+                return KEEP if self._dates != "remove" else EMPTY
+            if vr == "UI":
+                return UID
+            if vr in _TEXT_VRS:
+                return SCRUB
+            if vr in _NUMBER_VRS:
+                return KEEP
+            return DEL                           # binary: cannot be cleaned
+        # not in the table
+        if vr == "UI":
+            return KEEP if RTN_UIDS in self._opts or is_class_like_uid(kw) else UID
+        if clean and vr in _TEXT_VRS and vr not in ("AE", "AS", "CS"):
+            return SCRUB
+        return KEEP
+
+    def _map_uids(self, d: dict, tag: int, elem) -> None:
+        if elem.is_raw:
+            raw = elem.value
+            if not raw:
+                return
+            text = raw.decode("ascii", "replace").rstrip("\x00 ")
+            values = text.split("\\")
+            new = "\\".join(v if is_well_known_uid(v.strip("\x00 ")) else self.uid(v)
+                            for v in values)
+            if new != text:
+                b = new.encode("ascii")
+                if len(b) & 1:
+                    b += b"\x00"
+                d[tag] = elem._replace(value=b, length=len(b))
+            return
+        value = elem.value
+        if value is None or value == "":
+            return
+        if isinstance(value, (list, tuple, MultiValue)):
+            elem.value = [v if is_well_known_uid(v) else self.uid(v) for v in value]
+        else:
+            elem.value = value if is_well_known_uid(value) else self.uid(value)
+
+    def _shift_one(self, text: str, dt: bool) -> str | None:
+        key = ("T" if dt else "A") + text
+        try:
+            return self._shifted[key]
+        except KeyError:
+            pass
+        out: str | None
+        try:
+            out = "\\".join(_shift_dt(v.strip(), self.shift()) if dt else
+                            _shift_da(v.strip(), self.shift()) for v in text.split("\\"))
+        except (ValueError, OverflowError):
+            out = None
+        self._shifted[key] = out
+        return out
+
+    def _shift_dates(self, d: dict, tag: int, elem, op: int) -> None:
+        dt = op == DATETIME
+        if elem.is_raw:
+            raw = elem.value
+            if not raw:
+                return
+            text = raw.decode("ascii", "replace").rstrip("\x00 ")
+            new = self._shift_one(text, dt)
+            if new is None:
+                _set(d, tag, elem, b"", None)
+            elif new != text:
+                b = new.encode("ascii")
+                if len(b) & 1:
+                    b += b" "
+                d[tag] = elem._replace(value=b, length=len(b))
+            return
+        value = elem.value
+        if value is None or value == "":
+            return
+        text = "\\".join(str(v) for v in _values(value))
+        new = self._shift_one(text, dt)
+        elem.value = None if new is None else (new.split("\\") if "\\" in new else new)
+
+    def _scrub(self, ds: Dataset, tag: int) -> None:
+        elem = ds[tag]
+        if self._scrub_re is None or elem.value is None:
+            return
+        pattern = self._scrub_re
+        value = elem.value
+        if isinstance(value, (list, tuple, MultiValue)):
+            elem.value = [pattern.sub("", str(v)) for v in value]
+        else:
+            elem.value = pattern.sub("", str(value))
+
+    def _private(self, ds: Dataset) -> None:
+        d = ds._dict
+        tags = [t for t in d if (t >> 16) & 1]
+        if not self._safe:
+            for t in tags:
+                del d[t]
+            if hasattr(ds, "_private_blocks"):
+                ds._private_blocks = {}
+            return
+        creators: dict[tuple[int, int], str] = {}
+        for t in tags:
+            e = t & 0xFFFF
+            if 0x10 <= e <= 0xFF:
+                value = ds[t].value
+                creators[(t >> 16, e)] = str(value).strip() if value is not None else ""
+        kept_blocks = set()
+        for t in tags:
+            e = t & 0xFFFF
+            if e < 0x1000:
+                continue
+            creator = creators.get((t >> 16, e >> 8))
+            if creator is None or (creator, e & 0xFF) not in self._safe:
+                del d[t]
+                continue
+            kept_blocks.add((t >> 16, e >> 8))
+            elem = d[t]
+            vr = elem.VR
+            if vr is None or vr == "UN":
+                try:
+                    vr = private_dictionary_VR(t, creator)
+                except KeyError:
+                    vr = "UN"
+                if vr != "UN" and elem.is_raw:
+                    elem = ds[t]
+                    vr = elem.VR
+            op = KEEP if vr == "UN" else self._op(None, vr, None)   # listed: kept as it is
+            if op == RECURSE:
+                for item in ds[t].value:
+                    self._walk(item)
+            elif op == UID:
+                self._map_uids(d, t, elem)
+            elif op in (DATE, DATETIME):
+                self._shift_dates(d, t, elem, op)
+            elif op == EMPTY:
+                _set(d, t, elem, b"", None)
+            elif op == DEL:
+                del d[t]
+        for t in tags:
+            e = t & 0xFFFF
+            if e < 0x1000 and (e < 0x10 or (t >> 16, e) not in kept_blocks):
+                d.pop(t, None)
+        if hasattr(ds, "_private_blocks"):
+            ds._private_blocks = {}
+
+    def _file_meta(self, ds: Dataset) -> None:
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            return
+        d = meta._dict
+        for t in list(d):
+            if t not in _META_KEEP:
+                del d[t]
+        if self._meta_action != "K":
+            sop = ds._dict.get(0x00080018)
+            if sop is not None:
+                value = sop.value
+                value = value.decode("ascii", "replace") if isinstance(value, bytes) \
+                    else str(value)
+                value = value.strip("\x00 ")
+            elif 0x00020003 in d:
+                value = self.uid(str(meta[0x00020003].value))
+            else:
+                value = ""
+            if value:
+                raw = value.encode("ascii", "replace")
+                if len(raw) & 1:
+                    raw += b"\x00"
+                d[BaseTag(0x00020003)] = RawDataElement(BaseTag(0x00020003), "UI", len(raw),
+                                                        raw, 0, False, True)
+        d[BaseTag(0x00020012)] = _META_IMPL_UID
+        d[BaseTag(0x00020013)] = _META_IMPL_NAME
+
+    # --- before and after the table -------------------------------------------------------------
+    def _import_source(self, ds: Dataset) -> tuple[int, str] | None:
+        if self._import is None:
+            return None
+        tag, pattern = self._import
+        elem = ds.get(tag)
+        if elem is None or elem.value is None:
+            return None
+        m = pattern.search(str(elem.value))
+        if not m:
+            return tag, ""
+        names = sorted(pattern.groupindex.items(), key=lambda kv: kv[1])
+        return tag, "_".join(m.group(i) for _n, i in names if m.group(i))
+
+    def _kept_source(self, ds: Dataset) -> dict[int, Any]:
+        out = {}
+        for tag in self._keep:
+            elem = ds._dict.get(tag)
+            if elem is None:
+                continue
+            if elem.is_raw:
+                if elem.VR == "SQ":
+                    continue
+                out[tag] = elem                    # immutable
+            elif elem.VR != "SQ":
+                out[tag] = copy.deepcopy(elem)
+        return out
+
+    def _marker_values(self) -> tuple[list[str], list[tuple[str, str]], str]:
+        t = self.table
+        codes = [t.basic_profile] + sorted(t.options[o] for o in self._opts)
+        method = [method_prefix(t.edition)] + [m for _v, m in codes]
+        if self._profile_name:
+            method.append(f"FIONA profile {self._profile_name}"[:64])
+        temporal = {"shift": "MODIFIED", "keep": "UNMODIFIED", "remove": "REMOVED"}[self._dates]
+        return method, codes, temporal
+
+    def authored_values(self) -> set[str]:
+        """Values FIONA itself writes (markers, project values): legitimately in the output."""
+        s = self.settings
+        method, codes, temporal = self._markers
+        out = set(method) | {m for _v, m in codes} | {temporal, "YES", s.participant,
+                                                      s.institution or s.project}
+        if s.event:
+            out.add(s.event)
+        return out
+
+
+def method_prefix(edition: str) -> str:
+    return f"FIONA {FIONA_VERSION} PS3.15 E.1-1 {edition}"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def _tag(key: Any) -> int:
+    """A tag from a keyword, "gggg,eeee", "(gggg,eeee)", "ggggeeee" or an int."""
+    if isinstance(key, int):
+        return key
+    text = str(key).strip()
+    tag = tag_for_keyword(text)
+    if tag is not None:
+        return tag
+    hexed = text.strip("()").replace(",", "").replace(" ", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", hexed):
+        return int(hexed, 16)
+    raise ValueError(f"{key!r} is neither a DICOM keyword nor a tag like 0008,103E")
+
+
+def _values(value) -> list:
+    if isinstance(value, (list, tuple, MultiValue)):
+        return list(value)
+    return [value]
+
+
+def _set(d: dict, tag: int, elem, raw: bytes, value: Any) -> None:
+    if elem.is_raw:
+        d[tag] = elem._replace(value=raw, length=len(raw))
+    else:
+        elem.value = value
+
+
+def _set_dummy(d: dict, tag: int, elem, vr: str) -> None:
+    if vr in _DUMMY_TEXT:
+        text = _DUMMY_TEXT[vr]
+        raw = text.encode("ascii")
+        if len(raw) & 1:
+            raw += b" "
+        _set(d, tag, elem, raw, text)
+    elif vr in _DUMMY_SIZE or (vr or "").startswith("US"):
+        n = _DUMMY_SIZE.get(vr, 2)
+        _set(d, tag, elem, bytes(n), 0)
+    else:
+        _set(d, tag, elem, bytes(8), bytes(8))
+
+
+def _put(ds: Dataset, tag: int, value: Any) -> None:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "LO"
+    if vr == "SQ":
+        raise ValueError(f"cannot write a plain value to sequence {keyword_for_tag(tag)}")
+    if " or " in vr:
+        vr = vr.split(" or ")[0]
+    ds._dict[BaseTag(tag)] = DataElement(tag, vr, value)
+
+
+def _code_item(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
+
+
+def _shift_date(d: date, days: int) -> date:
+    return d + timedelta(days=days)
+
+
+def _shift_da(value: str, days: int) -> str:
+    if not value:
+        return ""
+    if "-" in value:
+        a, _, b = value.partition("-")
+        return f"{_shift_da(a, days)}-{_shift_da(b, days)}"
+    m = _DA.match(value)
+    if not m:
+        raise ValueError("not a date")
+    d = _shift_date(date(int(m[1]), int(m[2]), int(m[3])), days)
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}"
+
+
+def _shift_dt(value: str, days: int) -> str:
+    if not value:
+        return ""
+    m = _DT.fullmatch(value)
+    if not m:
+        raise ValueError("not a date-time")
+    y, mo, dd, rest = m[1], m[2], m[3], m[4] or ""
+    d = _shift_date(date(int(y), int(mo or 1), int(dd or 1)), days)
+    if dd:
+        head = f"{d.year:04d}{d.month:02d}{d.day:02d}"
+    elif mo:
+        head = f"{d.year:04d}{d.month:02d}"
+    else:
+        head = f"{d.year:04d}"
+    return head + rest
+
+
+# --- profiles ----------------------------------------------------------------------------------
+def load_profile(name: str, directory: str | Path | None = None) -> dict:
+    """The profile `config/profiles/NAME.json`, validated, with defaults filled in."""
+    if not _PROFILE_NAME.match(name or ""):
+        raise ValueError(f"profile name {name!r} must be letters, digits, '_', '.', '-'")
+    path = Path(directory or PROFILE_DIR) / f"{name}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in Path(directory or PROFILE_DIR).glob("*.json")))
+        raise ValueError(f"no de-identification profile {name!r} (known: {known})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"profile {path} is not valid JSON: {exc}") from None
+    return validate_profile(data, str(path))
+
+
+def validate_profile(data: dict, where: str = "profile") -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a profile is a JSON object")
+    unknown = set(data) - PROFILE_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: "
+                         f"{sorted(PROFILE_KEYS)}")
+    out = {"name": str(data.get("name") or Path(where).stem),
+           "options": list(data.get("options", sorted(DEFAULT_OPTIONS))),
+           "date_shift_days": data.get("date_shift_days"),
+           "keep": list(data.get("keep", [])), "remove": list(data.get("remove", [])),
+           "replace": dict(data.get("replace", {}))}
+    if "description" in data:
+        out["description"] = str(data["description"])
+    unknown_opts = set(out["options"]) - set(default_table().options)
+    if unknown_opts:
+        raise ValueError(f"{where}: unknown option(s) {sorted(unknown_opts)}")
+    dsd = out["date_shift_days"]
+    if dsd is not None and (not isinstance(dsd, int) or isinstance(dsd, bool) or dsd == 0):
+        raise ValueError(f"{where}: date_shift_days must be null or a non-zero integer")
+    for key in ("keep", "remove", *out["replace"]):
+        for kw in (out[key] if key in ("keep", "remove") else [key]):
+            _tag(kw)                              # raises with the bad keyword named
+    return out
+
+
+def with_profile(settings: Settings, profile: dict | str | None) -> Settings:
+    """`settings` with a profile's options, date shift and keep/remove/replace applied."""
+    if profile is None:
+        return settings
+    p = load_profile(profile) if isinstance(profile, str) else validate_profile(profile)
+    extra = dict(settings.extra)
+    extra.update({k: p[k] for k in ("name", "keep", "remove", "replace")})
+    extra.pop("options", None)
+    extra.pop("date_shift_days", None)
+    return replace(settings, options=frozenset(p["options"]),
+                   date_shift_days=p["date_shift_days"], extra=extra)

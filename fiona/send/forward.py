@@ -1,0 +1,267 @@
+"""The forwarding daemon (`fiona anonymize-and-send`; original `anonymizeAndSend.py`).
+
+It takes pending transfer requests oldest first, de-identifies the study's series into a work
+folder inside the data tree (the archived originals stay untouched, and no unredacted copy is
+ever written), stops the whole request if the verification gate finds an identifying value,
+sends to the destination, verifies arrival, and writes the outcome back to the control plane.
+
+A request is pending while `requested` is later than `transferred`. A peer that is down keeps
+the request pending and is retried with exponential back-off; a permanent failure (the gate,
+a study gone from disk, a refused object) records the attempt time as `transferred` with the
+error flags and message, so it is not retried until someone asks again (resend). Mapped UIDs
+are keyed and deterministic, so a request that is repeated after a crash or a late series
+lands in the same de-identified study and the destination overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from .. import quarantine
+from ..config import Config, Site, read_secret
+from ..control import open_control_plane
+from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest, Unavailable, now_iso
+from ..daemon import PIPE_FORWARDER, pipe_path, running
+from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
+from ..deid.gate import GateError, Identifiers, check
+from ..deid.pixels import mask_burned_in_text, needs_masking
+from ..journal import WakeupListener
+from ..tree import Tree, atomic_write, ensure_dir
+from .destinations import DestinationError, DestinationUnavailable, open_destination
+
+log = logging.getLogger("fiona.forward")
+
+POLL_SECONDS = 10.0
+#: changed requests are asked for from this long before the last look (clocks may differ)
+POLL_OVERLAP = timedelta(minutes=10)
+BACKOFF_SECONDS = (5, 15, 60, 300)
+ERROR_DEID, ERROR_SEND, MASKED = 1, 2, 3
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11."
+
+
+class PermanentFailure(Exception):
+    """The request cannot succeed as it is; `flag` says which stage failed."""
+
+    def __init__(self, flag: int, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+def destination_name(config: Config, project: Project) -> str:
+    """Where a project's studies go: DESTINATIONS.research, else the first destination."""
+    return "research" if "research" in config.destinations else next(iter(config.destinations))
+
+
+@dataclass
+class Outcome:
+    files: int = 0
+    dropped: int = 0
+    masked: int = 0
+    series: dict[str, int] = field(default_factory=dict)   # mapped series UID -> files
+    mapped_study: str = ""
+
+
+class Forwarder:
+    """Processes transfer requests for one site."""
+
+    def __init__(self, config: Config, site: Site, control: ControlPlane):
+        self.config = config
+        self.site = site
+        self.tree = Tree(site.datadir).make()
+        self.control = control
+        self.key = read_secret(site.datadir / "config" / "secret.key")
+        self._retry_at: dict[tuple, float] = {}
+        self._failures: dict[tuple, int] = {}
+        self._pending: dict[tuple, TransferRequest] = {}
+        self._since: str | None = None
+
+    # --- one request --------------------------------------------------------------------------
+    def process(self, req: TransferRequest) -> None:
+        started = time.monotonic()
+        key = req.key()
+        try:
+            outcome = self._deidentify_and_send(req)
+        except PermanentFailure as exc:
+            self._pending.pop(key, None)
+            self._finish(req, started, error=(exc.flag, str(exc)))
+            log.error("request %s/%s/%s for study %s failed: %s", *key[1:], key[0], exc)
+            return
+        except (DestinationUnavailable, Unavailable) as exc:
+            n = self._failures.get(key, 0)
+            delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
+            self._failures[key] = n + 1
+            self._retry_at[key] = time.monotonic() + delay
+            log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
+                        req.study_uid, req.project, exc, delay)
+            return
+        self._failures.pop(key, None)
+        self._retry_at.pop(key, None)
+        self._pending.pop(key, None)
+        req.mapped_uid = outcome.mapped_study
+        self._finish(req, started, masked=outcome.masked > 0)
+        log.info("study %s -> %s/%s/%s: %d files in %d series sent and verified as %s "
+                 "(%d dropped, %d masked)", req.study_uid, req.project, req.participant,
+                 req.event, outcome.files, len(outcome.series), outcome.mapped_study,
+                 outcome.dropped, outcome.masked)
+
+    def _finish(self, req: TransferRequest, started: float, error: tuple[int, str] | None = None,
+                masked: bool = False) -> None:
+        req.transferred = max(now_iso(), req.requested)
+        req.active_proc_time = round(time.monotonic() - started, 3)
+        req.error_flags = {error[0]} if error else ({MASKED} if masked else set())
+        req.error_message = error[1] if error else ""
+        req.complete = error is None
+        self.control.update_request(req)
+
+    def _deidentify_and_send(self, req: TransferRequest) -> Outcome:
+        study_dir = self.tree.raw / req.study_uid
+        if not study_dir.is_dir():
+            raise PermanentFailure(ERROR_DEID, f"study {req.study_uid} is gone from disk "
+                                               f"({study_dir}); it cannot be sent")
+        project = self.control.project(req.project)
+        work = ensure_dir(self.tree.site / "work" / f"{req.project}-{uuid.uuid4().hex[:12]}")
+        try:
+            outcome = self._deidentify(req, project, study_dir, work)
+            if not outcome.files:
+                raise PermanentFailure(ERROR_DEID, "nothing to send: every series was dropped "
+                                                   "by the project's options")
+            self._send(req, project, work, outcome)
+            return outcome
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _settings(self, req: TransferRequest, project: Project) -> Settings:
+        """The engine settings for a request: the project's values and the default profile
+        (DATADIR/config/profiles/default.json where a site has its own)."""
+        extra = {}
+        if project.import_rule_tag and project.import_rule_regexp:
+            extra["import_rule"] = {"tag": project.import_rule_tag,
+                                    "regexp": project.import_rule_regexp}
+        settings = Settings(project=req.project, participant=req.participant, key=self.key,
+                            event=req.event, extra=extra)
+        return with_profile(settings, load_profile("default", self._profiles()))
+
+    def _profiles(self) -> Path | None:
+        site_profiles = self.tree.config / "profiles"
+        return site_profiles if (site_profiles / "default.json").exists() else None
+
+    def _deidentify(self, req: TransferRequest, project: Project, study_dir: Path,
+                    work: Path) -> Outcome:
+        engine = Deidentifier(self._settings(req, project))
+        outcome = Outcome(mapped_study=engine.uid(req.study_uid))
+        study = self.control.study(req.study_uid)
+        labels = {s.uid: s.classify_types for s in study.series} if study else {}
+        for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
+            for link in sorted(series_dir.iterdir()):
+                ds = pydicom.dcmread(link)
+                sop_class = str(ds.get("SOPClassUID", ""))
+                if (0 in project.features and (sop_class.startswith(PRESENTATION_STATE) or
+                                               ds.get("Modality") == "PR")) or \
+                        (2 in project.features and sop_class.startswith(SECONDARY_CAPTURE)):
+                    outcome.dropped += 1
+                    continue
+                ids = Identifiers.from_dataset(ds)
+                if needs_masking(labels.get(series_dir.name, []), project.features,
+                                 project.pixel_exclusions, ds):
+                    mask_burned_in_text(ds, min_confidence=10)  # err towards masking
+                    outcome.masked += 1
+                engine.apply(ds, ids)
+                out = work / f"{ds.SOPInstanceUID}.dcm"
+                buffer = pydicom.filebase.DicomBytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                encoded = buffer.getvalue()
+                try:
+                    check(ds, encoded, ids, allowed={req.participant})
+                except GateError as exc:
+                    self._hold(req, link, exc)
+                    raise PermanentFailure(ERROR_DEID, f"verification gate: {exc}") from None
+                atomic_write(out, encoded, durable=False)
+                outcome.files += 1
+                series = str(ds.SeriesInstanceUID)
+                outcome.series[series] = outcome.series.get(series, 0) + 1
+        return outcome
+
+    def _hold(self, req: TransferRequest, source: Path, exc: GateError) -> None:
+        quarantine.hold(self.tree, "deidentify", f"verification gate: {exc}",
+                        {"request.txt": f"{req.key()}\n{source}\n".encode()},
+                        {"study_uid": req.study_uid, "project": req.project},
+                        "nothing was sent; fix the project's profile or options, then resend")
+
+    def _send(self, req: TransferRequest, project: Project, work: Path, outcome: Outcome) -> None:
+        try:
+            destination = open_destination(destination_name(self.config, project), self.config)
+            result = destination.send(sorted(work.glob("*.dcm")))
+        except DestinationUnavailable:
+            raise
+        except DestinationError as exc:
+            raise PermanentFailure(ERROR_SEND, f"send: {exc}") from None
+        if result.failed:
+            sop, reason = result.failed[0]
+            raise PermanentFailure(ERROR_SEND, f"send: {len(result.failed)} object(s) refused, "
+                                               f"e.g. {sop}: {reason}")
+        counts = destination.count_instances(outcome.mapped_study)
+        for series, expected in outcome.series.items():
+            if counts.get(series, 0) < expected:
+                raise PermanentFailure(ERROR_SEND, (
+                    f"verification: series {series} has {counts.get(series, 0)} of {expected} "
+                    f"instances at the destination"))
+
+    # --- the loop -------------------------------------------------------------------------------
+    def due(self) -> list[TransferRequest]:
+        """Pending requests whose retry time has come, oldest first. A backend that can say
+        what changed (REDCap) is asked only for that after the first full look."""
+        fetch = getattr(self.control, "requests_since", None)
+        stamp = datetime.now() - POLL_OVERLAP
+        if fetch is None or self._since is None:
+            self._pending = {r.key(): r for r in self.control.pending_requests()}
+        else:
+            for r in fetch(self._since):
+                if r.pending:
+                    self._pending[r.key()] = r
+                else:
+                    self._pending.pop(r.key(), None)
+        self._since = stamp.isoformat(sep=" ", timespec="seconds")
+        now = time.monotonic()
+        return sorted((r for r in self._pending.values()
+                       if self._retry_at.get(r.key(), 0.0) <= now), key=lambda r: r.requested)
+
+    def run(self, stop: threading.Event) -> None:
+        listener = WakeupListener(pipe_path(self.site, PIPE_FORWARDER))
+        try:
+            while not stop.is_set():
+                try:
+                    work = self.due()
+                except (Unavailable, ControlPlaneError) as exc:
+                    log.warning("cannot read transfer requests: %s; retrying", exc)
+                    work = []
+                for req in work:
+                    if stop.is_set():
+                        break
+                    try:
+                        self.process(req)
+                    except (Unavailable, ControlPlaneError) as exc:
+                        log.warning("request for study %s not written back: %s",
+                                    req.study_uid, exc)
+                listener.wait(POLL_SECONDS if not work else 0.1)
+        finally:
+            listener.close()
+
+
+def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
+    site = config.site(site_name)
+    with running(site, "anonymizeAndSend", verbose) as stop:
+        forwarder = Forwarder(config, site, open_control_plane(config, site))
+        log.info("forwarder for %s: destinations %s", site.datadir,
+                 ", ".join(config.destinations))
+        forwarder.run(stop)
+    return 0
