@@ -16,6 +16,7 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) bench/ingest.py
+	$(PY) bench/deid.py
 
 venv: $(STAMP)
 

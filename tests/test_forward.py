@@ -4,6 +4,8 @@ research PACS, driven by a coupling-list row, with no manual step."""
 from __future__ import annotations
 
 import io
+import shutil
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -142,3 +144,40 @@ def test_burned_in_text_is_masked_before_it_leaves(tmp_path, orthanc):
     assert ocr_words(received.pixel_array) == []
     assert received.BurnedInAnnotation == "NO"
     assert 3 in req.error_flags  # "pixel masking done" is recorded on the request
+
+
+def test_forwarder_killed_mid_send_resumes_into_the_same_study(tmp_path, orthanc):
+    gw = gateway_for(tmp_path, orthanc)
+    study = make_study(tmp_path / "s", n_series=3, images_per_series=100, accession="KILL1")
+    couple(gw, tmp_path, "KILL1", "P0004", "baseline")
+    assert gw.storescu(tmp_path / "s").returncode == 0
+    wait_for(lambda: orthanc.count() > 0, 180, "the send to begin")
+    forwarder = gw.procs.pop("anonymize-and-send")
+    forwarder.send_signal(signal.SIGKILL)
+    forwarder.wait()
+    assert not requests(gw, study["study"])[0].complete
+    gw.start("anonymize-and-send")
+    req = completed(gw, study["study"])
+    assert len(orthanc.studies()) == 1
+    assert sum(orthanc.series_counts(req.mapped_uid).values()) == 300
+
+
+def test_a_study_gone_from_disk_fails_with_that_message(tmp_path, orthanc):
+    gw = gateway_for(tmp_path, orthanc)
+    gw.stop("anonymize-and-send")
+    study = make_study(tmp_path / "s", n_series=1, images_per_series=2, accession="GONE1")
+    assert gw.storescu(tmp_path / "s").returncode == 0
+    wait_for(lambda: open_control_plane(load(str(gw.config))).study(study["study"]), 60,
+             "the study to be registered")
+    gw.run("assign", study["study"], "--project", "PROJ", "--participant", "P0005",
+           "--event", "baseline")
+    shutil.rmtree(gw.tree.raw / study["study"])
+    gw.start("anonymize-and-send")
+
+    def failed():
+        [req] = requests(gw, study["study"])
+        return req if req.error_message else None
+    req = wait_for(failed, 60, "the request to fail")
+    assert "gone from disk" in req.error_message and 1 in req.error_flags
+    assert not req.complete and not req.pending  # not retried until someone resends
+    assert orthanc.count() == 0

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
+
 from conftest import dcmtk, free_port, wait_for
 from dicomgen import make_study
 
@@ -30,7 +32,15 @@ def test_up_sets_up_runs_and_stops_cleanly(tmp_path: Path):
         config = json.loads((tmp_path / "data" / "config" / "config.json").read_text())
         assert config["DICOMPORT"] == port
         assert oct((tmp_path / "data" / "config" / "secret.key").stat().st_mode & 0o777) == "0o600"
-        study = make_study(tmp_path / "s", n_series=1, images_per_series=5)
+        cfg = str(tmp_path / "data" / "config" / "config.json")
+        fiona = [sys.executable, "-m", "fiona", "--config", cfg]
+        subprocess.run(fiona + ["project", "add", "PROJ", "--naming", "^P[0-9]{4}$", "--events",
+                                "baseline"], check=True, env=env, capture_output=True)
+        (tmp_path / "cl.csv").write_text("UP1,PROJ,P0001,baseline\n")
+        subprocess.run(fiona + ["coupling", "upload", str(tmp_path / "cl.csv")], check=True,
+                       env=env, capture_output=True)
+        study = make_study(tmp_path / "s", n_series=1, images_per_series=5, accession="UP1",
+                           patient_name="Berg^Ola")
         res = subprocess.run([dcmtk("storescu"), "+sd", "-aec", "FIONA", "127.0.0.1", str(port),
                               str(tmp_path / "s")], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
@@ -38,6 +48,13 @@ def test_up_sets_up_runs_and_stops_cleanly(tmp_path: Path):
                        f"{study['series'][0]}.json")
         wait_for(lambda: series_json.exists() and
                  json.loads(series_json.read_text())["NumFiles"] == 5, 60, "indexing")
+        # no manual step: arrival, the coupling row, de-identification, the research folder
+        research = tmp_path / "data" / "research"
+        sent = wait_for(lambda: list(research.glob("*/*/*.dcm")) if len(
+            list(research.glob("*/*/*.dcm"))) == 5 else None, 120, "the de-identified copy")
+        copy = pydicom.dcmread(sent[0])
+        assert copy.PatientID == "P0001" and copy.InstitutionName == "PROJ"
+        assert copy.StudyInstanceUID != study["study"] and "Berg" not in str(copy)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -33,7 +33,7 @@ from ..control.base import ControlPlane, ControlPlaneError, Project, TransferReq
 from ..daemon import PIPE_FORWARDER, pipe_path, running
 from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
 from ..deid.gate import GateError, Identifiers, check
-from ..deid.pixels import mask_burned_in_text, needs_masking
+from ..deid.pixels import PixelMaskingError, mask_burned_in_text, needs_masking
 from ..journal import WakeupListener
 from ..tree import Tree, atomic_write, ensure_dir
 from .destinations import DestinationError, DestinationUnavailable, open_destination
@@ -97,12 +97,13 @@ class Forwarder:
             log.error("request %s/%s/%s for study %s failed: %s", *key[1:], key[0], exc)
             return
         except (DestinationUnavailable, Unavailable) as exc:
-            n = self._failures.get(key, 0)
-            delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
-            self._failures[key] = n + 1
-            self._retry_at[key] = time.monotonic() + delay
-            log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
-                        req.study_uid, req.project, exc, delay)
+            self._backoff(req, exc)
+            return
+        except Exception as exc:  # a bug or an unreadable file must not stop the daemon
+            log.exception("request for study %s failed unexpectedly", req.study_uid)
+            self._pending.pop(key, None)
+            self._finish(req, started, error=(ERROR_DEID, f"internal error: "
+                                              f"{type(exc).__name__}: {str(exc)[:300]}"))
             return
         self._failures.pop(key, None)
         self._retry_at.pop(key, None)
@@ -113,6 +114,16 @@ class Forwarder:
                  "(%d dropped, %d masked)", req.study_uid, req.project, req.participant,
                  req.event, outcome.files, len(outcome.series), outcome.mapped_study,
                  outcome.dropped, outcome.masked)
+
+    def _backoff(self, req: TransferRequest, exc: Exception) -> None:
+        """Keep the request pending and try again later, waiting longer each time."""
+        key = req.key()
+        n = self._failures.get(key, 0)
+        delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
+        self._failures[key] = n + 1
+        self._retry_at[key] = time.monotonic() + delay
+        log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
+                    req.study_uid, req.project, exc, delay)
 
     def _finish(self, req: TransferRequest, started: float, error: tuple[int, str] | None = None,
                 masked: bool = False) -> None:
@@ -173,7 +184,12 @@ class Forwarder:
                 ids = Identifiers.from_dataset(ds)
                 if needs_masking(labels.get(series_dir.name, []), project.features,
                                  project.pixel_exclusions, ds):
-                    mask_burned_in_text(ds, min_confidence=10)  # err towards masking
+                    try:
+                        mask_burned_in_text(ds, min_confidence=10)  # err towards masking
+                    except PixelMaskingError as exc:
+                        raise PermanentFailure(ERROR_DEID, (
+                            f"series {series_dir.name} needs its burned-in text masked, which "
+                            f"failed ({exc}); the study is held, not sent")) from None
                     outcome.masked += 1
                 engine.apply(ds, ids)
                 out = work / f"{ds.SOPInstanceUID}.dcm"
