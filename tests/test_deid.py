@@ -934,3 +934,19 @@ def test_canary_no_removed_or_replaced_value_survives(tmp_path):
     leaked = [w for _p, _ds, can in folder_inputs for tok, must, w in can.tokens
               if must and len(tok) > 4 and _contains(everything, tok)]  # AS: per file only
     assert not leaked, f"canaries survived anonymize_folder: {leaked[:10]}"
+
+
+def test_profile_sets_uid_prefix_and_shift_range():
+    """The UID root and the keyed date-shift range are profile data, not code."""
+    from fiona.deid.engine import Deidentifier, Settings, with_profile
+
+    base = Settings(project="P", participant="S1", key=b"k" * 32)
+    tuned = with_profile(base, {"uid_prefix": "1.2.826.0.1.3680043.10.9.",
+                                "shift_range": [-30, -10]})
+    engine = Deidentifier(tuned)
+    uid = engine.uid("1.2.3.4.5")
+    assert uid.startswith("1.2.826.0.1.3680043.10.9.") and len(uid) <= 64
+    assert re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", uid)
+    assert -30 <= engine.shift() <= -10
+    with pytest.raises(ValueError, match="uid_prefix"):
+        with_profile(base, {"uid_prefix": "1.02."})

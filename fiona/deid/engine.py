@@ -152,7 +152,8 @@ _DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?((?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?"
                  r"(?:[+-]\d{4})?)")
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
-PROFILE_KEYS = {"name", "description", "options", "date_shift_days", "keep", "remove", "replace"}
+PROFILE_KEYS = {"name", "description", "options", "date_shift_days", "keep", "remove", "replace",
+                "uid_prefix", "shift_range"}
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -840,7 +841,18 @@ def validate_profile(data: dict, where: str = "profile") -> dict:
            "options": list(data.get("options", sorted(DEFAULT_OPTIONS))),
            "date_shift_days": data.get("date_shift_days"),
            "keep": list(data.get("keep", [])), "remove": list(data.get("remove", [])),
-           "replace": dict(data.get("replace", {}))}
+           "replace": dict(data.get("replace", {})),
+           "uid_prefix": data.get("uid_prefix", "2.25."),
+           "shift_range": tuple(data.get("shift_range", (-3650, -365)))}
+    prefix = out["uid_prefix"]
+    if not (isinstance(prefix, str) and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.",
+                                                     prefix) and len(prefix) <= 26):
+        raise ValueError(f"{where}: uid_prefix must be a UID root ending in '.', at most 26 "
+                         f"characters (e.g. \"2.25.\" or your organisation's root + \".\")")
+    lo, hi = (out["shift_range"] + (0, 0))[:2]
+    if not (len(out["shift_range"]) == 2 and all(isinstance(x, int) for x in (lo, hi))
+            and lo < hi):
+        raise ValueError(f"{where}: shift_range must be [low, high] days with low < high")
     if "description" in data:
         out["description"] = str(data["description"])
     unknown_opts = set(out["options"]) - set(default_table().options)
@@ -865,4 +877,5 @@ def with_profile(settings: Settings, profile: dict | str | None) -> Settings:
     extra.pop("options", None)
     extra.pop("date_shift_days", None)
     return replace(settings, options=frozenset(p["options"]),
-                   date_shift_days=p["date_shift_days"], extra=extra)
+                   date_shift_days=p["date_shift_days"], uid_prefix=p["uid_prefix"],
+                   shift_range=p["shift_range"], extra=extra)
