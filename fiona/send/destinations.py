@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..tree import FILE_MODE, InvalidValue, ensure_dir, fsync_dir, valid_uid
+from ..tree import InvalidValue, atomic_write, ensure_dir, fsync_dir, valid_uid
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -186,7 +186,7 @@ class FolderDestination(Destination):
                 return  # identical file already delivered
         except FileNotFoundError:
             pass
-        _atomic_replace(target, data)
+        atomic_write(target, data)
         touched.add(series_dir)
 
     def count_instances(self, study_uid: str) -> dict[str, int]:
@@ -226,23 +226,6 @@ class FolderDestination(Destination):
                                          f"{self.root}: {exc}") from exc
         if not self.root.is_dir():
             raise DestinationError(f"destination {self.name!r}: {self.root} is not a folder")
-
-
-def _atomic_replace(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, mode 0640, fsynced, renamed over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
 
 
 def _uid_of(ds: Any, file: Path) -> str:
