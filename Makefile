@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the tests talk to as real peers (DCMTK clients, Orthanc)
-SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr
+SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test system-deps venv bench clean

@@ -83,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("in_dir", type=Path, metavar="IN_DIR")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
 
+    p = sub.add_parser("web", help="the web application (Assign, Review, Status)",
+                       description="Serve the web pages and JSON API on WEB.host:WEB.port. "
+                       "On first start, with no users yet, creates `admin` with a one-time "
+                       "password and prints it.")
+    _site_arg(p)
+    p.add_argument("--https", action="store_true",
+                   help="mark session cookies Secure (behind an HTTPS reverse proxy)")
+    p.add_argument("--port", type=int, help="override WEB.port")
+
+    p = sub.add_parser("user", help="manage web users",
+                       description="Add or update a web user in DATADIR/config/users.json. "
+                       "The password is asked for, or read from --password-file.")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("name")
+    p.add_argument("--role", action="append", required=True, metavar="ROLE",
+                   help="admin or project:P:assign|export|review (repeatable)")
+    p.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="read the password from the first line of FILE (- for stdin)")
+    _site_arg(p)
+
+    p = sub.add_parser("audit", help="check the audit trail",
+                       description="Check the hash chain of DATADIR/logs/audit.log; exit 1 "
+                       "naming the first broken line.")
+    p.add_argument("action", choices=["verify"])
+    _site_arg(p)
+
     p = sub.add_parser("up", help="run every daemon in the foreground",
                        description="Run the gateway's daemons in the foreground. Without a "
                        "config (no --config, no $FIONA_CONFIG, no /data/config/config.json) "
@@ -148,6 +174,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"indexed {ix.drain()} files")
             return 0
         return indexer.run(config, args.site, args.verbose)
+    if cmd == "web":
+        from .web import server
+
+        return server.run(config, args.site, args.verbose, args.https, args.port)
+    if cmd == "user":
+        from .web.cli import user_add
+
+        return user_add(config, args)
+    if cmd == "audit":
+        from .web.cli import audit_verify
+
+        return audit_verify(config, args)
     if cmd == "anonymize":
         from .deid.anonymize import cli_anonymize
 

@@ -21,7 +21,7 @@ log = logging.getLogger("fiona.up")
 
 #: (subcommand, per-site?) in data-flow order
 DAEMONS = (("storescp", True), ("process-single-file", True), ("detect-study-arrival", True),
-           ("anonymize-and-send", True))
+           ("anonymize-and-send", True), ("web", False))
 
 
 def _commands(config: Config) -> list[list[str]]:

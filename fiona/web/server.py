@@ -1,0 +1,39 @@
+"""`fiona web`: serve the web application with uvicorn on WEB.host:WEB.port."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..daemon import running
+from .users import UserStore
+
+
+def bootstrap_admin(config: Config, site: str | None = None, port: int | None = None) -> None:
+    """First start: no users yet -> an `admin` with a one-time password, printed once."""
+    datadir = config.site(site).datadir
+    password = UserStore(datadir).bootstrap_admin()
+    if password:
+        from . import audit
+        audit.append(datadir, "fiona", "user added", {"user": "admin", "roles": ["admin"],
+                                                       "one_time": True})
+        print(f"FIONA web: created user 'admin' with one-time password: {password}\n"
+              f"  log in at http://{config.web.get('host')}:{port or config.web.get('port')}/ and "
+              f"choose a new password", flush=True)
+
+
+def run(config: Config, site: str | None = None, verbose: bool = False,
+        secure_cookies: bool = False, port: int | None = None) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    bootstrap_admin(config, site, port)
+    with running(config.site(site), "web", verbose) as stop:
+        app = create_app(config, site, secure_cookies=secure_cookies)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=config.web.get("host", "127.0.0.1"),
+            port=port or int(config.web.get("port", 8080)), log_config=None,
+            proxy_headers=True, forwarded_allow_ips="127.0.0.1"))
+        # uvicorn handles SIGTERM/SIGINT itself while serving, then restores `running`'s
+        server.run()
+        stop.set()
+    return 0

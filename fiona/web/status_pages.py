@@ -1,0 +1,140 @@
+"""Status: daemons (running, last activity, last error), queues, disk, `enabled` switches."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse
+
+from ..config import ENABLED_PARTS
+from ..tree import Tree, atomic_write
+from . import csrf
+from .app import Ctx, ctx, current_user, render
+from .users import User
+
+router = APIRouter()
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+
+
+def _daemon_names() -> list[tuple[str, bool]]:
+    from ..up import DAEMONS
+    names = list(DAEMONS)
+    if not any(n == "web" for n, _ in names):
+        names.append(("web", False))
+    return names
+
+
+def _running(pidfile: Path) -> tuple[bool, str]:
+    try:
+        fd = os.open(pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, ""
+    try:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, pid
+        return False, pid
+    finally:
+        os.close(fd)
+
+
+def _tail(path: Path, size: int = 256 * 1024) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - size))
+            return fh.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def daemons(c: Ctx) -> list[dict]:
+    tree = Tree(c.datadir)
+    out = []
+    for name, per_site in _daemon_names():
+        suffix = c.site.suffix if per_site else ""
+        running, pid = _running(tree.run / f"{name}{suffix}.pid")
+        lines = _tail(tree.logs / f"{name}{suffix}.log")
+        last = next((m.group(1) for line in reversed(lines) if (m := _STAMP.match(line))), "")
+        error = next((line for line in reversed(lines) if " ERROR " in line), "")
+        out.append({"name": name, "running": running, "pid": pid if running else "",
+                    "last_activity": last, "last_error": error[:500]})
+    return out
+
+
+def switches(c: Ctx) -> list[dict]:
+    try:
+        text = (c.datadir / "config" / "enabled").read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    return [{"part": part, "enabled": not (len(text) > i and text[i] == "0")}
+            for part, i in sorted(ENABLED_PARTS.items(), key=lambda kv: kv[1])]
+
+
+def status(c: Ctx) -> dict:
+    reqs = c.control.requests()
+    requested = {r.study_uid for r in reqs}
+    waiting = sum(1 for s in c.control.studies() if s.uid not in requested)
+    usage = shutil.disk_usage(c.datadir)
+    percent = round(100 * usage.used / usage.total, 1) if usage.total else 0.0
+    return {"daemons": daemons(c),
+            "queues": {"studies_waiting": waiting,
+                       "requests_pending": sum(1 for r in reqs if r.pending and not r.error_flags),
+                       "requests_failed": sum(1 for r in reqs if r.error_flags)},
+            "disk": {"path": str(c.datadir), "used_percent": percent,
+                     "free_gb": round(usage.free / 1e9, 1),
+                     "cleanup_percent": c.config.cleanup_percent,
+                     "refuse_store_percent": c.config.refuse_store_percent,
+                     "state": ("refusing" if percent >= c.config.refuse_store_percent else
+                               "cleanup" if percent >= c.config.cleanup_percent else "ok")},
+            "switches": switches(c)}
+
+
+def set_switch(c: Ctx, user: User, part: str, on: bool) -> None:
+    if not user.admin:
+        raise HTTPException(403, "only admins can change the switches")
+    if part not in ENABLED_PARTS:
+        raise HTTPException(400, f"unknown switch {part!r}; known: {', '.join(ENABLED_PARTS)}")
+    path = c.datadir / "config" / "enabled"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    chars = list(text.ljust(len(ENABLED_PARTS), "1"))
+    i = ENABLED_PARTS[part]
+    before = chars[i]
+    chars[i] = "1" if on else "0"
+    atomic_write(path, ("".join(chars) + "\n").encode())
+    c.audit(user.name, "switch", part=part, before=before, after=chars[i])
+
+
+@router.get("/status", include_in_schema=False)
+def status_page(request: Request, user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    return render(request, "status.html", s=status(c), message=request.query_params.get("msg", ""))
+
+
+@router.post("/status/switch", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
+def status_switch(part: str = Form(...), value: str = Form(...),
+                  user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    set_switch(c, user, part, value in ("1", "on", "true"))
+    return RedirectResponse(f"/status?msg=switch+{part}+set", status_code=303)
+
+
+@router.get("/api/status", tags=["status"])
+def api_status(user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
+    """Daemons, queue lengths, disk use and switches."""
+    return status(c)
+
+
+@router.post("/api/status/switch", tags=["status"], dependencies=[Depends(csrf.require_csrf)])
+def api_switch(part: str = Body(...), enabled: bool = Body(...),
+               user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
+    """Flip an `enabled` switch (admins only)."""
+    set_switch(c, user, part, enabled)
+    return {"switches": switches(c)}
