@@ -18,6 +18,11 @@ from .config import Site
 from .journal import WakeupSender
 from .tree import FILE_MODE, Tree, atomic_write
 
+#: subcommand -> the name of its log and pid files (the original script names, which admins know)
+FILE_NAMES = {"storescp": "storescpd", "process-single-file": "processSingleFile",
+              "detect-study-arrival": "detectStudyArrival",
+              "anonymize-and-send": "anonymizeAndSend", "web": "web"}
+
 PIPE_INDEXER = "processSingleFilePipe"
 PIPE_FORWARDER = "anonymizeAndSendPipe"
 

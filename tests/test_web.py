@@ -213,9 +213,9 @@ def test_assign_flow_creates_one_request(site: Site):
     assert 'id="confirm-button"' in confirm.text and "series 1" in confirm.text
     assert "Doe^Jane" in confirm.text and "A042" in confirm.text  # before and after
     assert site.control.requests() == []  # nothing before the confirmation
-    done = alice.post(f"/assign/{made['study']}/send", data=form)
+    done = alice.post(f"/assign/{made['study']}/send", data=form, follow_redirects=True)
     assert done.status_code == 200 and "created" in done.text
-    again = alice.post(f"/assign/{made['study']}/send", data=form)
+    again = alice.post(f"/assign/{made['study']}/send", data=form, follow_redirects=True)
     assert again.status_code == 200
     reqs = site.control.requests(made["study"])
     assert len(reqs) == 1 and reqs[0].key() == (made["study"], "A", "A042", "followup")
@@ -351,7 +351,7 @@ def test_study_sent_with_storescu_appears_in_assign(tmp_path: Path):
         confirm = alice.post(f"/assign/{made['study']}/confirm", data=form)
         assert "preview-error" not in confirm.text and "Doe^Jane" in confirm.text
         gw.start("anonymize-and-send")
-        alice.post(f"/assign/{made['study']}/send", data=form)
+        alice.post(f"/assign/{made['study']}/send", data=form, follow_redirects=True)
         assert len(site.control.requests(made["study"])) == 1
         wait_for(lambda: not site.control.requests(made["study"])[0].pending, 120,
                  "the request to be forwarded")

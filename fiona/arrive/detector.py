@@ -31,7 +31,7 @@ from ..control import open_control_plane
 from ..control.assign import Arrival, Assigner
 from ..control.base import ControlPlane, Series, Study, Unavailable, now_iso
 from ..control.keyed import Keyed
-from ..daemon import notify_forwarder, running
+from ..daemon import FILE_NAMES, notify_forwarder, running
 from ..journal import JournalReader
 from ..tree import InvalidValue, Tree, valid_uid
 from .workflows import Workflow
@@ -237,7 +237,7 @@ class ArrivalDetector:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, "detectStudyArrival", verbose) as stop:
+    with running(site, FILE_NAMES["detect-study-arrival"], verbose) as stop:
         detector = ArrivalDetector(config, site, open_control_plane(config, site),
                                    Keyed.from_datadir(site.datadir))
         log.info("arrival detector for %s: quiet period %g s, control plane %s", site.datadir,

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from .. import quarantine
 from ..config import Config, Site
-from ..daemon import PIPE_INDEXER, pipe_path, running
+from ..daemon import FILE_NAMES, PIPE_INDEXER, pipe_path, running
 from ..journal import JournalReader, Position, WakeupListener
 from ..tree import (InvalidValue, Tree, ensure_dir, safe_name, symlink, touch, valid_uid)
 from .classify import RuleSet
@@ -214,7 +214,7 @@ def load_rules(site: Site) -> RuleSet:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, "processSingleFile", verbose) as stop:
+    with running(site, FILE_NAMES["process-single-file"], verbose) as stop:
         os.nice(NICENESS)
         indexer = Indexer(site, load_rules(site))
         log.info("indexer for %s started at journal position %s", site.datadir,

@@ -12,7 +12,7 @@ import threading
 import time
 
 from ..config import Config, Site, is_enabled
-from ..daemon import PIPE_INDEXER, DaemonError, pipe_path, running
+from ..daemon import FILE_NAMES, PIPE_INDEXER, DaemonError, pipe_path, running
 from ..tree import Tree
 from .store import StoreHandler
 from .ul import AcceptorServer, Association
@@ -59,7 +59,7 @@ def make_server(config: Config, site: Site) -> tuple[AcceptorServer, Receiver]:
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then finish the associations in progress."""
     site = config.site(site_name)
-    with running(site, "storescpd", verbose) as stop:
+    with running(site, FILE_NAMES["storescp"], verbose) as stop:
         try:
             server, receiver = make_server(config, site)
         except OSError as exc:

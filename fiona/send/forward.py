@@ -30,7 +30,7 @@ from .. import quarantine
 from ..config import Config, Site, read_secret
 from ..control import open_control_plane
 from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest, Unavailable, now_iso
-from ..daemon import PIPE_FORWARDER, pipe_path, running
+from ..daemon import FILE_NAMES, PIPE_FORWARDER, pipe_path, running
 from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
 from ..deid.gate import GateError, Identifiers, check
 from ..deid.pixels import PixelMaskingError, mask_burned_in_text, needs_masking
@@ -275,7 +275,7 @@ class Forwarder:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, "anonymizeAndSend", verbose) as stop:
+    with running(site, FILE_NAMES["anonymize-and-send"], verbose) as stop:
         forwarder = Forwarder(config, site, open_control_plane(config, site))
         log.info("forwarder for %s: destinations %s", site.datadir,
                  ", ".join(config.destinations))

@@ -3,10 +3,13 @@ coupling-list upload; and their JSON endpoints."""
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import csv
 import io
 from dataclasses import asdict
 
+from fastapi.responses import RedirectResponse
 from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
 
 from ..control.assign import Assigner
@@ -186,7 +189,9 @@ def assign_send(request: Request, study_uid: str, project: str = Form(""),
         return _study_page(request, c, user, study, 400, error=str(exc), naming=naming,
                            form={"project": project, "participant": participant,
                                  "event": event})
-    return _study_page(request, c, user, study, message=result["message"])
+    # redirect after the POST, so that reloading the page cannot send the form again
+    return RedirectResponse(f"/assign/{study.uid}?{urlencode({'msg': result['message']})}",
+                            status_code=303)
 
 
 @router.post("/assign/{study_uid}/resend", include_in_schema=False,

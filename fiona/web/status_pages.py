@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
 from ..config import ENABLED_PARTS
+from ..daemon import FILE_NAMES
 from ..tree import Tree, atomic_write
 from . import csrf
 from .app import Ctx, ctx, current_user, render
@@ -59,8 +60,9 @@ def daemons(c: Ctx) -> list[dict]:
     out = []
     for name, per_site in _daemon_names():
         suffix = c.site.suffix if per_site else ""
-        running, pid = _running(tree.run / f"{name}{suffix}.pid")
-        lines = _tail(tree.logs / f"{name}{suffix}.log")
+        files = FILE_NAMES.get(name, name)
+        running, pid = _running(tree.run / f"{files}{suffix}.pid")
+        lines = _tail(tree.logs / f"{files}{suffix}.log")
         last = next((m.group(1) for line in reversed(lines) if (m := _STAMP.match(line))), "")
         error = next((line for line in reversed(lines) if " ERROR " in line), "")
         out.append({"name": name, "running": running, "pid": pid if running else "",
