@@ -2,8 +2,9 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Debian packages the tests talk to as real peers (DCMTK clients, Orthanc)
-SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium
+# Debian packages the tests use as real peers and tools (DCMTK clients, Orthanc, tesseract,
+# Chromium for browser tests, strace to prove no unredacted file is written)
+SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test system-deps venv bench clean

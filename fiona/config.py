@@ -350,8 +350,8 @@ def load(explicit: str | None = None) -> Config:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError([f"no config file here; create one with "
-                           f"`fiona init --data DIR` or pass --config PATH"], path) from None
+        raise ConfigError(["no config file here; create one with "
+                           "`fiona init --data DIR` or pass --config PATH"], path) from None
     except OSError as exc:
         raise ConfigError([f"cannot read: {exc.strerror}"], path) from None
     try:

@@ -19,7 +19,9 @@ from typing import Callable
 
 import pytest
 
+from browser import browser_type_launch_args  # noqa: F401 - Playwright uses /usr/bin/chromium
 from fiona.bootstrap import init
+from orthanc import orthanc  # noqa: F401 - a real Orthanc as the research PACS
 from fiona.tree import Tree
 
 DCMTK_DIR = "/usr/bin"  # DCMTK's own tools, not same-named Python shims earlier on PATH

@@ -5,11 +5,9 @@ and methods export only the records and forms they need."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 

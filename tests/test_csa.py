@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import nibabel.nicom
 from pydicom.data import get_testdata_file
 
 from fiona.index.csa import siemens_diffusion_entry, siemens_series_fields
 
-NIBABEL_DATA = Path(pytest.importorskip("nibabel.nicom").__file__).parent / "tests" / "data"
+NIBABEL_DATA = Path(nibabel.nicom.__file__).parent / "tests" / "data"
 
 B1000_SOP = "1.3.12.2.1107.5.2.32.35119.2010011420300822323499745"
 B0_SOP = "1.3.12.2.1107.5.2.32.35119.2010011420300180088599504"

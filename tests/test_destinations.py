@@ -21,7 +21,7 @@ from fiona.config import parse
 from fiona.send import destinations as dest
 from fiona.send.destinations import (REGISTRY, DestinationError, DestinationUnavailable,
                                      DicomDestination, FolderDestination, open_destination)
-from orthanc import Orthanc, orthanc  # noqa: F401  (fixture)
+from orthanc import Orthanc
 
 # pydicom's own test files in compressed and other transfer syntaxes; some share a
 # SOPInstanceUID (the same instance in another syntax), as real resends do

@@ -21,7 +21,7 @@ from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.deid.pixels import ocr_words
-from orthanc import Orthanc, orthanc  # noqa: F401 - the fixture
+from orthanc import Orthanc
 
 DAEMONS = ("storescp", "process-single-file", "detect-study-arrival", "anonymize-and-send")
 

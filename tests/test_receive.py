@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("playwright", reason="pip install playwright pytest-playwright")
+from playwright.sync_api import Page, expect
 
-from playwright.sync_api import Page, expect  # noqa: E402
-
-from browser import browser_type_launch_args  # noqa: E402,F401 - /usr/bin/chromium
 from conftest import Gateway, free_port, wait_for  # noqa: E402
 from dicomgen import make_study  # noqa: E402
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import io
 import logging
-import os
 import shutil
 import struct
 import zlib
