@@ -522,10 +522,7 @@ class Deidentifier:
             new = "\\".join(v if is_well_known_uid(v.strip("\x00 ")) else self.uid(v)
                             for v in values)
             if new != text:
-                b = new.encode("ascii")
-                if len(b) & 1:
-                    b += b"\x00"
-                d[tag] = elem._replace(value=b, length=len(b))
+                _set(d, tag, elem, _padded(new, b"\x00"), None)
             return
         value = elem.value
         if value is None or value == "":
@@ -561,10 +558,7 @@ class Deidentifier:
             if new is None:
                 _set(d, tag, elem, b"", None)
             elif new != text:
-                b = new.encode("ascii")
-                if len(b) & 1:
-                    b += b" "
-                d[tag] = elem._replace(value=b, length=len(b))
+                _set(d, tag, elem, _padded(new, b" "), None)
             return
         value = elem.value
         if value is None or value == "":
@@ -744,6 +738,12 @@ def _set(d: dict, tag: int, elem, raw: bytes, value: Any) -> None:
         d[tag] = elem._replace(value=raw, length=len(raw))
     else:
         elem.value = value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    """An ASCII value padded to even length (NUL for UI, space for text VRs)."""
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) & 1 else raw
 
 
 def _set_dummy(d: dict, tag: int, elem, vr: str) -> None:
