@@ -55,7 +55,6 @@ import gc
 import importlib
 import importlib.util
 import io
-import json
 import os
 import pstats
 import shutil
@@ -78,7 +77,8 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from tests.dicomgen import make_study  # noqa: E402  (needs the repo root on sys.path)
+from bench.common import (count_files, make_corpus, progress,  # noqa: E402 (repo root)
+                          run_in_scratch)
 
 N_SERIES = 5
 WARMUP_FILES = 10
@@ -89,10 +89,6 @@ PACKAGES = {"deid": "deid", "dicognito": "dicognito"}
 SOURCE_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
                       "ReferringPhysicianName", "OperatorsName", "InstitutionName",
                       "StationName", "StudyInstanceUID")
-
-
-def progress(text: str) -> None:
-    print(text, flush=True)
 
 
 def ensure_packages(install: bool) -> bool:
@@ -111,11 +107,6 @@ def ensure_packages(install: bool) -> bool:
         return False
     importlib.invalidate_caches()
     return all(importlib.util.find_spec(mod) is not None for mod in PACKAGES.values())
-
-
-def count_files(root: Path) -> int:
-    return sum(1 for _dir, _subs, names in os.walk(root)
-               for name in names if not name.startswith("."))
 
 
 def first_file(root: Path) -> Path | None:
@@ -283,16 +274,6 @@ class Results:
         return [files / s for s in self.seconds.get(tool, [])]
 
 
-def make_corpus(root: Path, images: int) -> tuple[Path, list[Path]]:
-    """One study of `images` MR images in N_SERIES series, written once and reused by all runs."""
-    corpus = root / "corpus"
-    per_series = -(-images // N_SERIES)
-    study = make_study(corpus, N_SERIES, per_series, rows=256, cols=256)
-    for extra in study["files"][images:]:  # --images not divisible by the series count
-        extra.unlink()
-    return corpus, sorted(study["files"][:images])
-
-
 def run_once(tool: Tool, root: Path, corpus: Path, files: list[Path],
              label: str) -> tuple[float, Path]:
     """One timed run of `tool` into a fresh folder; returns (seconds, that folder)."""
@@ -409,53 +390,45 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not ensure_packages(not args.no_install):
         return 2
-    root = Path(tempfile.mkdtemp(prefix="fiona-bench-deid-"))
-    try:
-        progress(f"generating {args.images} MR images (256x256) under {root} ...")
-        corpus, files = make_corpus(root, args.images)
-        size = sum(f.stat().st_size for f in files)
-        progress(f"corpus: {len(files)} files, {size / len(files) / 1024:.0f} KiB each")
-        sources = source_values(files[0])
-        tools = [cls() for cls in TOOLS]
-        warm = root / "warm"
-        warm.mkdir()
-        for path in files[:WARMUP_FILES]:
-            shutil.copy2(path, warm / path.name)
-        warm_files = sorted(warm.iterdir())
-        results = Results()
-        for tool in tools:
-            tool.setup(corpus, files)
-            _s, out = run_once(tool, root, warm, warm_files, "")
+    return run_in_scratch(args, "fiona-bench-deid-", lambda root: measure(args, root))
+
+
+def measure(args: argparse.Namespace, root: Path) -> dict:
+    progress(f"generating {args.images} MR images (256x256) under {root} ...")
+    files = make_corpus(root, args.images, N_SERIES)
+    corpus = root / "corpus"
+    size = sum(f.stat().st_size for f in files)
+    progress(f"corpus: {len(files)} files, {size / len(files) / 1024:.0f} KiB each")
+    sources = source_values(files[0])
+    tools = [cls() for cls in TOOLS]
+    warm = root / "warm"
+    warm.mkdir()
+    for path in files[:WARMUP_FILES]:
+        shutil.copy2(path, warm / path.name)
+    warm_files = sorted(warm.iterdir())
+    results = Results()
+    for tool in tools:
+        tool.setup(corpus, files)
+        _s, out = run_once(tool, root, warm, warm_files, "")
+        shutil.rmtree(out, ignore_errors=True)
+    for rep in range(args.repeat):
+        k = rep % len(tools)
+        for tool in tools[k:] + tools[:k]:
+            seconds, out = run_once(tool, root, corpus, files,
+                                    f"[run {rep + 1}/{args.repeat}]")
+            if tool.name not in results.left:  # the first output file of the first run
+                left, notes = leftovers(out, sources)
+                results.left[tool.name], results.notes[tool.name] = left, notes
             shutil.rmtree(out, ignore_errors=True)
-        for rep in range(args.repeat):
-            k = rep % len(tools)
-            for tool in tools[k:] + tools[:k]:
-                seconds, out = run_once(tool, root, corpus, files,
-                                        f"[run {rep + 1}/{args.repeat}]")
-                if tool.name not in results.left:  # the first output file of the first run
-                    left, notes = leftovers(out, sources)
-                    results.left[tool.name], results.notes[tool.name] = left, notes
-                shutil.rmtree(out, ignore_errors=True)
-                results.add(tool.name, seconds)
-        summary = report(results, len(files))
-        if args.profile:
-            progress(f"\ncProfile of one more FIONA anonymize run ({len(files)} files):")
-            text = profile_fiona(tools[TOOLS.index(FionaAnonymize)], root, corpus, files,
-                                 args.profile)
-            progress(text)
-            summary["profile"] = text
-        if args.json:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n")
-            progress(f"results written to {args.json}")
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+            results.add(tool.name, seconds)
+    summary = report(results, len(files))
+    if args.profile:
+        progress(f"\ncProfile of one more FIONA anonymize run ({len(files)} files):")
+        text = profile_fiona(tools[TOOLS.index(FionaAnonymize)], root, corpus, files,
+                             args.profile)
+        progress(text)
+        summary["profile"] = text
+    return summary
 
 
 if __name__ == "__main__":

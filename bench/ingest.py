@@ -38,7 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.dicomgen import make_study  # noqa: E402  (needs the repo root on sys.path)
+from bench.common import (count_files, make_corpus, progress,  # noqa: E402 (repo root)
+                          run_in_scratch)
 
 #: DCMTK's sender; the `storescu` on PATH may be a pynetdicom shim
 STORESCU = "/usr/bin/storescu"
@@ -51,10 +52,6 @@ INDEX_TIMEOUT = 600.0
 STOP_TIMEOUT = 45.0  # `fiona up` gives its daemons 40 s to finish
 #: without it DCMTK and Orthanc wait ~40 ms per image on delayed ACKs
 BASE_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def progress(text: str) -> None:
-    print(text, flush=True)
 
 
 def free_port() -> int:
@@ -104,12 +101,6 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def count_files(root: Path) -> int:
-    """Finished files under `root`; temporary '.tmp.*' names of writers in flight excluded."""
-    return sum(1 for _dir, _subs, names in os.walk(root)
-               for name in names if not name.startswith("."))
 
 
 class Target(ABC):
@@ -257,16 +248,6 @@ class Results:
         return [images / s for s in self.seconds.get(target, [])]
 
 
-def make_corpus(root: Path, images: int) -> Path:
-    """One study of `images` MR images in N_SERIES series, written once and reused by all runs."""
-    corpus = root / "corpus"
-    per_series = -(-images // N_SERIES)
-    study = make_study(corpus, N_SERIES, per_series, rows=256, cols=256)
-    for extra in study["files"][images:]:  # --images not divisible by the series count
-        extra.unlink()
-    return corpus
-
-
 def send(target: Target, corpus: Path) -> float:
     """Run one storescu association to `target`; seconds from its start to its exit."""
     cmd = [STORESCU, "+sd", "-aec", target.aetitle, "127.0.0.1", str(target.port), str(corpus)]
@@ -360,33 +341,23 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(tool, os.X_OK):
             print(f"missing {tool}: apt-get install dcmtk orthanc", file=sys.stderr)
             return 2
-    root = Path(tempfile.mkdtemp(prefix="fiona-bench-"))
-    try:
-        progress(f"generating {args.images} MR images (256x256) under {root} ...")
-        corpus = make_corpus(root, args.images)
-        size = sum(f.stat().st_size for f in corpus.iterdir())
-        progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
-        results = Results()
-        for rep in range(args.repeat):
-            order = TARGETS[rep % len(TARGETS):] + TARGETS[:rep % len(TARGETS)]
-            for cls in order:
-                seconds, extra = run_once(cls, root, corpus, args.images, args.keep,
-                                          f"[run {rep + 1}/{args.repeat}]")
-                results.add(cls.name, seconds, extra)
-        summary = report(results, args.images)
-        if args.json:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n")
-            progress(f"results written to {args.json}")
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            progress(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return run_in_scratch(args, "fiona-bench-", lambda root: measure(args, root))
 
+
+def measure(args: argparse.Namespace, root: Path) -> dict:
+    progress(f"generating {args.images} MR images (256x256) under {root} ...")
+    files = make_corpus(root, args.images, N_SERIES)
+    corpus = root / "corpus"
+    size = sum(f.stat().st_size for f in files)
+    progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
+    results = Results()
+    for rep in range(args.repeat):
+        order = TARGETS[rep % len(TARGETS):] + TARGETS[:rep % len(TARGETS)]
+        for cls in order:
+            seconds, extra = run_once(cls, root, corpus, args.images, args.keep,
+                                      f"[run {rep + 1}/{args.repeat}]")
+            results.add(cls.name, seconds, extra)
+    return report(results, args.images)
 
 if __name__ == "__main__":
     sys.exit(main())
