@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Gateway, free_port, wait_for
+from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import Gateway, free_port
+from helpers import Gateway, free_port
 from fiona.web import audit
 
 

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import Gateway, dcmtk, free_port, wait_for
+from helpers import Gateway, dcmtk, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 STORECTL = REPO / "bin" / "storectl.sh"

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from conftest import Gateway, free_port, wait_for
+from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane

@@ -13,7 +13,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from conftest import Gateway, dcmtk, raw_c_store, wait_for
+from helpers import Gateway, dcmtk, raw_c_store, wait_for
 from dicomgen import make_study
 
 # pydicom's compressed samples: JPEG baseline and lossless, JPEG-LS, JPEG 2000, RLE, deflated,

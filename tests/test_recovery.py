@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import Gateway, dcmtk, wait_for
+from helpers import Gateway, dcmtk, wait_for
 from dicomgen import make_study
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import dcmtk, free_port, wait_for
+from helpers import dcmtk, free_port, wait_for
 from dicomgen import make_study
 
 REPO = Path(__file__).resolve().parents[1]

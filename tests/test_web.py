@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import Gateway, free_port, wait_for
+from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane

@@ -15,7 +15,7 @@ import pytest
 
 from playwright.sync_api import Page, expect
 
-from conftest import Gateway, free_port, wait_for  # noqa: E402
+from helpers import Gateway, free_port, wait_for  # noqa: E402
 from dicomgen import make_study  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
