@@ -9,56 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
-from typing import Any
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
-from ..config import Config, read_secret
-from ..control import open_control_plane
-from ..control.keyed import Keyed
-from . import audit, csrf
-from .users import User, UserError, UserStore
+from ..config import Config
+from . import csrf
+from .context import Ctx, current_user, render
+from .users import User, UserError
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 PUBLIC = ("/login",)
-
-
-class Ctx:
-    """What routes share: config, site, control plane, users, keys."""
-
-    def __init__(self, config: Config, site_name: str | None, auth: str):
-        self.config = config
-        self.site = config.site(site_name)
-        self.datadir = self.site.datadir
-        self.control = open_control_plane(config, self.site)
-        self.users = UserStore(self.datadir)
-        self.key = read_secret(self.datadir / "config" / "secret.key")
-        self.keyed = Keyed.from_datadir(self.datadir)
-        self.auth = auth
-
-    def audit(self, user: str, action: str, **details: Any) -> None:
-        audit.append(self.datadir, user, action, details)
-
-
-def ctx(request: Request) -> Ctx:
-    return request.app.state.ctx
-
-
-def current_user(request: Request) -> User:
-    user = request.state.user
-    if user is None:
-        raise HTTPException(401, "login required")
-    return user
-
-
-def render(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
-    values.update(request=request, user=getattr(request.state, "user", None),
-                  csrf_token=csrf.token(request))
-    return TEMPLATES.TemplateResponse(request, template, values, status_code=status_code)
 
 
 def _resolve_user(request: Request, c: Ctx) -> User | None:

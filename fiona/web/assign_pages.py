@@ -17,7 +17,7 @@ from ..control.base import ControlPlaneError, Study
 from ..daemon import notify_forwarder
 from ..tree import InvalidValue, valid_uid
 from . import csrf
-from .app import Ctx, ctx, current_user, render
+from .context import Ctx, ctx, current_user, render
 from .preview import first_image, preview
 from .users import User
 

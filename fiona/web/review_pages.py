@@ -10,7 +10,7 @@ import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ..tree import InvalidValue, valid_uid
-from .app import Ctx, ctx, current_user, render
+from .context import Ctx, ctx, current_user, render
 from .users import User
 
 router = APIRouter()

@@ -15,7 +15,7 @@ from ..config import ENABLED_PARTS
 from ..daemon import FILE_NAMES
 from ..tree import Tree, atomic_write
 from . import csrf
-from .app import Ctx, ctx, current_user, render
+from .context import Ctx, ctx, current_user, render
 from .users import User
 
 router = APIRouter()
