@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
+from ..clock import SYSTEM_CLOCK, Clock
+
 
 class ControlPlaneError(Exception):
     """The control plane refused or could not be reached; the text names what and why."""
@@ -246,9 +248,9 @@ class ControlPlane(ABC):
         study_uid (the mapped, de-identified one) and description."""
 
 
-def now_iso() -> str:
+def now_iso(clock: Clock = SYSTEM_CLOCK) -> str:
     """Timestamps are ISO strings to the second in local time, as REDCap shows them."""
-    return datetime.now().replace(microsecond=0).isoformat(sep=" ")
+    return clock.now().replace(microsecond=0).isoformat(sep=" ")
 
 
 def today() -> str:
