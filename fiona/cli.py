@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     _site_arg(p)
 
     p = sub.add_parser("audit", help="check the audit trail",
-                       description="Check the hash chain of DATADIR/logs/audit.log; exit 1 "
-                       "naming the first broken line.")
+                       description="Check DATADIR/logs/audit.log: every line's keyed MAC, the "
+                       "chain between lines, and that the log ends where its head anchor "
+                       "(DATADIR/config/audit.head) says; exit 1 naming the first problem.")
     p.add_argument("action", choices=["verify"])
     _site_arg(p)
 
@@ -183,9 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return user_add(config, args)
     if cmd == "audit":
-        from .web.cli import audit_verify
-
-        return audit_verify(config, args)
+        return _audit_verify(config, args)
     if cmd == "anonymize":
         from .deid.anonymize import cli_anonymize
 
@@ -201,6 +200,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return forward.run(config, args.site, args.verbose)
     return jobs.run(config, args)
+
+
+def _audit_verify(config, args: argparse.Namespace) -> int:
+    from . import audit
+
+    datadir = config.site(args.site).datadir
+    count, problem = audit.verify(datadir)
+    path = audit.audit_path(datadir)
+    if problem:
+        print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK, {count} entries" if path.exists() else f"{path}: no audit log yet")
+    return 0
 
 
 def _classify(config, args: argparse.Namespace) -> int:

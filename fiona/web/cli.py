@@ -1,11 +1,11 @@
-"""`fiona user add` and `fiona audit verify`."""
+"""`fiona user add`."""
 
 from __future__ import annotations
 
 import getpass
 import sys
 
-from . import audit
+from .. import audit
 from .users import UserError, UserStore
 
 
@@ -33,15 +33,3 @@ def user_add(config, args) -> int:
     print(f"user {args.name} saved with roles {', '.join(args.role)}")
     return 0
 
-
-def audit_verify(config, args) -> int:
-    path = audit.audit_path(config.site(args.site).datadir)
-    if not path.exists():
-        print(f"{path}: no audit log yet")
-        return 0
-    count, problem = audit.verify(path)
-    if problem:
-        print(f"{path}: {problem}", file=sys.stderr)
-        return 1
-    print(f"{path}: OK, {count} entries")
-    return 0

@@ -17,7 +17,8 @@ from fastapi.templating import Jinja2Templates
 from ..config import Config, read_secret
 from ..control import open_control_plane
 from ..control.keyed import Keyed
-from . import audit, csrf
+from .. import audit
+from . import csrf
 from .users import User, UserStore
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))

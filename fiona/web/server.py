@@ -12,7 +12,7 @@ def bootstrap_admin(config: Config, site: str | None = None, port: int | None = 
     datadir = config.site(site).datadir
     password = UserStore(datadir).bootstrap_admin()
     if password:
-        from . import audit
+        from .. import audit
         audit.append(datadir, "fiona", "user added", {"user": "admin", "roles": ["admin"],
                                                        "one_time": True})
         print(f"FIONA web: created user 'admin' with one-time password: {password}\n"
