@@ -27,9 +27,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from fiona.deid.anonymize import anonymize_folder
-from fiona.deid.engine import (DEFAULT_OPTIONS, Deidentifier, Settings, is_class_like_uid,
-                               is_well_known_uid, load_profile, resolve_combined, with_profile)
-from fiona.deid.gate import GateError, Identifiers, check
+from fiona.deid.engine import (DEFAULT_OPTIONS, Deidentifier, Settings, load_profile,
+                               resolve_combined, with_profile)
+from fiona.deid.gate import GateError, check
+from fiona.deid.identifiers import Identifiers, is_class_like_uid, is_well_known_uid
 from fiona.deid.table import Table, default_table
 
 KEY = b"0123456789abcdef0123456789abcdef"

@@ -25,7 +25,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .engine import Deidentifier, Settings, load_profile, with_profile
-from .gate import GateError, Identifiers, check
+from .gate import GateError, check
+from .identifiers import Identifiers
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 

@@ -17,7 +17,7 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
 - C (clean): a DA or DT is shifted under the Modified Dates option, kept under Full Dates,
   emptied otherwise; a TM is kept under either date option; a UI is replaced; free text (AE AS CS
   LO LT PN SH ST UC UT UR) is kept with every identifying value of the source (name parts, IDs,
-  accession number, birth date, institution; see `fiona.deid.gate.Identifiers`) cut out; numbers
+  accession number, birth date, institution; see `fiona.deid.identifiers.Identifiers`) cut out; numbers
   are kept; binary values (OB OW UN ..., e.g. overlay data under Clean Graphics) cannot be
   cleaned and are removed; a sequence is kept and de-identified item by item, and free text in
   it that the table does not list (e.g. an SR TextValue under Clean Structured Content) is
@@ -97,8 +97,9 @@ from pydicom.tag import BaseTag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from .identifiers import Identifiers, is_class_like_uid, is_well_known_uid
 from .table import Table, default_table
 
 try:  # the package version goes into DeidentificationMethod
@@ -120,9 +121,6 @@ TYPE2_ATTRIBUTES = frozenset({
     "PatientSexNeutered", "AcquisitionContextSequence", "TreatmentMachineName", "ReviewerName",
     "RTPlanDate", "RTPlanTime", "ContrastBolusAgent", "ContentCreatorName", "PatientID",
 })
-
-#: UI attributes that name classes or coding schemes, not instances: never replaced
-_CLASS_LIKE = frozenset({"CodingSchemeUID", "ContextUID", "MappingResourceUID"})
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
 _NUMBER_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT",
@@ -171,17 +169,6 @@ def resolve_combined(code: str, keyword: str | None) -> str:
             return "U"
         return "Z" if "Z" in parts else "D"
     return parts[0]
-
-
-def is_class_like_uid(keyword: str | None) -> bool:
-    """A UI attribute that names a class or coding scheme (its value is never replaced)."""
-    return bool(keyword) and (keyword.endswith("ClassUID") or keyword.endswith("SyntaxUID") or
-                              keyword in _CLASS_LIKE)
-
-
-def is_well_known_uid(value: str) -> bool:
-    """A UID of the standard (SOP class, transfer syntax, ...) that pydicom knows."""
-    return value in UID_dictionary
 
 
 @dataclass
@@ -313,12 +300,10 @@ class Deidentifier:
         return self._shift
 
     # --- the walk -------------------------------------------------------------------------------
-    def apply(self, ds: Dataset, ids: Any = None) -> Dataset:
-        """De-identify `ds` in place (file meta too) and return it. `ids` (gate.Identifiers of
+    def apply(self, ds: Dataset, ids: Identifiers | None = None) -> Dataset:
+        """De-identify `ds` in place (file meta too) and return it. `ids` (the Identifiers of
         the source) is used by the clean (C) action on free text; computed when needed."""
         if self._needs_identifiers() and ids is None:
-            from .gate import Identifiers
-
             ids = Identifiers.from_dataset(ds, uids=False)
         self._scrub_re = ids.scrub_pattern() if ids is not None and self._needs_identifiers() \
             else None

@@ -32,7 +32,8 @@ from ..control import open_control_plane
 from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest, Unavailable, now_iso
 from ..daemon import FILE_NAMES, PIPE_FORWARDER, pipe_path, running
 from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
-from ..deid.gate import GateError, Identifiers, check
+from ..deid.gate import GateError, check
+from ..deid.identifiers import Identifiers
 from ..deid.pixels import PixelMaskingError, mask_burned_in_text, needs_masking
 from ..journal import WakeupListener
 from ..tree import Tree, atomic_write, ensure_dir

@@ -9,7 +9,7 @@ import pydicom
 
 from ..control.base import Project
 from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
-from ..deid.gate import Identifiers
+from ..deid.identifiers import Identifiers
 from ..tree import Tree, valid_uid
 
 
