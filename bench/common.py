@@ -1,5 +1,6 @@
-"""What the benchmarks share: progress lines, the corpus, counting results, and a scratch
-folder that is removed (or kept with --keep) however the run ends."""
+"""What the benchmarks share: progress lines, the corpus, counting results, a scratch folder
+that is removed (or kept with --keep) however the run ends, ports, waits, stopping a process
+tree, and sampling a process's resident memory from /proc."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -53,3 +59,108 @@ def run_in_scratch(args: argparse.Namespace, prefix: str,
             progress(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A port the kernel just handed out, so parallel runs and other services do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(ready, timeout: float, what: str, proc: subprocess.Popen | None = None,
+               interval: float = 0.05) -> None:
+    """Poll `ready()` until true; fail early if `proc` died, so a crash is not a timeout."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 45.0) -> None:
+    """SIGTERM, then SIGKILL to its process group (start it with start_new_session=True, so
+    its children go too and nothing else does)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of a crashed or stuck parent
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a live process in MB (VmRSS from /proc), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def fiona_daemon_pid(run_dir: Path, pid_name: str, subcommand: str) -> int | None:
+    """The pid in `run_dir/<pid_name>.pid` if that process is alive and is the FIONA daemon
+    `subcommand` (a pid file left by a killed daemon may name a recycled pid)."""
+    try:
+        pid = int((run_dir / f"{pid_name}.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if subcommand.encode() in cmdline and b"fiona" in cmdline else None
+
+
+class PeakRss:
+    """Samples the resident memory of named processes every `interval` s on a thread and
+    keeps each name's peak, across restarts (`pids()` is asked anew every time)."""
+
+    def __init__(self, pids: Callable[[], dict[str, int | None]], interval: float = 0.25):
+        self._pids = pids
+        self._interval = interval
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self._interval):
+                return
+
+    def sample(self) -> None:
+        for name, pid in self._pids().items():
+            mb = rss_mb(pid) if pid else None
+            if mb is not None:
+                self.peak[name] = max(self.peak.get(name, 0.0), mb)

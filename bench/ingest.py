@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (count_files, make_corpus, progress,  # noqa: E402 (repo root)
-                          run_in_scratch)
+from bench.common import (count_files, free_port, log_tail,  # noqa: E402 (repo root)
+                          make_corpus, port_open, progress, run_in_scratch, stop_process,
+                          wait_until)
 
 #: DCMTK's sender; the `storescu` on PATH may be a pynetdicom shim
 STORESCU = "/usr/bin/storescu"
@@ -52,55 +52,6 @@ INDEX_TIMEOUT = 600.0
 STOP_TIMEOUT = 45.0  # `fiona up` gives its daemons 40 s to finish
 #: without it DCMTK and Orthanc wait ~40 ms per image on delayed ACKs
 BASE_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    """A port the kernel just handed out, so parallel runs and other services do not collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(ready, timeout: float, what: str, proc: subprocess.Popen | None = None,
-               interval: float = 0.05) -> None:
-    """Poll `ready()` until true; fail early if `proc` died, so a crash is not a timeout."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
-        time.sleep(interval)
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to its process group (its own session, so children go too)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of a crashed or stuck parent
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 class Target(ABC):
@@ -136,7 +87,7 @@ class Target(ABC):
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, STOP_TIMEOUT)
 
 
 class Fiona(Target):
