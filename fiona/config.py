@@ -67,7 +67,9 @@ CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 
 DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80)}
-WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local")}
+WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local"),
+            "trusted_proxies": (["127.0.0.1"], []), "secure_cookies": (True, False),
+            "session_idle_minutes": (30, 30), "session_hours": (12, 12)}
 
 _AE_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -174,6 +176,28 @@ def _check_keys(obj: Any, spec: dict[str, tuple[Any, Any]], where: str, errors: 
         else:
             out[key] = default
     return out
+
+
+def _web_security(web: dict, errors: list[str]) -> None:
+    """WEB's proxy, cookie and session keys (see README, "The web application behind HTTPS")."""
+    from .web.proxies import parse_networks
+
+    proxies = web.get("trusted_proxies")
+    if not isinstance(proxies, list):
+        errors.append(f"WEB.trusted_proxies must be a list of addresses or networks, e.g. "
+                      f"[\"127.0.0.1\"]; got {proxies!r}")
+    else:
+        try:
+            parse_networks(proxies)
+        except ValueError as exc:
+            errors.append(f"WEB.trusted_proxies: {exc}")
+        if web.get("auth") == "remote-user" and not proxies:
+            errors.append("WEB.auth \"remote-user\" needs WEB.trusted_proxies: the addresses of "
+                          "the reverse proxy that sets REMOTE_USER, e.g. [\"127.0.0.1\"]")
+    if not isinstance(web.get("secure_cookies"), bool):
+        errors.append(f"WEB.secure_cookies must be true or false; got {web.get('secure_cookies')!r}")
+    _int(web.get("session_idle_minutes"), "WEB.session_idle_minutes", 1, 24 * 60, errors)
+    _int(web.get("session_hours"), "WEB.session_hours", 1, 24 * 7, errors)
 
 
 def _int(value: Any, name: str, lo: int, hi: int, errors: list[str]) -> int:
@@ -319,6 +343,7 @@ def parse(raw: Any, path: Path) -> Config:
         errors.append(f"WEB.auth must be \"local\" or \"remote-user\"; got {web.get('auth')!r}")
     if web:
         _int(web.get("port"), "WEB.port", 1, 65535, errors)
+        _web_security(web, errors)
     if top["SCANNERPORT"] is not None:
         _int(top["SCANNERPORT"], "SCANNERPORT", 1, 65535, errors)
     if top["SCANNERAETITLE"] is not None:

@@ -188,9 +188,11 @@ def test_login_failure_is_audited(site: Site):
 
 def test_remote_user(tmp_path: Path):
     gw = Gateway(tmp_path / "data", free_port(), {"WEB": {"host": "127.0.0.1", "port": 8080,
-                                                          "auth": "remote-user"}})
+                                                          "auth": "remote-user",
+                                                          "trusted_proxies": ["127.0.0.1"]}})
     UserStore(gw.datadir).add("carol", None, ["admin"])
-    c = TestClient(create_app(load(str(gw.config))), follow_redirects=False)
+    c = TestClient(create_app(load(str(gw.config))), follow_redirects=False,
+                   client=("127.0.0.1", 50000))
     assert c.get("/api/status").status_code == 401
     assert c.get("/api/status", headers={"REMOTE_USER": "mallory"}).status_code == 401
     assert c.get("/api/status", headers={"REMOTE_USER": "carol"}).status_code == 200
@@ -397,8 +399,8 @@ def test_first_start_admin_has_a_one_time_password(tmp_path: Path):
     assert r.headers["location"] == "/password"
     assert c.get("/status").headers["location"] == "/password"
     t = csrf_of(c.get("/password").text)
-    r = c.post("/password", data={"password": "a new password", "password2": "a new password",
-                                  "csrf_token": t})
+    r = c.post("/password", data={"current": password, "password": "a new password",
+                                  "password2": "a new password", "csrf_token": t})
     assert r.status_code == 303
     assert c.get("/status").status_code == 200
     assert login(TestClient(create_app(load(str(gw.config))), follow_redirects=False),

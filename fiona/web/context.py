@@ -14,20 +14,25 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, read_secret
 from ..control import open_control_plane
 from ..control.keyed import Keyed
 from .. import audit
 from . import csrf
+from .proxies import TrustedProxies
+from .sessions import SessionStore, sessions_path
+from .throttle import LoginThrottle
 from .users import User, UserStore
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 
 class Ctx:
-    """What routes share: config, site, control plane, users, keys."""
+    """What routes share: config, site, control plane, users, keys, sessions, throttling."""
 
-    def __init__(self, config: Config, site_name: str | None, auth: str):
+    def __init__(self, config: Config, site_name: str | None, auth: str,
+                 clock: Clock = SYSTEM_CLOCK):
         self.config = config
         self.site = config.site(site_name)
         self.datadir = self.site.datadir
@@ -36,6 +41,12 @@ class Ctx:
         self.key = read_secret(self.datadir / "config" / "secret.key")
         self.keyed = Keyed.from_datadir(self.datadir)
         self.auth = auth
+        self.proxies = TrustedProxies(config.web.get("trusted_proxies", []))
+        self.sessions = SessionStore(
+            sessions_path(self.datadir), clock,
+            idle=60 * float(config.web.get("session_idle_minutes", 30)),
+            lifetime=3600 * float(config.web.get("session_hours", 12)))
+        self.throttle = LoginThrottle(clock)
 
     def audit(self, user: str, action: str, **details: Any) -> None:
         audit.append(self.datadir, user, action, details)
@@ -56,3 +67,13 @@ def render(request: Request, template: str, status_code: int = 200, **values: An
     values.update(request=request, user=getattr(request.state, "user", None),
                   csrf_token=csrf.token(request))
     return TEMPLATES.TemplateResponse(request, template, values, status_code=status_code)
+
+
+def peer_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def client_address(request: Request) -> str:
+    """The client's address for audit entries and throttling (see `proxies.TrustedProxies`)."""
+    return ctx(request).proxies.client_address(peer_address(request),
+                                               request.headers.get("x-forwarded-for", ""))

@@ -10,17 +10,23 @@ from fastapi import HTTPException, Request
 
 FIELD = "csrf_token"
 HEADER = "X-CSRF-Token"
+KEY = "csrf"
+
+
+def fresh() -> dict[str, str]:
+    """Session values with a new token, for a session just created (login)."""
+    return {KEY: secrets.token_urlsafe(32)}
 
 
 def token(request: Request) -> str:
-    tok = request.session.get("csrf")
+    tok = request.session.get(KEY)
     if not tok:
-        tok = request.session["csrf"] = secrets.token_urlsafe(32)
+        tok = request.session[KEY] = secrets.token_urlsafe(32)
     return tok
 
 
 async def require_csrf(request: Request) -> None:
-    expected = request.session.get("csrf", "")
+    expected = request.session.get(KEY, "")
     given = request.headers.get(HEADER, "")
     if not given and request.headers.get("content-type", "").startswith(
             ("application/x-www-form-urlencoded", "multipart/form-data")):
