@@ -3,8 +3,14 @@
 Four ways: a person (`assign`), a coupling-list row, a routing rule, auto-ID; and an
 amendment (a series arriving after its study was requested) asks for the request again, so
 the late series joins the same de-identified study. The same (study, project, participant,
-event) never makes two requests. Clear patient identifiers are used here, in memory, for
-matching only; what is stored is keyed.
+event) never makes two requests, and a study has at most one request per project: the
+de-identified study's UIDs depend on the project only, so a second participant would get the
+same mapped study and overwrite the first at the destination. Moving a study to another
+participant is an explicit administrator's operation (`reassign`). Projects that are inactive
+or outside their ethics approval period take no new requests.
+
+Clear patient identifiers are used here, in memory, for matching only; what is stored is
+keyed, and log lines name participants and identifiers only by keyed reference.
 """
 
 from __future__ import annotations
@@ -17,11 +23,21 @@ from dataclasses import dataclass, field
 
 import rstr
 
+from ..clock import SYSTEM_CLOCK, Clock
 from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, Study,
                    TransferRequest, now_iso)
 from .keyed import Keyed
 
 log = logging.getLogger("fiona.assign")
+
+class Refused(ControlPlaneError):
+    """A rule refused a request. The text is for the person who asked and may name their own
+    input (a participant ID, the participant who has the study); `identifiers` lists those
+    values, so that a log line can replace them with keyed references."""
+
+    def __init__(self, message: str, *identifiers: str):
+        super().__init__(message)
+        self.identifiers = identifiers
 
 
 @dataclass
@@ -32,11 +48,16 @@ class Arrival:
     patient_id: str = ""
     patient_name: str = ""
 
+    @property
+    def identifiers(self) -> tuple[str, str, str]:
+        """What a log line about this study must not show."""
+        return (self.patient_id, self.patient_name, self.study.accession)
+
 
 @dataclass
 class LineReport:
     line: int
-    status: str          # accepted, conflict, bad participant ID, unknown project, ...
+    status: str          # accepted, conflict, refused, bad participant ID, unknown project, ...
     detail: str = ""
 
 
@@ -54,29 +75,89 @@ COUPLING_HEADER = ["AccessionNumber", "ProjectName", "subjectid", "eventname"]
 
 
 class Assigner:
-    """Applies assignment rules on a control plane."""
+    """Applies assignment rules on a control plane; `clock` says what "now" and "today" are."""
 
-    def __init__(self, control: ControlPlane, keyed: Keyed):
+    def __init__(self, control: ControlPlane, keyed: Keyed, clock: Clock = SYSTEM_CLOCK):
         self.control = control
         self.keyed = keyed
+        self.clock = clock
+
+    # --- the rules every request obeys ---------------------------------------------------------
+    def check_open(self, project: Project) -> None:
+        """Refuse a project that is inactive or outside its ethics approval period on the
+        clock's today (the rule is `Project.approval_problem`)."""
+        problem = project.approval_problem(self.clock.now().date())
+        if problem:
+            raise Refused(f"{problem}; it takes no new studies")
+
+    def existing(self, study_uid: str, project: str, participant: str,
+                 event: str) -> TransferRequest | None:
+        """The same request if it exists; Refused if the study is requested in the project
+        for another participant or event (its de-identified copy would be overwritten)."""
+        for req in self.control.requests(study_uid):
+            if req.project == project:
+                self._check_same(req, participant, event)
+                return req
+        return None
+
+    @staticmethod
+    def _check_same(req: TransferRequest, participant: str, event: str) -> None:
+        if (req.participant, req.event) != (participant, event):
+            raise Refused(
+                f"study {req.study_uid} is already assigned in project {req.project} to "
+                f"participant {req.participant} (event {req.event}); a second assignment would "
+                f"get the same de-identified study and overwrite it at the destination. An "
+                f"administrator can move the study to another participant (reassign).",
+                req.participant)
+
+    def _checked(self, project: str, participant: str, event: str) -> Project:
+        proj = self.control.project(project)
+        self.check_open(proj)
+        try:
+            proj.check_participant(participant)
+        except ControlPlaneError as exc:
+            raise Refused(str(exc), participant) from None
+        proj.check_event(event)
+        return proj
 
     # --- requests ---------------------------------------------------------------------------
     def request(self, study_uid: str, project: str, participant: str, event: str,
                 source: str) -> TransferRequest | None:
-        """Make a request unless the same one exists; checks participant and event.
-
-        Returns the new request, or None when it existed already."""
-        proj = self.control.project(project)
-        proj.check_participant(participant)
-        proj.check_event(event)
-        for existing in self.control.requests(study_uid):
-            if existing.key() == (study_uid, project, participant, event):
-                return None
+        """Make a request unless the same one exists; Refused (a ControlPlaneError) when a
+        rule forbids it. Returns the new request, or None when it existed already."""
+        self._checked(project, participant, event)
+        if self.existing(study_uid, project, participant, event):
+            return None
         self.control.add_participant(project, participant)
-        req = self.control.add_request(TransferRequest(study_uid, project, participant, event,
-                                                       requested=now_iso(), source=source))
-        log.info("study %s: request %s/%s/%s (%s)", study_uid, project, participant, event,
-                 source)
+        req = self.control.add_request(TransferRequest(
+            study_uid, project, participant, event, requested=now_iso(self.clock),
+            source=source))
+        self._check_same(req, participant, event)  # another process may have been first
+        log.info("study %s: request #%d for %s, event %s (%s)", study_uid, req.instance, project,
+                 event, source)
+        return req
+
+    def reassign(self, study_uid: str, project: str, participant: str,
+                 event: str | None = None) -> TransferRequest:
+        """An administrator's move: the study's request in `project` gets another participant
+        (and event, if given) and is raised to be sent again, so the de-identified study is
+        replaced at the destination under the new participant."""
+        mine = [r for r in self.control.requests(study_uid) if r.project == project]
+        if not mine:
+            raise ControlPlaneError(f"study {study_uid} has no request in project {project}; "
+                                    f"assign it instead")
+        if len(mine) > 1:
+            raise ControlPlaneError(f"study {study_uid} has {len(mine)} requests in project "
+                                    f"{project}; resolve them in the control plane first")
+        [req] = mine
+        event = event or req.event
+        self._checked(project, participant, event)
+        if (req.participant, req.event) == (participant, event):
+            return req
+        self.control.add_participant(project, participant)
+        req = self.control.reassign_request(req, participant, event, now_iso(self.clock))
+        log.info("study %s: request #%d of %s moved to another participant (event %s); it "
+                 "will be sent again", study_uid, req.instance, project, event)
         return req
 
     def resend(self, project: str, study_uid: str | None = None) -> int:
@@ -84,11 +165,13 @@ class Assigner:
         count = 0
         for req in self.control.requests(study_uid):
             if req.project == project and req.transferred and not req.pending:
-                req.requested = now_iso()
-                req.complete = False
-                self.control.update_request(req)
+                self._raise(req)
                 count += 1
         return count
+
+    def _raise(self, req: TransferRequest, source: str | None = None) -> TransferRequest:
+        """Ask for a request again (it is pending until the forwarder completes it)."""
+        return self.control.request_again(req, source, now_iso(self.clock))
 
     # --- arrival ------------------------------------------------------------------------------
     def on_arrival(self, arrival: Arrival, amendment: bool) -> list[TransferRequest]:
@@ -96,32 +179,43 @@ class Assigner:
         made: list[TransferRequest] = []
         if amendment:
             made += self._follow_up(arrival.study.uid)
-        made += self._coupling_for(arrival.study, self.control.coupling_rows())
+        made += self._coupling_for(arrival.study, self.control.coupling_rows(), arrival)
         made += self._routing(arrival)
         made += self._autoid(arrival)
         return made
 
     def _follow_up(self, study_uid: str) -> list[TransferRequest]:
         """A late series: requests already sent are asked for again (same project,
-        participant and event, hence the same de-identified study)."""
+        participant and event, hence the same de-identified study), unless the project has
+        closed since."""
         bumped = []
         for req in self.control.requests(study_uid):
             if req.transferred and not req.pending:
-                req.requested = now_iso()
-                req.complete = False
-                req.source = "amendment"
-                self.control.update_request(req)
-                bumped.append(req)
+                try:
+                    self.check_open(self.control.project(req.project))
+                except ControlPlaneError as exc:
+                    log.error("study %s: late series not sent to project %s: %s", study_uid,
+                              req.project, exc)
+                    continue
+                bumped.append(self._raise(req, "amendment"))
         return bumped
 
-    def _try(self, study: Study, project: str, participant: str, event: str,
-             source: str) -> list[TransferRequest]:
+    def _try(self, study: Study, project: str, participant: str, event: str, source: str,
+             identifiers: tuple[str, ...] = ()) -> list[TransferRequest]:
+        """An automatic rule's request; a refusal is logged, never raised."""
         try:
             req = self.request(study.uid, project, participant, event, source)
         except ControlPlaneError as exc:
-            log.error("study %s: %s rule not applied: %s", study.uid, source, exc)
+            self._log_refusal(study, source, project, exc, (participant, *identifiers))
             return []
         return [req] if req else []
+
+    def _log_refusal(self, study: Study, source: str, project: str, exc: ControlPlaneError,
+                     identifiers: tuple[str, ...]) -> None:
+        """Log why a rule made no request, every identifier replaced by its keyed reference."""
+        hidden = (*identifiers, study.accession, *getattr(exc, "identifiers", ()))
+        log.error("study %s: %s rule for project %s not applied: %s", study.uid, source,
+                  project, self.keyed.redact(str(exc), *hidden))
 
     # --- coupling lists -------------------------------------------------------------------------
     @staticmethod
@@ -129,11 +223,14 @@ class Assigner:
         return bool((row.accession and row.accession == study.accession) or
                     (row.study_uid and row.study_uid == study.uid))
 
-    def _coupling_for(self, study: Study, rows: list[CouplingRow]) -> list[TransferRequest]:
+    def _coupling_for(self, study: Study, rows: list[CouplingRow],
+                      arrival: Arrival | None = None) -> list[TransferRequest]:
         made = []
+        identifiers = arrival.identifiers if arrival else ()
         for row in rows:
             if self._matches(row, study):
-                made += self._try(study, row.project, row.participant, row.event, "coupling")
+                made += self._try(study, row.project, row.participant, row.event, "coupling",
+                                  identifiers)
         return made
 
     def apply_coupling(self, rows: list[CouplingRow]) -> list[TransferRequest]:
@@ -146,7 +243,8 @@ class Assigner:
     def upload_coupling(self, text: str) -> CouplingReport:
         """A coupling-list CSV (`AccessionNumber,ProjectName,subjectid,eventname`): each line
         checked and reported; rows that disagree about an accession number (two participants,
-        within the file or against stored rows) are all refused, naming their lines."""
+        within the file or against stored rows) are all refused, naming their lines, and so is
+        a row whose study is already assigned in the project to another participant."""
         report = CouplingReport()
         known = {p.name: p for p in self.control.projects()}
         stored = {r.accession: r for r in self.control.coupling_rows() if r.accession}
@@ -162,6 +260,7 @@ class Assigner:
         by_accession: dict[str, list[tuple[int, CouplingRow]]] = {}
         for number, row in parsed:
             by_accession.setdefault(row.accession, []).append((number, row))
+        studies = self.control.studies(include_hidden=True)
         accepted: list[CouplingRow] = []
         for accession, lines in by_accession.items():
             owners = {(r.project, r.participant) for _, r in lines}
@@ -177,11 +276,18 @@ class Assigner:
             for i, (number, row) in enumerate(lines):
                 if i or accession in stored:
                     report.lines.append(LineReport(number, "duplicate", "already listed"))
-                else:
-                    accepted.append(row)
-                    report.lines.append(LineReport(number, "accepted"))
+                    continue
+                try:
+                    for study in studies:
+                        if self._matches(row, study):
+                            self.existing(study.uid, row.project, row.participant, row.event)
+                except ControlPlaneError as exc:
+                    report.lines.append(LineReport(number, "refused", str(exc)))
+                    continue
+                accepted.append(row)
+                report.lines.append(LineReport(number, "accepted"))
         report.lines.sort(key=lambda x: x.line)
-        stamp = now_iso()
+        stamp = now_iso(self.clock)
         for row in accepted:
             row.added = stamp
         if accepted:
@@ -189,8 +295,7 @@ class Assigner:
             report.requests = self.apply_coupling(accepted)
         return report
 
-    @staticmethod
-    def _coupling_row(number: int, fields: list[str], known: dict[str, Project],
+    def _coupling_row(self, number: int, fields: list[str], known: dict[str, Project],
                       report: CouplingReport) -> CouplingRow | None:
         if len(fields) < 4:
             report.lines.append(LineReport(number, "malformed", (
@@ -203,6 +308,11 @@ class Assigner:
         proj = known.get(project)
         if proj is None:
             report.lines.append(LineReport(number, "unknown project", project))
+            return None
+        try:
+            self.check_open(proj)
+        except ControlPlaneError as exc:
+            report.lines.append(LineReport(number, "refused", str(exc)))
             return None
         try:
             proj.check_participant(participant)
@@ -232,7 +342,8 @@ class Assigner:
             if not (by_id or by_name):
                 continue
             pseudonym = arrival.patient_id if by_id else arrival.patient_name
-            made += self._try(study, rule.project, pseudonym, rule.event, "routing")
+            made += self._try(study, rule.project, pseudonym, rule.event, "routing",
+                              arrival.identifiers)
         return made
 
     # --- auto-ID --------------------------------------------------------------------------------
@@ -240,20 +351,29 @@ class Assigner:
         study = arrival.study
         made = []
         for proj in self.control.projects():
-            if not (proj.use_autoid and proj.active and proj.autoid_aetitle and
+            if not (proj.use_autoid and proj.autoid_aetitle and
                     proj.autoid_aetitle == study.called_ae):
                 continue
-            if not arrival.patient_id:
-                log.error("study %s: auto-ID for %s needs a PatientID, the study has none",
-                          study.uid, proj.name)
+            try:
+                self.check_open(proj)
+                participant = self._autoid_participant(proj, arrival.patient_id)
+            except ControlPlaneError as exc:
+                self._log_refusal(study, "autoid", proj.name, exc, arrival.identifiers)
                 continue
-            patient = self.keyed.autoid(proj.name, arrival.patient_id)
-            participant = self.control.autoid(proj.name, patient)
-            if participant is None:
-                participant = self._new_id(proj)
-                self.control.save_autoid(proj.name, patient, participant, "random")
-            made += self._try(study, proj.name, participant, proj.events[0], "autoid")
+            made += self._try(study, proj.name, participant, proj.events[0], "autoid",
+                              arrival.identifiers)
         return made
+
+    def _autoid_participant(self, proj: Project, patient_id: str) -> str:
+        """The participant ID already given to this patient in the project, else a new one."""
+        if not patient_id:
+            raise ControlPlaneError("auto-ID needs a PatientID, the study has none")
+        patient = self.keyed.autoid(proj.name, patient_id)
+        participant = self.control.autoid(proj.name, patient)
+        if participant is None:
+            participant = self._new_id(proj)
+            self.control.save_autoid(proj.name, patient, participant, "random")
+        return participant
 
     def _new_id(self, proj: Project, attempts: int = 1000) -> str:
         """A random participant ID that matches the project's naming rule and is unused."""

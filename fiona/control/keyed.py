@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
 from ..config import read_secret
@@ -44,3 +45,28 @@ class Keyed:
 
     def autoid(self, project: str, patient_id: str) -> str:
         return self.hash(patient_id, f"AutoID:{project}")
+
+    def ref(self, value: str) -> str:
+        """A short reference to an identifier for log lines: the same value always gives the
+        same reference, so lines can be followed, but the value cannot be read back and the
+        reference matches no stored hash (it has its own purpose)."""
+        return "ref:" + self.hash(value, "LogReference")[:12]
+
+    def redact(self, text: str, *identifiers: str) -> str:
+        """`text` with each identifier replaced by its reference wherever it occurs, and each
+        part of a person name (`Doe^Jane`) wherever it stands as a word, whatever the case:
+        for log lines that quote an error or a tool's output that may name the patient."""
+        whole, words = set(), set()
+        for value in identifiers:
+            value = (value or "").strip()
+            if value:
+                whole.add(value)
+                words.update(p for p in re.split(r"[\^\s,]+", value) if len(p) > 1)
+        if not whole:
+            return text
+        refs = {p.lower(): self.ref(p) for p in whole | words}
+        letter_around = r"(?<![^\W\d_]){}(?![^\W\d_])"
+        pattern = "|".join(
+            [re.escape(v) for v in sorted(whole, key=len, reverse=True)] +
+            [letter_around.format(re.escape(w)) for w in sorted(words, key=len, reverse=True)])
+        return re.sub(pattern, lambda m: refs[m.group(0).lower()], text, flags=re.IGNORECASE)
