@@ -334,13 +334,15 @@ def test_requests_round_trip(cp, emu):
     cp.register_study(a_study("1.1"))
     first = cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline",
                                            "2024-05-01 11:00:00", source="assign"))
-    second = cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "followup",
+    second = cp.add_request(TransferRequest("1.1", "OTHER", "O1", "followup",
                                             "2024-05-01 11:00:01", source="coupling"))
-    assert (first.instance, second.instance) == (1, 2)
-    assert cp.requests("1.1") == [first, second]
-    with pytest.raises(ControlPlaneError, match="exists already"):
-        cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline",
-                                       "2024-05-01 12:00:00"))
+    assert first.instance != second.instance and (first.revision, first.done_revision) == (1, 0)
+    assert 1 <= first.instance <= 32767 and 1 <= second.instance <= 32767
+    assert cp.requests("1.1") == sorted([first, second], key=lambda r: r.instance)
+    # idempotent per (study, project): the stored request comes back, nothing is added
+    assert cp.add_request(TransferRequest("1.1", "PROJ", "PROJ009", "followup",
+                                          "2024-05-01 12:00:00")) == first
+    assert len(cp.requests("1.1")) == 2
 
     first.transferred = "2024-05-01 11:05:00"
     first.mapped_uid = "2.25.1234"
@@ -348,27 +350,103 @@ def test_requests_round_trip(cp, emu):
     first.error_message = "send: association rejected"
     first.active_proc_time = 12.75
     first.complete = True
+    first.done_revision = 1
     cp.update_request(first)
-    assert cp.requests("1.1") == [first, second]
+    assert first in cp.requests("1.1") and not first.pending
 
     first.error_flags = set()                    # cleared fields must be cleared in REDCap
     first.error_message = ""
-    first.complete = False
-    first.requested = "2024-05-02 09:00:00"      # a resend
     cp.update_request(first)
-    assert cp.requests("1.1") == [first, second]
-    assert first.pending and second.pending
-    assert cp.pending_requests() == [second, first]
+    assert first in cp.requests("1.1")
+    again = cp.request_again(first, "amendment", "2024-05-01 11:05:00")  # the same second
+    assert (again.revision, again.done_revision, again.source) == (2, 1, "amendment")
+    assert again.pending and not again.complete and again.requested == "2024-05-01 11:05:00"
+    assert again in cp.requests("1.1")
+    assert cp.pending_requests() == [second, again]
 
     cp.register_study(a_study("1.2"))
     third = cp.add_request(TransferRequest("1.2", "PROJ", "PROJ002", "baseline",
                                            "2024-05-01 10:00:00", source="routing"))
-    assert third.instance == 1
-    assert cp.requests() == [first, second, third]
-    assert cp.pending_requests() == [third, second, first]
+    assert cp.pending_requests() == [third, second, again]
     # registering again does not touch the requests
     cp.register_study(a_study("1.1"))
-    assert cp.requests("1.1") == [first, second]
+    assert {r.instance for r in cp.requests("1.1")} == {first.instance, second.instance}
+
+
+def test_forwarder_outcome_does_not_undo_a_resend(cp, emu):
+    """The forwarder writes the outcome of the revision it read; a resend made meanwhile
+    (revision 2) keeps the request pending."""
+    cp.register_study(a_study("1.1"))
+    read = cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline",
+                                          "2024-05-01 11:00:00"))
+    cp.request_again(read)
+    read.done_revision, read.complete, read.transferred = read.revision, True, "2024-05-01 11:01:00"
+    cp.update_request(read)
+    [stored] = cp.requests("1.1")
+    assert (stored.revision, stored.done_revision) == (2, 1) and stored.pending
+
+
+def test_reassign_keeps_the_instance_and_raises_the_revision(cp, emu):
+    cp.register_study(a_study("1.1"))
+    req = cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline",
+                                         "2024-05-01 11:00:00"))
+    moved = cp.reassign_request(req, "PROJ002", "followup", "2024-05-01 12:00:00")
+    assert (moved.instance, moved.participant, moved.event, moved.source, moved.revision) == \
+        (req.instance, "PROJ002", "followup", "reassign", 2)
+    assert cp.requests("1.1") == [moved]
+
+
+def test_requests_made_before_revisions_keep_their_state(cp, emu):
+    """Instances written by an older FIONA (blank revision fields, max+1 numbering) read as
+    revision 1, done if transferred at or after they were requested."""
+    cp.register_study(a_study("1.1"))
+    cp.import_rows("Incoming", [
+        {"study_instance_uid": "1.1", "redcap_repeat_instrument": "transfers",
+         "redcap_repeat_instance": "1", "transfer_project_name": "PROJ",
+         "transfer_name": "PROJ001", "transfer_event_name": "baseline",
+         "transfer_requested_date": "2024-05-01 11:00:00", "transfer_date": "2024-05-01 11:00:00"},
+        {"study_instance_uid": "1.1", "redcap_repeat_instrument": "transfers",
+         "redcap_repeat_instance": "2", "transfer_project_name": "OTHER",
+         "transfer_name": "O1", "transfer_event_name": "baseline",
+         "transfer_requested_date": "2024-05-01 11:00:01", "transfer_date": "2024-05-01 11:00:00"}])
+    done, waiting = cp.requests("1.1")
+    assert (done.revision, done.done_revision, done.pending) == (1, 1, False)
+    assert (waiting.revision, waiting.done_revision, waiting.pending) == (1, 0, True)
+    assert cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline", "x")) == done
+    assert cp.request_again(done, requested="2024-05-01 11:00:00").pending
+
+
+def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
+    """A REDCap Incoming project made for an older FIONA: a clear error naming the fields."""
+    import shutil
+    from redcap_emulator import DICTIONARIES_DIR
+    old = tmp_path / "dictionaries"
+    shutil.copytree(DICTIONARIES_DIR, old)
+    text = (old / "Incoming.csv").read_text().splitlines(keepends=True)
+    (old / "Incoming.csv").write_text("".join(l for l in text if "_revision," not in l))
+    legacy = RedcapEmulator(dictionaries_dir=old)
+    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
+    legacy.start()
+    try:
+        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
+                                timeout=5)
+        with pytest.raises(ControlPlaneError, match="transfer_revision, transfer_done_revision"):
+            cp.test_connection()
+        cp.register_study(a_study("1.1"))
+        with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
+            cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline", "2024-05-01"))
+        assert not [r for r in legacy.stored(TOKENS["Incoming"])
+                    if r["redcap_repeat_instrument"] == "transfers"]  # nothing half-written
+        legacy.add_project("T" * 32, "Incoming2", "Incoming.csv", repeating=("series", "transfers"))
+        cp.tokens["Incoming"] = "T" * 32  # a project with requests made before the fields
+        cp.import_rows("Incoming", [{"study_instance_uid": "1.1",
+                                     "redcap_repeat_instrument": "transfers",
+                                     "redcap_repeat_instance": "1",
+                                     "transfer_project_name": "PROJ"}])
+        with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
+            cp.pending_requests()
+    finally:
+        legacy.stop()
 
 
 def test_requests_of_one_study_is_one_export_naming_the_record(cp, emu):
@@ -398,7 +476,7 @@ def test_requests_since(cp, emu, clock):
     clock.advance()
     mark = clock.now
     clock.advance()
-    r1.transferred = "2024-05-01 11:01:00"
+    r1.transferred, r1.done_revision = "2024-05-01 11:01:00", 1
     cp.update_request(r1)
     assert cp.requests_since(mark.isoformat(sep=" ")) == [r1]
 

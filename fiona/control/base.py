@@ -20,6 +20,9 @@ from datetime import date, datetime
 from ..clock import SYSTEM_CLOCK, Clock
 
 
+APPROVAL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 class ControlPlaneError(Exception):
     """The control plane refused or could not be reached; the text names what and why."""
 
@@ -53,6 +56,28 @@ class Project:
         if not re.fullmatch(self.naming, participant or ""):
             raise ControlPlaneError(f"participant ID {participant!r} does not match project "
                                     f"{self.name}'s naming rule {self.naming}")
+
+    def approval_problem(self, today: date) -> str:
+        """Why studies may not go to the project on `today`, or "" if they may: it is
+        inactive, or `today` is outside its ethics approval period (both ends inclusive, an
+        empty end open). An unreadable date counts as a problem: better late than unapproved."""
+        if not self.active:
+            return f"project {self.name} is inactive"
+        ends = {}
+        for which in ("start", "end"):
+            text = getattr(self, f"rec_{which}").strip()
+            try:
+                ends[which] = date.fromisoformat(text) if text else None
+                if text and not APPROVAL_DATE.fullmatch(text):
+                    raise ValueError(text)
+            except ValueError:
+                return (f"project {self.name}'s ethics approval {which} date {text!r} is not "
+                        f"YYYY-MM-DD; correct the project")
+        if ends["start"] and today < ends["start"]:
+            return f"project {self.name}'s ethics approval starts on {ends['start']}"
+        if ends["end"] and today > ends["end"]:
+            return f"project {self.name}'s ethics approval ended on {ends['end']}"
+        return ""
 
     def check_event(self, event: str) -> None:
         if event not in self.events:
@@ -97,25 +122,32 @@ class Study:
 class TransferRequest:
     """A request to de-identify and forward one study for (project, participant, event).
 
-    `requested` above `transferred` means pending (a resend raises `requested`)."""
+    Whether it is pending is decided by revision numbers, not clocks: creating it is revision
+    1, every resend or amendment raises `revision` (`ControlPlane.request_again`), and the
+    forwarder records the revision it completed or failed as `done_revision`. Comparing
+    second-resolution timestamps lost a resend made in the same second as a completion, and
+    the forwarder finishing an older revision while a resend raised it leaves the request
+    pending, as it should. `transferred` and `requested` are for people to read."""
 
     study_uid: str
     project: str
     participant: str
     event: str
-    requested: str             # ISO timestamp
+    requested: str             # ISO timestamp of the last ask
     instance: int = 0          # backend's id (REDCap repeat instance, SQLite row id)
-    transferred: str = ""      # ISO timestamp of the last completed transfer
+    transferred: str = ""      # ISO timestamp of the last completed or failed transfer
     mapped_uid: str = ""
     error_flags: set[int] = field(default_factory=set)  # 1 de-identification, 2 send, 3 masking
-    error_message: str = ""
+    error_message: str = ""    # also why a pending request is held
     active_proc_time: float = 0.0
     complete: bool = False
     source: str = ""           # how it came: assign, coupling, routing, autoid, amendment
+    revision: int = 1          # raised by every resend or amendment
+    done_revision: int = 0     # the revision the forwarder completed or failed
 
     @property
     def pending(self) -> bool:
-        return not self.transferred or self.requested > self.transferred
+        return self.revision > self.done_revision
 
     def key(self) -> tuple[str, str, str, str]:
         return (self.study_uid, self.project, self.participant, self.event)
@@ -203,11 +235,30 @@ class ControlPlane(ABC):
 
     @abstractmethod
     def add_request(self, request: TransferRequest) -> TransferRequest:
-        """Store a new request (the caller has checked it is not a duplicate)."""
+        """Store a request unless the study has one in the project already, and return the
+        stored one either way: the caller compares its participant and event with what it
+        asked for. Idempotent per (study, project), also when two processes add at once:
+        never two requests for one (study, project), and never one lost."""
+
+    @abstractmethod
+    def request_again(self, request: TransferRequest, source: str | None = None,
+                      requested: str | None = None) -> TransferRequest:
+        """Ask for a stored request again (resend, amendment): raise its revision, set
+        `requested` (now by default), clear `complete` and, if given, set `source`. Returns
+        the stored request; it is pending until the forwarder completes the new revision."""
+
+    @abstractmethod
+    def reassign_request(self, request: TransferRequest, participant: str, event: str,
+                         requested: str | None = None) -> TransferRequest:
+        """Move a stored request to another participant and event and ask for it again as
+        `request_again` does, with source "reassign". Returns the stored request."""
 
     @abstractmethod
     def update_request(self, request: TransferRequest) -> None:
-        """Write back status fields (transferred, mapped UID, errors, requested for resends)."""
+        """Write back the forwarder's outcome: transferred, mapped UID, error flags and
+        message, processing time, complete and done_revision. Never the key, `revision`,
+        `requested` or `source`, which only `add_request` and `request_again` write, so an
+        outcome based on an older read cannot undo a resend made meanwhile."""
 
     def pending_requests(self) -> list[TransferRequest]:
         """Requests waiting to be sent, oldest first."""

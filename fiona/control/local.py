@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..tree import FILE_MODE
 from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, RoutingRule, Series,
-                   Study, TransferRequest)
+                   Study, TransferRequest, now_iso)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (name TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS requests (
     mapped_uid TEXT NOT NULL DEFAULT '', error_flags TEXT NOT NULL DEFAULT '',
     error_message TEXT NOT NULL DEFAULT '', active_proc_time REAL NOT NULL DEFAULT 0,
     complete INTEGER NOT NULL DEFAULT 0, source TEXT NOT NULL DEFAULT '',
+    revision INTEGER NOT NULL DEFAULT 1, done_revision INTEGER NOT NULL DEFAULT 0,
     UNIQUE (study_uid, project, participant, event));
 CREATE TABLE IF NOT EXISTS coupling (
     id INTEGER PRIMARY KEY AUTOINCREMENT, accession TEXT NOT NULL, study_uid TEXT NOT NULL,
@@ -73,6 +74,7 @@ class LocalControlPlane(ControlPlane):
         self.path = path
         self._local = threading.local()
         self._db().executescript(SCHEMA)  # runs in its own transaction
+        self._migrate()
         path.chmod(FILE_MODE)
 
     def _db(self) -> sqlite3.Connection:
@@ -96,6 +98,24 @@ class LocalControlPlane(ControlPlane):
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older FIONA up to SCHEMA: requests got `revision` and
+        `done_revision`; an old request is done if it was transferred at or after it was
+        last requested (the rule the revisions replace)."""
+        def missing(db: sqlite3.Connection) -> bool:
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(requests)")}
+            return "revision" not in columns
+
+        if not missing(self._db()):
+            return
+        with self._tx() as db:
+            if missing(db):  # another process may have migrated while we waited
+                db.execute("ALTER TABLE requests ADD COLUMN revision INTEGER NOT NULL DEFAULT 1")
+                db.execute("ALTER TABLE requests ADD COLUMN done_revision INTEGER NOT NULL "
+                           "DEFAULT 0")
+                db.execute("UPDATE requests SET done_revision = 1 "
+                           "WHERE transferred != '' AND requested <= transferred")
 
     def test_connection(self) -> None:
         try:
@@ -166,7 +186,8 @@ class LocalControlPlane(ControlPlane):
             event=row["event"], requested=row["requested"], instance=row["id"],
             transferred=row["transferred"], mapped_uid=row["mapped_uid"], error_flags=flags,
             error_message=row["error_message"], active_proc_time=row["active_proc_time"],
-            complete=bool(row["complete"]), source=row["source"])
+            complete=bool(row["complete"]), source=row["source"], revision=row["revision"],
+            done_revision=row["done_revision"])
 
     def requests(self, study_uid: str | None = None) -> list[TransferRequest]:
         if study_uid is None:
@@ -176,26 +197,53 @@ class LocalControlPlane(ControlPlane):
                                       (study_uid,)).fetchall()
         return [self._request(r) for r in rows]
 
+    def _stored(self, db: sqlite3.Connection, request: TransferRequest) -> TransferRequest:
+        row = db.execute("SELECT * FROM requests WHERE id = ?", (request.instance,)).fetchone()
+        if row is None:
+            raise ControlPlaneError(f"request #{request.instance} for study "
+                                    f"{request.study_uid} is not stored")
+        return self._request(row)
+
     def add_request(self, request: TransferRequest) -> TransferRequest:
+        """One INSERT ... SELECT ... WHERE NOT EXISTS: SQLite runs a statement under the
+        database's write lock, so two processes adding at once cannot both insert."""
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO requests (study_uid, project, participant, event, "
-                "requested, source) VALUES (?, ?, ?, ?, ?, ?)",
-                (*request.key(), request.requested, request.source))
-            if not cur.rowcount:
-                raise ControlPlaneError(f"a request for {request.key()} exists already")
-            request.instance = cur.lastrowid
-        return request
+            db.execute(
+                "INSERT INTO requests (study_uid, project, participant, event, requested, "
+                "source) SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM requests "
+                "WHERE study_uid = ? AND project = ?)",
+                (*request.key(), request.requested, request.source, request.study_uid,
+                 request.project))
+            row = db.execute("SELECT * FROM requests WHERE study_uid = ? AND project = ? "
+                             "ORDER BY id LIMIT 1", (request.study_uid, request.project)
+                             ).fetchone()
+        return self._request(row)
+
+    def request_again(self, request: TransferRequest, source: str | None = None,
+                      requested: str | None = None) -> TransferRequest:
+        with self._tx() as db:
+            db.execute("UPDATE requests SET revision = revision + 1, requested = ?, "
+                       "complete = 0, source = COALESCE(?, source) WHERE id = ?",
+                       (requested or now_iso(), source, request.instance))
+            return self._stored(db, request)
+
+    def reassign_request(self, request: TransferRequest, participant: str, event: str,
+                         requested: str | None = None) -> TransferRequest:
+        with self._tx() as db:
+            db.execute("UPDATE requests SET participant = ?, event = ?, revision = revision + 1, "
+                       "requested = ?, complete = 0, source = 'reassign' WHERE id = ?",
+                       (participant, event, requested or now_iso(), request.instance))
+            return self._stored(db, request)
 
     def update_request(self, request: TransferRequest) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE requests SET requested = ?, transferred = ?, mapped_uid = ?, "
-                "error_flags = ?, error_message = ?, active_proc_time = ?, complete = ?, "
-                "source = ? WHERE id = ?",
-                (request.requested, request.transferred, request.mapped_uid,
+                "UPDATE requests SET transferred = ?, mapped_uid = ?, error_flags = ?, "
+                "error_message = ?, active_proc_time = ?, complete = ?, done_revision = ? "
+                "WHERE id = ?",
+                (request.transferred, request.mapped_uid,
                  ",".join(str(f) for f in sorted(request.error_flags)), request.error_message,
-                 request.active_proc_time, int(request.complete), request.source,
+                 request.active_proc_time, int(request.complete), request.done_revision,
                  request.instance))
 
     # --- coupling lists, routing rules, auto-ID ------------------------------------------------

@@ -19,11 +19,12 @@ Every REDCap value is a string: the mapping functions below turn rows into the d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import requests
 
@@ -210,57 +211,103 @@ def rows_studies(rows: list[dict]) -> list[Study]:
     return sorted(studies.values(), key=lambda s: s.arrival, reverse=True)
 
 
-TRANSFER_STATUS_FIELDS = ("transfer_requested_date", "transfer_date", "transfer_mapped_uid",
-                          "transfer_error_message", "transfer_active_proc_time",
-                          "transfer_source", "transfers_complete",
-                          *(f"transfer_error___{f}" for f in TRANSFER_FLAGS))
+TRANSFER_KEY_FIELDS = ("transfer_project_name", "transfer_name", "transfer_event_name")
+#: what creating, resending or reassigning a request writes
+TRANSFER_ASK_FIELDS = ("transfer_requested_date", "transfer_source", "transfer_revision",
+                       "transfers_complete")
+#: what the forwarder writes (`update_request`)
+TRANSFER_OUTCOME_FIELDS = ("transfer_date", "transfer_mapped_uid", "transfer_error_message",
+                           "transfer_active_proc_time", "transfers_complete",
+                           "transfer_done_revision",
+                           *(f"transfer_error___{f}" for f in TRANSFER_FLAGS))
+#: fields a REDCap project made for an older FIONA lacks (see config/redcap/README.md)
+REVISION_FIELDS = ("transfer_revision", "transfer_done_revision")
+#: request instances are numbered by a hash of (study, project), within what REDCap stores
+REQUEST_SLOTS = 32767
+REQUEST_PROBES = 32
 
 
-def request_row(r: TransferRequest, key_fields: bool = True) -> dict[str, str]:
-    """A `transfers` instance; without `key_fields` only what `update_request` may change."""
-    row = {STUDY_ID: r.study_uid, REPEAT_FORM: "transfers", REPEAT_INSTANCE: str(r.instance),
-           "transfer_requested_date": r.requested,
-           "transfer_date": r.transferred,
-           "transfer_mapped_uid": r.mapped_uid,
-           "transfer_error_message": r.error_message,
-           "transfer_active_proc_time": _number(r.active_proc_time),
-           "transfer_source": r.source,
-           "transfers_complete": COMPLETE if r.complete else "0"}
-    for f in TRANSFER_FLAGS:
-        row[f"transfer_error___{f}"] = _flag(f in r.error_flags)
+def request_row(r: TransferRequest, fields: Iterable[str]) -> dict[str, str]:
+    """The `transfers` instance of a request with only `fields` (and the row's keys)."""
+    every = {"transfer_project_name": r.project, "transfer_name": r.participant,
+             "transfer_event_name": r.event,
+             "transfer_requested_date": r.requested,
+             "transfer_source": r.source,
+             "transfer_revision": str(r.revision),
+             "transfer_done_revision": str(r.done_revision),
+             "transfer_date": r.transferred,
+             "transfer_mapped_uid": r.mapped_uid,
+             "transfer_error_message": r.error_message,
+             "transfer_active_proc_time": _number(r.active_proc_time),
+             "transfers_complete": COMPLETE if r.complete else "0"}
     unknown = set(r.error_flags) - set(TRANSFER_FLAGS)
     if unknown:
         raise ControlPlaneError(f"transfer error flags {sorted(unknown)} are not in REDCap's "
                                 f"transfer_error choices {list(TRANSFER_FLAGS)}")
-    if key_fields:
-        row.update({"transfer_project_name": r.project, "transfer_name": r.participant,
-                    "transfer_event_name": r.event})
+    for f in TRANSFER_FLAGS:
+        every[f"transfer_error___{f}"] = _flag(f in r.error_flags)
+    row = {STUDY_ID: r.study_uid, REPEAT_FORM: "transfers", REPEAT_INSTANCE: str(r.instance)}
+    row.update((name, every[name]) for name in fields)
     return row
 
 
 def row_request(row: dict) -> TransferRequest:
+    """A `transfers` instance as a request. A blank revision is 1 (a request made by hand or
+    before revisions); a blank done revision is 1 if the request was transferred at or after
+    it was requested (the rule before revisions, for instances made then), else 0."""
+    requested, transferred = row.get("transfer_requested_date", ""), row.get("transfer_date", "")
+    legacy_done = 1 if transferred and requested <= transferred else 0
     return TransferRequest(
         study_uid=row.get(STUDY_ID, ""),
         project=row.get("transfer_project_name", ""),
         participant=row.get("transfer_name", ""),
         event=row.get("transfer_event_name", ""),
-        requested=row.get("transfer_requested_date", ""),
+        requested=requested,
         instance=_instance(row),
-        transferred=row.get("transfer_date", ""),
+        transferred=transferred,
         mapped_uid=row.get("transfer_mapped_uid", ""),
         error_flags={f for f in TRANSFER_FLAGS if row.get(f"transfer_error___{f}") == "1"},
         error_message=row.get("transfer_error_message", ""),
         active_proc_time=_float(row.get("transfer_active_proc_time", "")),
         complete=row.get("transfers_complete", "") == COMPLETE,
         source=row.get("transfer_source", ""),
+        revision=_int(row.get("transfer_revision", ""), 1),
+        done_revision=_int(row.get("transfer_done_revision", ""), legacy_done),
     )
 
 
+def transfer_rows(rows: Iterable[dict]) -> list[dict]:
+    """The `transfers` instances among exported rows, refusing a project without the revision
+    fields (an Incoming project made for an older FIONA)."""
+    out = [r for r in rows if r.get(REPEAT_FORM) == "transfers" and _instance(r) > 0]
+    if out and any(f not in out[0] for f in REVISION_FIELDS):
+        raise ControlPlaneError(missing_fields_message())
+    return out
+
+
+def missing_fields_message(url: str = "") -> str:
+    where = f" at {url}" if url else ""
+    return (f"REDCap project {INCOMING}{where} lacks the fields {', '.join(REVISION_FIELDS)} "
+            f"on the instrument 'transfers' (FIONA counts resends with them): add them as "
+            f"integer text fields, e.g. by uploading config/redcap/Incoming.csv as its data "
+            f"dictionary")
+
+
+def is_request(r: TransferRequest) -> bool:
+    """A transfers row without a project (an instance blanked by hand) is no request."""
+    return bool(r.project or r.participant or r.requested)
+
+
 def rows_requests(rows: Iterable[dict]) -> list[TransferRequest]:
-    out = [row_request(r) for r in rows
-           if r.get(REPEAT_FORM) == "transfers" and _instance(r) > 0]
-    # a transfers row without a project (an instance blanked by hand) is no request
-    return [r for r in out if r.project or r.participant or r.requested]
+    return [r for r in map(row_request, transfer_rows(rows)) if is_request(r)]
+
+
+def request_slots(study_uid: str, project: str) -> Iterator[int]:
+    """The repeat instances a request of (study, project) may take, in order: a hash of the
+    two, then further hashes for the rare study whose projects collide."""
+    for attempt in range(REQUEST_PROBES):
+        digest = hashlib.sha256(json.dumps([study_uid, project, attempt]).encode()).digest()
+        yield int.from_bytes(digest[:8], "big") % REQUEST_SLOTS + 1
 
 
 def project_row(p: Project) -> dict[str, str]:
@@ -349,7 +396,8 @@ class RedcapControlPlane(ControlPlane):
         self.timeout = timeout
         self.tokens_file = str(tokens_file) if tokens_file else "tokens.json"
         self._local = threading.local()
-        self._write_lock = threading.Lock()  # add_request/mirror_forwarded read-then-write
+        self._write_lock = threading.Lock()  # save_autoid/mirror_forwarded read-then-write
+        self._revision_fields_checked = False
 
     @classmethod
     def from_config(cls, cp: dict) -> "RedcapControlPlane":
@@ -470,6 +518,18 @@ class RedcapControlPlane(ControlPlane):
             if not isinstance(info, dict):
                 raise ControlPlaneError(f"REDCap project {project} at {self.url} returned "
                                         f"{str(info)[:200]!r} for its project information")
+        self._check_revision_fields()
+
+    def _check_revision_fields(self) -> None:
+        """Refuse, naming the fields to add, an Incoming project made for an older FIONA,
+        before a request is written there (asked once per process)."""
+        if self._revision_fields_checked:
+            return
+        metadata = self._post(INCOMING, {"content": "metadata", "forms[0]": "transfers"})
+        names = {m.get("field_name") for m in metadata or [] if isinstance(m, dict)}
+        if not set(REVISION_FIELDS) <= names:
+            raise ControlPlaneError(missing_fields_message(self.url))
+        self._revision_fields_checked = True
 
     # --- projects and participants ----------------------------------------------------------
     def projects(self) -> list[Project]:
@@ -599,23 +659,88 @@ class RedcapControlPlane(ControlPlane):
         "YYYY-MM-DD HH:MM:SS"): for a daemon that polls for new requests and resends."""
         return rows_requests(self.export(INCOMING, forms=["transfers"], since=since))
 
+    def _transfers(self, study_uid: str) -> dict[int, dict]:
+        """Every `transfers` instance of a study, blanked ones too, by instance number."""
+        self._check_revision_fields()
+        rows = self.export(INCOMING, records=[study_uid], forms=["transfers"])
+        return {_instance(r): r for r in transfer_rows(rows) if r.get(STUDY_ID) == study_uid}
+
+    def _request_at(self, study_uid: str, instance: int) -> TransferRequest:
+        row = self._transfers(study_uid).get(instance)
+        if row is None or not is_request(row_request(row)):
+            raise ControlPlaneError(f"study {study_uid} has no transfer request #{instance} in "
+                                    f"REDCap project {INCOMING} at {self.url}")
+        return row_request(row)
+
     def add_request(self, request: TransferRequest) -> TransferRequest:
-        with self._write_lock:
-            rows = [r for r in self.export(INCOMING, records=[request.study_uid],
-                                           forms=["transfers"])
-                    if r.get(STUDY_ID) == request.study_uid
-                    and r.get(REPEAT_FORM) == "transfers"]
-            if any(r.key() == request.key() for r in rows_requests(rows)):
-                raise ControlPlaneError(f"a request for {request.key()} exists already")
-            request.instance = max((_instance(r) for r in rows), default=0) + 1
-            self.import_rows(INCOMING, [request_row(request)], overwrite=True)
-        return request
+        """Idempotent per (study, project) without transactions, which the REDCap API lacks.
+
+        Numbering instances max+1 let two processes adding a request to one study at once
+        take the same instance: the second import overwrote the first (a request lost), or
+        both added the same request (doubled). Here a request's instance is a hash of (study,
+        project) (`request_slots`), so writers of the same request write the same instance
+        and cannot double it, and writers of two projects' requests write different ones and
+        cannot overwrite each other. The creating import writes only non-blank values
+        (`overwriteBehavior=normal`) and neither revision field, so repeating it never undoes
+        a resend or the forwarder's outcome. An instance that holds anything, including a
+        request made by hand or a blanked one, is skipped for the next hash; after writing,
+        the instance is read back, and if another project's request took it meanwhile
+        (their hashes collided, ~1 in 32767 per pair of projects, and they were written in
+        the same instant) this one moves on to its next hash. Left: of two processes adding
+        *different participants* for one (study, project) at the same instant, the later
+        import wins; there is still exactly one request, and `Assigner` refuses the other
+        rule's participant on its next look."""
+        for slot in request_slots(request.study_uid, request.project):
+            taken = self._transfers(request.study_uid)
+            mine = [row_request(r) for r in taken.values()
+                    if r.get("transfer_project_name") == request.project]
+            if mine:
+                return min(mine, key=lambda r: r.instance)
+            if slot in taken:
+                continue
+            request.instance = slot
+            self.import_rows(INCOMING, [request_row(request, (*TRANSFER_KEY_FIELDS,
+                                                              "transfer_requested_date",
+                                                              "transfer_source"))])
+            stored = self._transfers(request.study_uid).get(slot)
+            if stored and stored.get("transfer_project_name") == request.project:
+                return row_request(stored)
+        raise ControlPlaneError(f"study {request.study_uid} has no free transfers instance for "
+                                f"project {request.project} in REDCap project {INCOMING}")
+
+    def request_again(self, request: TransferRequest, source: str | None = None,
+                      requested: str | None = None) -> TransferRequest:
+        """Raise the stored revision by one. Two processes asking again at once may both
+        write the same raised number; either way the request is pending, which is all a
+        resend needs. The forwarder never writes `transfer_revision`."""
+        stored = self._request_at(request.study_uid, request.instance)
+        stored.revision += 1
+        stored.requested = requested or now_iso()
+        stored.complete = False
+        if source is not None:
+            stored.source = source
+        self.import_rows(INCOMING, [request_row(stored, TRANSFER_ASK_FIELDS)], overwrite=True)
+        return stored
+
+    def reassign_request(self, request: TransferRequest, participant: str, event: str,
+                         requested: str | None = None) -> TransferRequest:
+        stored = self._request_at(request.study_uid, request.instance)
+        stored.participant, stored.event = participant, event
+        stored.revision += 1
+        stored.requested = requested or now_iso()
+        stored.complete = False
+        stored.source = "reassign"
+        self.import_rows(INCOMING, [request_row(stored, (*TRANSFER_KEY_FIELDS,
+                                                         *TRANSFER_ASK_FIELDS))], overwrite=True)
+        return stored
 
     def update_request(self, request: TransferRequest) -> None:
         if request.instance < 1:
             raise ControlPlaneError(f"request {request.key()} has no REDCap repeat instance; "
                                     f"it was not stored with add_request")
-        self.import_rows(INCOMING, [request_row(request, key_fields=False)], overwrite=True)
+        self._check_revision_fields()
+        self.import_rows(INCOMING, [request_row(request, TRANSFER_OUTCOME_FIELDS)],
+                         overwrite=True)
 
     # --- coupling lists, routing rules, auto-ID ------------------------------------------------
     def coupling_rows(self) -> list[CouplingRow]:

@@ -5,12 +5,17 @@ folder inside the data tree (the archived originals stay untouched, and no unred
 ever written), stops the whole request if the verification gate finds an identifying value,
 sends to the destination, verifies arrival, and writes the outcome back to the control plane.
 
-A request is pending while `requested` is later than `transferred`. A peer that is down keeps
-the request pending and is retried with exponential back-off; a permanent failure (the gate,
-a study gone from disk, a refused object) records the attempt time as `transferred` with the
-error flags and message, so it is not retried until someone asks again (resend). Mapped UIDs
-are keyed and deterministic, so a request that is repeated after a crash or a late series
-lands in the same de-identified study and the destination overwrites, never duplicates.
+A request is pending while its revision is above the revision the forwarder last did
+(`TransferRequest.pending`); the forwarder completes exactly the revision it read, so a resend
+made while it was sending keeps the request pending. A peer that is down keeps the request
+pending and is retried with exponential back-off; a permanent failure (the gate, a study gone
+from disk, a refused object) records the attempt time as `transferred` with the error flags
+and message and marks the revision done, so it is not retried until someone asks again
+(resend). A request for a project that is inactive or outside its ethics approval period is
+held: it stays pending with the reason as its message and goes once the project is open
+again. Mapped UIDs are keyed and deterministic, so a request that is repeated after a crash or
+a late series lands in the same de-identified study and the destination overwrites, never
+duplicates. Time comes from an injectable `Clock`, so tests advance it instead of sleeping.
 """
 
 from __future__ import annotations
@@ -18,15 +23,15 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 
 from .. import quarantine
+from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site, read_secret
 from ..control import open_control_plane
 from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest, Unavailable, now_iso
@@ -45,6 +50,8 @@ POLL_SECONDS = 10.0
 #: changed requests are asked for from this long before the last look (clocks may differ)
 POLL_OVERLAP = timedelta(minutes=10)
 BACKOFF_SECONDS = (5, 15, 60, 300)
+#: a held request (project closed) is looked at again after this long
+HOLD_SECONDS = 60
 ERROR_DEID, ERROR_SEND, MASKED = 1, 2, 3
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11."
@@ -75,8 +82,10 @@ class Outcome:
 class Forwarder:
     """Processes transfer requests for one site."""
 
-    def __init__(self, config: Config, site: Site, control: ControlPlane):
+    def __init__(self, config: Config, site: Site, control: ControlPlane,
+                 clock: Clock = SYSTEM_CLOCK):
         self.config = config
+        self.clock = clock
         self.site = site
         self.tree = Tree(site.datadir).make()
         self.control = control
@@ -88,10 +97,16 @@ class Forwarder:
 
     # --- one request --------------------------------------------------------------------------
     def process(self, req: TransferRequest) -> None:
-        started = time.monotonic()
+        """Do revision `req.revision` of a request: send it, hold it, back off or fail."""
+        started = self.clock.monotonic()
         key = req.key()
         try:
-            outcome = self._deidentify_and_send(req)
+            project = self.control.project(req.project)
+            reason = project.approval_problem(self.clock.now().date())
+            if reason:
+                self._hold(req, reason)
+                return
+            outcome = self._deidentify_and_send(req, project)
         except PermanentFailure as exc:
             self._pending.pop(key, None)
             self._finish(req, started, error=(exc.flag, str(exc)))
@@ -122,25 +137,37 @@ class Forwarder:
         n = self._failures.get(key, 0)
         delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
         self._failures[key] = n + 1
-        self._retry_at[key] = time.monotonic() + delay
+        self._retry_at[key] = self.clock.monotonic() + delay
         log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
                     req.study_uid, req.project, exc, delay)
 
+    def _hold(self, req: TransferRequest, reason: str) -> None:
+        """Keep the request pending, neither sent nor failed, with the reason on it (written
+        once, not at every look); look again after HOLD_SECONDS."""
+        self._retry_at[req.key()] = self.clock.monotonic() + HOLD_SECONDS
+        message = f"held: {reason}; it is sent when the project is open again"
+        if req.error_message == message and not req.error_flags:
+            return
+        req.error_message, req.error_flags, req.complete = message, set(), False
+        self.control.update_request(req)  # done_revision unchanged: still pending
+        log.warning("request for study %s held: %s", req.study_uid, reason)
+
     def _finish(self, req: TransferRequest, started: float, error: tuple[int, str] | None = None,
                 masked: bool = False) -> None:
-        req.transferred = max(now_iso(), req.requested)
-        req.active_proc_time = round(time.monotonic() - started, 3)
+        """Record the outcome of the revision this forwarder read, and only that one."""
+        req.transferred = now_iso(self.clock)
+        req.done_revision = req.revision
+        req.active_proc_time = round(self.clock.monotonic() - started, 3)
         req.error_flags = {error[0]} if error else ({MASKED} if masked else set())
         req.error_message = error[1] if error else ""
         req.complete = error is None
         self.control.update_request(req)
 
-    def _deidentify_and_send(self, req: TransferRequest) -> Outcome:
+    def _deidentify_and_send(self, req: TransferRequest, project: Project) -> Outcome:
         study_dir = self.tree.raw / req.study_uid
         if not study_dir.is_dir():
             raise PermanentFailure(ERROR_DEID, f"study {req.study_uid} is gone from disk "
                                                f"({study_dir}); it cannot be sent")
-        project = self.control.project(req.project)
         work = ensure_dir(self.tree.site / "work" / f"{req.project}-{uuid.uuid4().hex[:12]}")
         try:
             outcome = self._deidentify(req, project, study_dir, work)
@@ -200,7 +227,7 @@ class Forwarder:
                 try:
                     check(ds, encoded, ids, allowed={req.participant})
                 except GateError as exc:
-                    self._hold(req, link, exc)
+                    self._quarantine(req, link, exc)
                     raise PermanentFailure(ERROR_DEID, f"verification gate: {exc}") from None
                 atomic_write(out, encoded, durable=False)
                 outcome.files += 1
@@ -208,7 +235,7 @@ class Forwarder:
                 outcome.series[series] = outcome.series.get(series, 0) + 1
         return outcome
 
-    def _hold(self, req: TransferRequest, source: Path, exc: GateError) -> None:
+    def _quarantine(self, req: TransferRequest, source: Path, exc: GateError) -> None:
         quarantine.hold(self.tree, "deidentify", f"verification gate: {exc}",
                         {"request.txt": f"{req.key()}\n{source}\n".encode()},
                         {"study_uid": req.study_uid, "project": req.project},
@@ -238,7 +265,7 @@ class Forwarder:
         """Pending requests whose retry time has come, oldest first. A backend that can say
         what changed (REDCap) is asked only for that after the first full look."""
         fetch = getattr(self.control, "requests_since", None)
-        stamp = datetime.now() - POLL_OVERLAP
+        stamp = self.clock.now() - POLL_OVERLAP
         if fetch is None or self._since is None:
             self._pending = {r.key(): r for r in self.control.pending_requests()}
         else:
@@ -248,7 +275,7 @@ class Forwarder:
                 else:
                     self._pending.pop(r.key(), None)
         self._since = stamp.isoformat(sep=" ", timespec="seconds")
-        now = time.monotonic()
+        now = self.clock.monotonic()
         return sorted((r for r in self._pending.values()
                        if self._retry_at.get(r.key(), 0.0) <= now), key=lambda r: r.requested)
 
