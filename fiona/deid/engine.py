@@ -14,14 +14,15 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
   0, 19000101, 8 zero bytes, ...; a UI: a keyed replacement; a sequence: one empty item, so
   no content of it survives); K keep (a sequence is kept and its items are de-identified);
   U keyed replacement UID.
-- C (clean): a DA or DT is shifted under the Modified Dates option, kept under Full Dates,
-  emptied otherwise; a TM is kept under either date option; a UI is replaced; free text (AE AS CS
-  LO LT PN SH ST UC UT UR) is kept with every identifying value of the source (name parts, IDs,
-  accession number, birth date, institution; see `fiona.deid.identifiers.Identifiers`) cut out; numbers
-  are kept; binary values (OB OW UN ..., e.g. overlay data under Clean Graphics) cannot be
-  cleaned and are removed; a sequence is kept and de-identified item by item, and free text in
-  it that the table does not list (e.g. an SR TextValue under Clean Structured Content) is
-  cleaned the same way.
+- C (clean): what cleaning means is written down row by row in `fiona.deid.clean` (one rule
+  per C row: DATE, DATETIME, TIME, TZ_OFFSET, DESCRIPTOR, NARRATIVE, BINARY, SEQUENCE). A value
+  is kept (dates: shifted) only when it has the strict form of its rule; otherwise, and always
+  for narrative free text and binary values, the row takes its basic-profile code (X, Z or D),
+  so a cleaned value never survives verbatim unless it is well-formed. Descriptors keep their
+  text with the source's identifiers, dates, times and long numbers cut out. A sequence is kept
+  and de-identified item by item, and free text in it that the table does not list (e.g. an SR
+  TextValue under Clean Structured Content) is cleaned the same way (coded values only of the
+  source's identifiers).
 - Combined codes (`resolve_combined`): the least destructive code that keeps the IOD valid is
   chosen from a fixed list of attributes that are Type 1 or Type 2 in common IODs:
   `TYPE1_ATTRIBUTES` take D (or Z for X/Z), `TYPE2_ATTRIBUTES` take Z (or D for X/D); X/Z/U*
@@ -45,7 +46,9 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
   every depth is shifted by `shift()` days (added). `shift()` is the profile's fixed
   `date_shift_days` or HMAC(key, "date-shift" NUL project NUL participant) mapped into
   `shift_range` (never 0): constant per participant, so intervals between a participant's
-  studies are kept, and different for different participants. An unparsable date is emptied.
+  studies are kept, and different for different participants. A date that is not of the
+  strict form (YYYYMMDD; DT as in `fiona.deid.clean`) is emptied, or for a C row takes the
+  row's basic code.
 - Private elements (odd groups) are removed with their private creators, except elements on
   `Settings.safe_private` ((creator, element offset) pairs): listing any turns the Retain Safe
   Private Option on (and it is then named in DeidentificationMethodCodeSequence), the listed
@@ -85,20 +88,21 @@ import hmac
 import json
 import re
 from dataclasses import dataclass, field, replace
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, private_dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.tag import BaseTag
-from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from .clean import (CODE_KEYWORDS, RULE_VRS, Rule, clean_text, clean_value, rule_for,
+                    shift_values)
 from .identifiers import Identifiers, is_class_like_uid, is_well_known_uid
 from .table import Table, default_table
 
@@ -123,8 +127,6 @@ TYPE2_ATTRIBUTES = frozenset({
 })
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
-_NUMBER_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT",
-                         "US or SS", "US or SS or OW", "US or OW"})
 _DUMMY_TEXT = {"AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101",
                "DT": "19000101000000", "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED",
                "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED",
@@ -143,12 +145,9 @@ _META_IMPL_NAME = RawDataElement(BaseTag(0x00020013), "SH", len(_IMPL_NAME), _IM
 
 # operations, worked out once per (tag, VR)
 KEEP, DEL, EMPTY, DUMMY, UID, DATE, DATETIME, RECURSE, EMPTY_SQ, DUMMY_SQ, SCRUB, REPLACE, \
-    RECURSE_CLEAN = range(13)
+    RECURSE_CLEAN, SCRUB_CODE, CLEAN = range(15)
 
 _UID_PREFIX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
-_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?((?:\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?"
-                 r"(?:[+-]\d{4})?)")
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
 PROFILE_KEYS = {"name", "description", "options", "date_shift_days", "keep", "remove", "replace",
                 "uid_prefix", "shift_range"}
@@ -249,6 +248,7 @@ class Deidentifier:
         self._replace = {BaseTag(_tag(k)): v for k, v in (extra.get("replace") or {}).items()}
         self._plans: dict[int, tuple[str | None, int]] = {}
         self._plans_clean: dict[int, tuple[str | None, int]] = {}
+        self._cleaning: dict[int, tuple[Rule, str]] = {}     # tag -> (rule, fallback code)
         rule = extra.get("import_rule")
         self._import: tuple[int, re.Pattern] | None = None
         if rule:
@@ -407,31 +407,39 @@ class Deidentifier:
                 continue
             if vr is None:
                 vr = p[0]
-            if op == DEL:
-                del d[tag]
-            elif op == RECURSE or op == RECURSE_CLEAN:
+            if op == RECURSE or op == RECURSE_CLEAN:
                 if elem.is_raw:
                     elem = ds[tag]
                 for item in elem.value or ():
                     self._walk(item, clean or op == RECURSE_CLEAN)
-            elif op == UID:
-                self._map_uids(d, tag, elem)
-            elif op == DATE or op == DATETIME:
-                self._shift_dates(d, tag, elem, op)
-            elif op == EMPTY:
-                _set(d, tag, elem, b"", None)
-            elif op == DUMMY:
-                _set_dummy(d, tag, elem, vr)
-            elif op == EMPTY_SQ:
-                ds[tag].value = []
-            elif op == DUMMY_SQ:
-                ds[tag].value = [Dataset()]
-            elif op == SCRUB:
-                self._scrub(ds, tag)
-            elif op == REPLACE:
-                _put(ds, tag, self._replace[tag])
+            elif op == CLEAN:
+                self._clean(ds, tag, elem, vr)
+            else:
+                self._do(ds, tag, elem, vr, op)
         if private:
             self._private(ds)
+
+    def _do(self, ds: Dataset, tag: int, elem, vr: str | None, op: int) -> None:
+        """One operation on one element that is not a sequence to walk."""
+        d = ds._dict
+        if op == DEL:
+            del d[tag]
+        elif op == UID:
+            self._map_uids(d, tag, elem)
+        elif op == DATE or op == DATETIME:
+            self._shift_dates(d, tag, elem, op)
+        elif op == EMPTY:
+            _set(d, tag, elem, b"", None)
+        elif op == DUMMY:
+            _set_dummy(d, tag, elem, vr)
+        elif op == EMPTY_SQ:
+            ds[tag].value = []
+        elif op == DUMMY_SQ:
+            ds[tag].value = [Dataset()]
+        elif op == SCRUB or op == SCRUB_CODE:
+            self._scrub(ds, tag, op == SCRUB_CODE)
+        elif op == REPLACE:
+            _put(ds, tag, self._replace[tag])
 
     def _plan(self, tag: int, vr: str | None, clean: bool = False) -> tuple[str | None, int]:
         """(dictionary VR, operation) for a public tag; `vr` overrides the dictionary's."""
@@ -448,25 +456,36 @@ class Deidentifier:
         if tag in self._replace:
             return dvr, REPLACE
         group = tag >> 16
-        if 0x6000 <= group <= 0x60FF and tag & 0xFFFF != 0x3000:
-            overlay = self.table.action((group << 16) | 0x3000, self._opts, False)
-            if self._op(resolve_combined(overlay or "K", "OverlayData"), "OB", None) == DEL:
-                return dvr, DEL
+        if 0x6000 <= group <= 0x60FF and tag & 0xFFFF != 0x3000 and \
+                self._plan((group << 16) | 0x3000, "OB")[1] == DEL:
+            return dvr, DEL                       # the overlay's data goes: so does the rest
         if tag in self._keep:
             action: str | None = "K"
         else:
             action = self.table.action(tag, self._opts, False)
-            if action is not None:
+            if action == "C" and v != "SQ":
+                row = self.table.row(tag)
+                rule = rule_for(row.keyword, row.name)
+                fallback = resolve_combined(row.basic, kw)
+                if rule is None or rule in (Rule.NARRATIVE, Rule.BINARY) or \
+                        v not in RULE_VRS[rule]:
+                    action = fallback             # never kept: what the basic profile does
+                else:
+                    self._cleaning[tag] = (rule, fallback)
+                    return dvr, CLEAN
+            elif action is not None:
                 action = resolve_combined(action, kw)
         return dvr, self._op(action, v, kw, clean)
 
     def _op(self, action: str | None, vr: str | None, kw: str | None,
             clean: bool = False) -> int:
+        """The operation for a resolved action; C reaches here only for a sequence (the
+        other C rows are resolved by `_plan` through `fiona.deid.clean`)."""
         if vr == "SQ":
             if action == "C":
                 return RECURSE_CLEAN
             return {"X": DEL, "Z": EMPTY_SQ, "D": DUMMY_SQ}.get(action or "", RECURSE)
-        if action == "X":
+        if action == "X" or action == "C":
             return DEL
         if action == "Z":
             return EMPTY
@@ -474,28 +493,37 @@ class Deidentifier:
             return UID if vr == "UI" else DUMMY
         if action == "K":
             return KEEP
-        if vr is None or (vr == "UN" and action is None and kw is None):
+        # not in the table
+        if vr is None or (vr == "UN" and kw is None):
             return DEL      # an unknown tag of unknown VR: it cannot be told what it holds
         if vr in ("DA", "DT"):
-            if action == "C" or action is None:
-                return {"shift": DATE if vr == "DA" else DATETIME, "keep": KEEP,
-                        "remove": EMPTY}[self._dates]
-        if action == "C":
-            if vr == "TM":
-                return KEEP if self._dates != "remove" else EMPTY
-            if vr == "UI":
-                return UID
-            if vr in _TEXT_VRS:
-                return SCRUB
-            if vr in _NUMBER_VRS:
-                return KEEP
-            return DEL                           # binary: cannot be cleaned
-        # not in the table
+            return {"shift": DATE if vr == "DA" else DATETIME, "keep": KEEP,
+                    "remove": EMPTY}[self._dates]
         if vr == "UI":
             return KEEP if RTN_UIDS in self._opts or is_class_like_uid(kw) else UID
         if clean and vr in _TEXT_VRS and vr not in ("AE", "AS", "CS"):
-            return SCRUB
+            return SCRUB_CODE if kw in CODE_KEYWORDS else SCRUB
         return KEEP
+
+    def _clean(self, ds: Dataset, tag: int, elem, vr: str) -> None:
+        """The clean action on one element (see `fiona.deid.clean`): the cleaned value, or
+        the row's fallback when the value is not of the strict form of its rule."""
+        rule, fallback = self._cleaning[tag]
+        if rule is Rule.DESCRIPTOR and elem.is_raw:
+            elem = ds[tag]                        # decoded in the dataset's character set
+        value = elem.value
+        if value is None or value == "" or value == b"":
+            return
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else \
+            "\\".join(str(v) for v in _values(value))
+        out = clean_value(rule, vr, text, self._dates, self.shift, self._scrub_re)
+        if out is None:
+            self._do(ds, tag, elem, vr, self._op(fallback, vr, keyword_for_tag(tag)))
+        elif out != text:
+            if elem.is_raw:
+                _set(ds._dict, tag, elem, _padded(out, b" "), None)
+            else:
+                elem.value = out.split("\\") if "\\" in out else out
 
     def _map_uids(self, d: dict, tag: int, elem) -> None:
         if elem.is_raw:
@@ -524,11 +552,7 @@ class Deidentifier:
         except KeyError:
             pass
         out: str | None
-        try:
-            out = "\\".join(_shift_dt(v.strip(), self.shift()) if dt else
-                            _shift_da(v.strip(), self.shift()) for v in text.split("\\"))
-        except (ValueError, OverflowError):
-            out = None
+        out = shift_values(text, dt, self.shift())
         self._shifted[key] = out
         return out
 
@@ -552,16 +576,16 @@ class Deidentifier:
         new = self._shift_one(text, dt)
         elem.value = None if new is None else (new.split("\\") if "\\" in new else new)
 
-    def _scrub(self, ds: Dataset, tag: int) -> None:
+    def _scrub(self, ds: Dataset, tag: int, codes_only: bool) -> None:
+        """Free text not in the table, inside a cleaned sequence: `clean_text` on each value."""
         elem = ds[tag]
-        if self._scrub_re is None or elem.value is None:
+        if elem.value is None:
             return
-        pattern = self._scrub_re
         value = elem.value
         if isinstance(value, (list, tuple, MultiValue)):
-            elem.value = [pattern.sub("", str(v)) for v in value]
+            elem.value = [clean_text(str(v), self._scrub_re, codes_only) for v in value]
         else:
-            elem.value = pattern.sub("", str(value))
+            elem.value = clean_text(str(value), self._scrub_re, codes_only)
 
     def _private(self, ds: Dataset) -> None:
         d = ds._dict
@@ -763,40 +787,6 @@ def _code_item(value: str, meaning: str) -> Dataset:
     item.CodingSchemeDesignator = "DCM"
     item.CodeMeaning = meaning
     return item
-
-
-def _shift_date(d: date, days: int) -> date:
-    return d + timedelta(days=days)
-
-
-def _shift_da(value: str, days: int) -> str:
-    if not value:
-        return ""
-    if "-" in value:
-        a, _, b = value.partition("-")
-        return f"{_shift_da(a, days)}-{_shift_da(b, days)}"
-    m = _DA.match(value)
-    if not m:
-        raise ValueError("not a date")
-    d = _shift_date(date(int(m[1]), int(m[2]), int(m[3])), days)
-    return f"{d.year:04d}{d.month:02d}{d.day:02d}"
-
-
-def _shift_dt(value: str, days: int) -> str:
-    if not value:
-        return ""
-    m = _DT.fullmatch(value)
-    if not m:
-        raise ValueError("not a date-time")
-    y, mo, dd, rest = m[1], m[2], m[3], m[4] or ""
-    d = _shift_date(date(int(y), int(mo or 1), int(dd or 1)), days)
-    if dd:
-        head = f"{d.year:04d}{d.month:02d}{d.day:02d}"
-    elif mo:
-        head = f"{d.year:04d}{d.month:02d}"
-    else:
-        head = f"{d.year:04d}"
-    return head + rest
 
 
 # --- profiles ----------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Row:
     vr: str | None
     basic: str
     options: dict[str, str]
+    name: str | None = None   # the table's name for the row (masked rows may have no keyword)
 
     def code(self, options: frozenset[str]) -> str:
         hits = [c for name, c in self.options.items() if name in options]
@@ -118,7 +119,7 @@ class Table:
                 int("".join(c if c in "0123456789ABCDEF" else "0" for c in text), 16)
         basic = str(r["basic"]).strip().upper()
         opts = {str(k): str(v).strip().upper() for k, v in (r.get("options") or {}).items()}
-        return Row(tag, m, r.get("keyword"), r.get("vr"), basic, opts)
+        return Row(tag, m, r.get("keyword"), r.get("vr"), basic, opts, r.get("name"))
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Table":
