@@ -32,9 +32,10 @@ class Receiver(StoreHandler):
 
     def on_closed(self, association: Association, how: str) -> None:
         seconds = time.monotonic() - association.started
-        log.info("association %s -> %s from %s: %d stored, %d failed, %d bytes, %.2f s, %s",
-                 association.calling_ae, association.called_ae, association.peer_ip,
-                 association.stored, association.failed, association.bytes, seconds, how)
+        level = logging.INFO if how.startswith("released") else logging.WARNING
+        log.log(level, "association %s -> %s from %s: %d stored, %d failed, %d bytes, %.2f s, %s",
+                association.calling_ae, association.called_ae, association.peer_ip,
+                association.stored, association.failed, association.bytes, seconds, how)
 
     def accepting(self) -> bool:
         """The receive switch of the `enabled` file, read at most once a second."""

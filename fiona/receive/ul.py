@@ -6,6 +6,12 @@ receiver only ever answers storage and verification, so this module drives those
 directly on a blocking socket: it uses pynetdicom for what is intricate (decoding and encoding
 association PDUs), and parses the fixed-format DIMSE command sets itself. Handlers follow
 pynetdicom's event-handler style: `on_store(request) -> status`.
+
+Peers may be broken or hostile, so every association runs against deadlines (an ARTIM-like one
+for negotiation, one between PDUs and one for each whole PDU: a trickle of bytes cannot hold a
+thread), connections above the association limit are refused by short-lived workers so the
+accept loop never waits on a peer, and every protocol error ends in an A-ABORT (source: service
+provider) or A-ASSOCIATE-RJ and one log line that names what was wrong.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from pydicom.uid import UID
@@ -54,15 +60,81 @@ def storable_transfer_syntax(uid: str) -> bool:
 
 PDU_ASSOCIATE_RQ, PDU_ASSOCIATE_AC, PDU_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 PDU_DATA, PDU_RELEASE_RQ, PDU_RELEASE_RP, PDU_ABORT = 0x04, 0x05, 0x06, 0x07
+_PDU_NAMES = {PDU_ASSOCIATE_RQ: "A-ASSOCIATE-RQ", PDU_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+              PDU_ASSOCIATE_RJ: "A-ASSOCIATE-RJ", PDU_DATA: "P-DATA-TF",
+              PDU_RELEASE_RQ: "A-RELEASE-RQ", PDU_RELEASE_RP: "A-RELEASE-RP",
+              PDU_ABORT: "A-ABORT"}
 
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATASET = 0x0101
 
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+#: A-ABORT reasons when the service provider (source 2) aborts (PS3.8 Table 9-26)
+ABORT_NOT_SPECIFIED, ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU = 0, 1, 2
+ABORT_UNRECOGNIZED_PARAMETER, ABORT_UNEXPECTED_PARAMETER, ABORT_INVALID_PARAMETER = 4, 5, 6
+ABORT_SOURCE_PROVIDER = 2
+
+#: A-ASSOCIATE-RJ (result, source, diagnostic) and what the log line says about each
+Refusal = tuple[int, int, int]
+REFUSE_DISABLED: Refusal = (2, 3, 1)  # transient, provider (presentation), temporary congestion
+REFUSE_LIMIT: Refusal = (2, 3, 2)  # transient, provider (presentation), local limit exceeded
+REFUSE_CONTEXT: Refusal = (1, 1, 2)  # permanent, user, application context not supported
+REFUSE_VERSION: Refusal = (1, 2, 2)  # permanent, provider (ACSE), protocol version not supported
+REFUSE_NO_REASON: Refusal = (1, 1, 1)  # permanent, user, no reason given
+_REFUSAL_TEXT = {REFUSE_DISABLED: "the receiver is switched off (temporary congestion)",
+                 REFUSE_LIMIT: "too many associations (local limit exceeded)",
+                 REFUSE_CONTEXT: "application context not supported",
+                 REFUSE_VERSION: "protocol version not supported",
+                 REFUSE_NO_REASON: "no presentation context proposed"}
+
+#: the largest A-ASSOCIATE-RQ read (128 presentation contexts with many syntaxes fit easily)
+MAX_ASSOCIATE_RQ = 1 << 20
+#: the largest DIMSE command set; real ones are a few hundred bytes
+MAX_COMMAND = 64 << 10
+#: pynetdicom validates AE titles on decoding (and logs tracebacks for non-ASCII ones); we
+#: read them from the raw PDU instead and hand it this in their place
+_PLACEHOLDER_AE = b"FIONA-PEER".ljust(16)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a peer may take, in seconds. A blocking read waits at most until the deadline
+    of what it is reading, so neither silence nor a trickle of bytes holds a thread longer."""
+
+    negotiation: float = 30.0  #: from TCP accept to the whole A-ASSOCIATE-RQ (like ARTIM)
+    idle: float = 90.0  #: between PDUs of an established association
+    pdu: float = 60.0  #: for the rest of a PDU once its header has arrived, and for a send
+    refusal: float = 5.0  #: to read the A-ASSOCIATE-RQ of a connection above the limit
+    linger: float = 2.0  #: after an A-ABORT or A-ASSOCIATE-RJ, for the peer to close first
+
 
 class ProtocolError(Exception):
-    """The peer broke the protocol; the association is aborted."""
+    """The peer broke the protocol; the association is aborted with `reason`."""
+
+    def __init__(self, what: str, reason: int = ABORT_INVALID_PARAMETER):
+        super().__init__(what)
+        self.reason = reason
+
+
+class DeadlineExceeded(Exception):
+    """The peer was silent or too slow; the association is aborted."""
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection; `got` bytes of the awaited read had arrived."""
+
+    def __init__(self, got: int):
+        super().__init__("peer closed the connection")
+        self.got = got
+
+
+def printable_ae(raw: bytes) -> str:
+    """An AE title from the network as text safe for logs, paths' inputs and journal lines:
+    surrounding spaces dropped, every byte outside printable ASCII (and the backslash, which
+    AE titles may not hold) written as \\xNN, so a title cannot forge log lines or carry NULs."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
+                   for b in raw.strip(b" "))
 
 
 @dataclass
@@ -103,18 +175,26 @@ def _parse_command(data: bytes) -> dict[int, bytes]:
     """A command set (always implicit VR little endian, group 0000) as {element: value}."""
     out = {}
     pos, end = 0, len(data)
-    while pos + 8 <= end:
+    while pos < end:
+        if pos + 8 > end:
+            raise ProtocolError(f"DIMSE command set ends inside an element header at byte {pos}")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
         pos += 8
         if group != 0 or pos + length > end:
-            raise ProtocolError("malformed DIMSE command set")
+            raise ProtocolError(f"malformed DIMSE command set: element ({group:04X},{elem:04X}) "
+                                f"at byte {pos - 8}")
         out[elem] = data[pos:pos + length]
         pos += length
     return out
 
 
-def _us(value: bytes) -> int:
-    return struct.unpack("<H", value[:2])[0]
+def _us(cmd: dict[int, bytes], elem: int, name: str) -> int:
+    """A required US element of a command set; ProtocolError if absent or not 2 bytes."""
+    value = cmd.get(elem)
+    if value is None or len(value) != 2:
+        raise ProtocolError(f"DIMSE command has no valid {name} (0000,{elem:04X}): "
+                            f"{'missing' if value is None else f'{len(value)} bytes'}")
+    return struct.unpack("<H", value)[0]
 
 
 def _ui(value: bytes) -> str:
@@ -135,92 +215,167 @@ def _encode_command(elements: list[tuple[int, str | int]]) -> bytes:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + bytes(body)
 
 
+def _pdu_name(pdu_type: int) -> str:
+    return _PDU_NAMES.get(pdu_type, f"PDU type {pdu_type:#04x}")
+
+
 class AssociationHandler:
-    """Runs one accepted TCP connection through negotiation, DIMSE exchanges and release."""
+    """Runs one accepted TCP connection through negotiation, DIMSE exchanges and release.
+
+    Every way it ends produces one log line: the handler's `on_closed` for an established
+    association, a line of this module's logger otherwise."""
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], handler: Handler,
-                 max_pdu: int, timeout: float, accept: Callable[[], tuple[int, int, int] | None]):
+                 max_pdu: int, deadlines: Deadlines, admission: Callable[[], Refusal | None]):
         self.sock = sock
         self.peer = peer
         self.handler = handler
         self.max_pdu = max_pdu
-        self.timeout = timeout
-        self.accept = accept
+        self.deadlines = deadlines
+        self.admission = admission
+        self.started = time.monotonic()
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.assoc: Association | None = None
+        self.calling_ae = self.called_ae = "?"
+        self.peer_max_pdu = 0  # 0: unlimited (PS3.8 D.1)
+        self.heard = False  # any byte received at all
 
     # --- socket plumbing ---------------------------------------------------------------------
-    def _recv_exact(self, n: int) -> bytearray:
+    def _recv_exact(self, n: int, deadline: float, late: str) -> bytearray:
+        """n bytes, all by `deadline` (DeadlineExceeded with the text `late` otherwise)."""
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(late)
+            self.sock.settimeout(remaining)
+            try:
+                k = self.sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                continue
             if not k:
-                raise ConnectionError("peer closed the connection")
+                raise PeerClosed(got)
             got += k
+            self.heard = True
         return buf
 
-    def _read_pdu(self, limit: int) -> tuple[int, bytearray]:
-        head = self._recv_exact(6)
+    def _read_pdu(self, limit: int, head_by: float, body_by: float | None, late: str
+                  ) -> tuple[int, bytearray]:
+        """One PDU: its header by `head_by`, its body by `body_by` (default: the PDU deadline
+        from the header's arrival)."""
+        head = self._recv_exact(6, head_by, late)
         pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        if pdu_type not in _PDU_NAMES:
+            raise ProtocolError(f"unrecognized PDU type {pdu_type:#04x}", ABORT_UNRECOGNIZED_PDU)
         if length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the negotiated {limit}")
-        return pdu_type, self._recv_exact(length)
+            raise ProtocolError(f"{_pdu_name(pdu_type)} of {length} bytes exceeds the limit of "
+                                f"{limit}")
+        if body_by is None:
+            body_by = time.monotonic() + self.deadlines.pdu
+        body = self._recv_exact(length, body_by, f"{_pdu_name(pdu_type)} of {length} bytes not "
+                                f"complete after {self.deadlines.pdu:g} s")
+        return pdu_type, body
 
     def _send_pdu(self, pdu_type: int, body: bytes) -> None:
+        self.sock.settimeout(self.deadlines.pdu)
         self.sock.sendall(struct.pack(">BBI", pdu_type, 0, len(body)) + body)
 
-    def _abort(self) -> None:
+    def _send_last(self, pdu: bytes) -> None:
+        """Send a final PDU (A-ABORT, A-ASSOCIATE-RJ) and give the peer a moment to read it and
+        close: closing with unread input would reset the connection and could discard it."""
         try:
-            self._send_pdu(PDU_ABORT, b"\x00\x00\x00\x00")  # source: service user
+            self.sock.settimeout(self.deadlines.linger)
+            self.sock.sendall(pdu)
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.deadlines.linger
+            while (remaining := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(65536):
+                    break
         except OSError:
             pass
 
+    def _abort(self, reason: int) -> None:
+        self._send_last(struct.pack(">BBIBBBB", PDU_ABORT, 0, 4, 0, 0, ABORT_SOURCE_PROVIDER,
+                                    reason))
+
     # --- association ---------------------------------------------------------------------------
     def run(self) -> None:
-        how = "released"
         try:
-            self.sock.settimeout(self.timeout)
-            if not self._negotiate():
-                return
-            how = self._serve()
-        except (ProtocolError, ValueError) as exc:
-            how = f"aborted: {exc}"
-            self._abort()
-        except (ConnectionError, socket.timeout, OSError) as exc:
-            how = f"connection lost: {exc}"
+            how = self._converse()
+        except Exception as exc:  # a bug here must cost one association, never the receiver
+            log.exception("association from %s:%d: internal error", *self.peer)
+            how = f"aborted: internal error ({type(exc).__name__})"
+            self._abort(ABORT_NOT_SPECIFIED)
         finally:
             try:
                 self.sock.close()
             except OSError:
                 pass
-            if self.assoc is not None:
-                self.handler.on_closed(self.assoc, how)
+        if self.assoc is not None:
+            self.handler.on_closed(self.assoc, how)
+
+    def _converse(self) -> str:
+        """Negotiate and serve; what happened, for the association's log line."""
+        try:
+            if not self._negotiate():
+                return "refused"
+            return self._serve()
+        except ProtocolError as exc:
+            self._abort(exc.reason)
+            return self._ended(f"aborted: {exc}")
+        except DeadlineExceeded as exc:
+            self._abort(ABORT_NOT_SPECIFIED)
+            return self._ended(f"aborted: {exc}")
+        except PeerClosed as exc:
+            if not self.heard:
+                log.debug("connection from %s:%d closed without a request", *self.peer)
+                return "closed"
+            return self._ended("connection lost: the peer closed it in the middle of a PDU"
+                               if exc.got else "connection lost: the peer closed it without "
+                               "A-RELEASE or A-ABORT")
+        except OSError as exc:
+            return self._ended(f"connection lost: {exc}")
+
+    def _ended(self, how: str) -> str:
+        """Log how a connection that never became an association ended (an established one
+        is logged by the handler's on_closed)."""
+        if self.assoc is None:
+            log.warning("association from %s:%d (%s -> %s) %s", self.peer[0], self.peer[1],
+                        self.calling_ae, self.called_ae, how)
+        return how
 
     def _negotiate(self) -> bool:
-        pdu_type, body = self._read_pdu(1 << 20)
+        by = self.started + self.deadlines.negotiation
+        pdu_type, body = self._read_pdu(MAX_ASSOCIATE_RQ, by, by, "no complete A-ASSOCIATE-RQ "
+                                        f"within {self.deadlines.negotiation:g} s")
         if pdu_type != PDU_ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#x}")
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(struct.pack(">BBI", pdu_type, 0, len(body)) + bytes(body))
-        prim = rq.to_primitive()
-        calling = str(prim.calling_ae_title).strip()
-        called = str(prim.called_ae_title).strip()
-        refusal = self.accept()
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {_pdu_name(pdu_type)}",
+                                ABORT_UNEXPECTED_PDU)
+        if len(body) < 68:
+            raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its "
+                                f"68-byte fixed part")
+        self.called_ae, self.calling_ae = printable_ae(body[4:20]), printable_ae(body[20:36])
+        prim = self._decode_rq(body)
+        refusal = self.admission()
+        if refusal is None and not struct.unpack_from(">H", body)[0] & 1:
+            refusal = REFUSE_VERSION  # PS3.8 9.3.2: version 1 is bit 0, the only bit tested
         if refusal is None and str(prim.application_context_name) != APPLICATION_CONTEXT:
-            refusal = (1, 1, 2)  # permanent, service user, application context not supported
+            refusal = REFUSE_CONTEXT
+        if refusal is None and not prim.presentation_context_definition_list:
+            refusal = REFUSE_NO_REASON
         if refusal is not None:
-            self._reject(prim, *refusal)
-            log.info("refused association from %s (%s -> %s): %s", self.peer[0], calling, called,
-                     refusal)
+            self._refuse(refusal)
             return False
-        self.assoc = Association(calling, called, self.peer[0], self.peer[1])
+        self.peer_max_pdu = next((int(item.maximum_length_received or 0)
+                                  for item in prim.user_information
+                                  if isinstance(item, MaximumLengthNotification)), 0)
         results = [self._negotiate_context(cx) for cx in prim.presentation_context_definition_list]
         ac = A_ASSOCIATE()
         ac.application_context_name = UID(APPLICATION_CONTEXT)
-        ac.calling_ae_title = prim.calling_ae_title
-        ac.called_ae_title = prim.called_ae_title
+        ac.calling_ae_title = ac.called_ae_title = _PLACEHOLDER_AE.decode()
         ac.result = 0x00
         ac.result_source = 0x01
         ac.presentation_context_definition_results_list = results
@@ -233,8 +388,36 @@ class AssociationHandler:
         ac.user_information = [max_len, impl, version]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(ac)
-        self.sock.sendall(pdu.encode())
+        encoded = pdu.encode()
+        # the AC repeats the request's AE title fields byte for byte (PS3.8 Table 9-17)
+        self.sock.settimeout(self.deadlines.pdu)
+        self.sock.sendall(encoded[:10] + bytes(body[4:36]) + encoded[42:])
+        self.assoc = Association(self.calling_ae, self.called_ae, self.peer[0], self.peer[1],
+                                 started=self.started)
         return True
+
+    def _decode_rq(self, body: bytearray) -> A_ASSOCIATE:
+        """The request as a pynetdicom primitive; whatever its decoder raises on malformed
+        items (KeyError, IndexError, struct.error, ...) becomes a ProtocolError."""
+        rq = A_ASSOCIATE_RQ()
+        raw = (struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(body)) + bytes(body[:4])
+               + _PLACEHOLDER_AE * 2 + bytes(body[36:]))
+        try:
+            rq.decode(raw)
+            prim = rq.to_primitive()
+            ids = [int(cx.context_id) for cx in prim.presentation_context_definition_list]
+        except KeyError as exc:
+            key = exc.args[0] if exc.args else None
+            raise ProtocolError("A-ASSOCIATE-RQ has an item of unrecognized type "
+                                f"{key:#04x}" if isinstance(key, int) else
+                                f"A-ASSOCIATE-RQ has an unrecognized item ({key!r})",
+                                ABORT_UNRECOGNIZED_PARAMETER) from None
+        except Exception as exc:
+            raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})") from None
+        if len(set(ids)) != len(ids):
+            raise ProtocolError("A-ASSOCIATE-RQ proposes a presentation context ID twice")
+        return prim
 
     def _negotiate_context(self, rq: PresentationContext) -> PresentationContext:
         """Accept verification and every storage-like SOP class (private ones included) with
@@ -261,63 +444,90 @@ class AssociationHandler:
         self.contexts[int(rq.context_id)] = (abstract, usable[0])
         return out
 
-    def _reject(self, prim: A_ASSOCIATE, result: int, source: int, diagnostic: int) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         rj = A_ASSOCIATE()
-        rj.result = result
-        rj.result_source = source
-        rj.diagnostic = diagnostic
+        rj.result, rj.result_source, rj.diagnostic = refusal
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(rj)
-        self.sock.sendall(pdu.encode())
+        self._send_last(pdu.encode())
+        log.info("association from %s:%d (%s -> %s) refused: %s", self.peer[0], self.peer[1],
+                 self.calling_ae, self.called_ae, _REFUSAL_TEXT[refusal])
 
     # --- DIMSE ---------------------------------------------------------------------------------
     def _serve(self) -> str:
+        """P-DATA until release or abort. A message is a command, then (unless the command
+        says it has none) a data set, each in fragments on one presentation context; anything
+        interleaved is a protocol error, so two messages can never be stored as one."""
         command = bytearray()
         dataset = bytearray()
-        cmd: dict[int, bytes] | None = None
-        cmd_context = 0
+        cmd: dict[int, bytes] | None = None  # a complete command awaiting its data set
+        context = 0  # the presentation context of the message in progress
         limit = self.max_pdu + 64
+        idle = f"no PDU for {self.deadlines.idle:g} s"
         while True:
-            pdu_type, body = self._read_pdu(limit)
+            pdu_type, body = self._read_pdu(limit, time.monotonic() + self.deadlines.idle, None,
+                                            idle)
             if pdu_type == PDU_RELEASE_RQ:
                 self._send_pdu(PDU_RELEASE_RP, b"\x00\x00\x00\x00")
+                if cmd is not None or command or dataset:
+                    return "released with a message incomplete (discarded, nothing stored)"
                 return "released"
             if pdu_type == PDU_ABORT:
                 return "aborted by peer"
             if pdu_type != PDU_DATA:
-                raise ProtocolError(f"unexpected PDU type {pdu_type:#x}")
+                raise ProtocolError(f"unexpected {_pdu_name(pdu_type)} in an established "
+                                    f"association", ABORT_UNEXPECTED_PDU)
             pos, end = 0, len(body)
+            if not end:
+                raise ProtocolError("P-DATA-TF without a presentation data value")
             while pos < end:
+                if pos + 6 > end:
+                    raise ProtocolError(f"P-DATA-TF ends inside a presentation data value "
+                                        f"header ({end - pos} of 6 bytes)")
                 item_len = struct.unpack_from(">I", body, pos)[0]
                 if item_len < 2 or pos + 4 + item_len > end:
-                    raise ProtocolError("malformed presentation data value item")
+                    raise ProtocolError(f"presentation data value of {item_len} bytes does not "
+                                        f"fit the {end - pos - 4} bytes left in its P-DATA-TF")
                 context_id, control = body[pos + 4], body[pos + 5]
                 fragment = memoryview(body)[pos + 6:pos + 4 + item_len]
                 pos += 4 + item_len
                 if context_id not in self.contexts:
                     raise ProtocolError(f"data on presentation context {context_id}, "
                                         f"which was not accepted")
+                started = cmd is not None or command or dataset
+                if started and context_id != context:
+                    raise ProtocolError(f"a fragment on presentation context {context_id} "
+                                        f"while a message on context {context} is incomplete",
+                                        ABORT_UNEXPECTED_PARAMETER)
+                context = context_id
                 if control & 0x01:  # command fragment
+                    if cmd is not None:
+                        raise ProtocolError("a new command arrived before the data set of the "
+                                            "previous one was complete (nothing stored)",
+                                            ABORT_UNEXPECTED_PARAMETER)
+                    if len(command) + len(fragment) > MAX_COMMAND:
+                        raise ProtocolError(f"DIMSE command set exceeds {MAX_COMMAND} bytes")
                     command += fragment
                     if control & 0x02:
                         cmd = _parse_command(bytes(command))
-                        cmd_context = context_id
                         command.clear()
-                        if _us(cmd.get(0x0800, b"\x01\x01")) == NO_DATASET:
-                            self._dispatch(cmd, cmd_context, b"")
+                        if _us(cmd, 0x0800, "CommandDataSetType") == NO_DATASET:
+                            self._dispatch(cmd, context, b"")
                             cmd = None
                 else:
                     if cmd is None:
-                        raise ProtocolError("data set fragment without a command")
+                        raise ProtocolError("data set fragment before its command was complete"
+                                            if command else "data set fragment without a "
+                                            "command", ABORT_UNEXPECTED_PARAMETER)
                     dataset += fragment
                     if control & 0x02:
-                        self._dispatch(cmd, cmd_context, bytes(dataset))
+                        self._dispatch(cmd, context, bytes(dataset))
                         dataset.clear()
                         cmd = None
 
     def _dispatch(self, cmd: dict[int, bytes], context_id: int, data: bytes) -> None:
-        field_ = _us(cmd.get(0x0100, b"\x00\x00"))
-        message_id = _us(cmd.get(0x0110, b"\x00\x00"))
+        field_ = _us(cmd, 0x0100, "CommandField")
+        message_id = _us(cmd, 0x0110, "MessageID")
         abstract, transfer_syntax = self.contexts[context_id]
         assert self.assoc is not None
         if field_ == C_ECHO_RQ:
@@ -325,7 +535,8 @@ class AssociationHandler:
                                        (0x0120, message_id), (0x0800, NO_DATASET), (0x0900, 0)])
             return
         if field_ != C_STORE_RQ:
-            raise ProtocolError(f"unsupported DIMSE command {field_:#06x}")
+            raise ProtocolError(f"unsupported DIMSE command {field_:#06x}",
+                                ABORT_UNEXPECTED_PARAMETER)
         sop_class = _ui(cmd.get(0x0002, b""))
         sop_instance = _ui(cmd.get(0x1000, b""))
         request = StoreRequest(self.assoc, message_id, sop_class, sop_instance, transfer_syntax,
@@ -345,9 +556,15 @@ class AssociationHandler:
                                    (0x1000, sop_instance)])
 
     def _respond(self, context_id: int, elements: list[tuple[int, str | int]]) -> None:
+        """Send a response command, in as many P-DATA-TF PDUs as the peer's maximum PDU length
+        asks for (each carries one presentation data value: 6 bytes of header, then data)."""
         command = _encode_command(elements)
-        item = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-        self._send_pdu(PDU_DATA, item)
+        room = max(self.peer_max_pdu - 6, 1) if self.peer_max_pdu else len(command)
+        for start in range(0, len(command), room):
+            piece = command[start:start + room]
+            control = 0x03 if start + room >= len(command) else 0x01
+            self._send_pdu(PDU_DATA, struct.pack(">IBB", len(piece) + 2, context_id, control)
+                           + piece)
 
 
 def _is_storage_like(abstract: str) -> bool:
@@ -359,19 +576,25 @@ def _is_storage_like(abstract: str) -> bool:
 
 
 class AcceptorServer:
-    """Listens on (host, port) and runs each association in its own thread."""
+    """Listens on (host, port) and runs each association in its own thread.
+
+    Up to `max_associations` run at once; above that, up to `max_refusing` short-lived workers
+    each answer one connection with A-ASSOCIATE-RJ (local limit exceeded) within
+    `deadlines.refusal`, and connections beyond even those are closed at once. The accept loop
+    itself never reads from a peer, and survives any error in handing a connection on."""
 
     def __init__(self, host: str, port: int, handler: Handler, *, max_pdu: int = 4 << 20,
-                 timeout: float = 60.0, max_associations: int = 64,
-                 accepting: Callable[[], bool] = lambda: True):
+                 deadlines: Deadlines = Deadlines(), max_associations: int = 64,
+                 max_refusing: int = 16, accepting: Callable[[], bool] = lambda: True):
         self.host, self.port = host, port
         self.handler = handler
         self.max_pdu = max_pdu
-        self.timeout = timeout
-        self.max_associations = max_associations
+        self.deadlines = deadlines
         self.accepting = accepting
         self._active = threading.BoundedSemaphore(max_associations)
+        self._refusing = threading.BoundedSemaphore(max_refusing)
         self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
 
@@ -384,10 +607,10 @@ class AcceptorServer:
         self._sock = sock
         self.port = sock.getsockname()[1]
 
-    def _admission(self) -> tuple[int, int, int] | None:
-        """None to accept, or an A-ASSOCIATE-RJ (result, source, diagnostic)."""
+    def _admission(self) -> Refusal | None:
+        """None to accept, or the A-ASSOCIATE-RJ to answer with."""
         if not self.accepting() or self._stop.is_set():
-            return (2, 3, 1)  # transient, provider (presentation), temporary congestion
+            return REFUSE_DISABLED
         return None
 
     def serve_forever(self) -> None:
@@ -397,35 +620,63 @@ class AcceptorServer:
         while not self._stop.is_set():
             try:
                 conn, peer = self._sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     break
-                raise
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._active.acquire(blocking=False):
-                AssociationHandler(conn, peer, self.handler, self.max_pdu, self.timeout,
-                                   lambda: (2, 3, 2)).run()  # local limit exceeded
+                log.error("accepting a connection failed (%s); trying again", exc)
+                self._stop.wait(0.5)  # e.g. out of file descriptors: do not spin
                 continue
-            t = threading.Thread(target=self._run_one, args=(conn, peer), daemon=True,
-                                 name=f"assoc-{peer[0]}:{peer[1]}")
-            self._threads.add(t)
-            t.start()
+            try:
+                self._hand_on(conn, peer)
+            except Exception:  # whatever happens to one connection, keep accepting
+                log.exception("could not hand on the connection from %s:%d", *peer[:2])
+                conn.close()
 
-    def _run_one(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def _hand_on(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._active.acquire(blocking=False):
+            self._start(self._active, conn, peer, self.deadlines, self._admission)
+        elif self._refusing.acquire(blocking=False):
+            self._start(self._refusing, conn, peer,
+                        replace(self.deadlines, negotiation=self.deadlines.refusal),
+                        lambda: REFUSE_LIMIT)
+        else:
+            conn.close()
+            log.warning("connection from %s:%d closed unread: association limit reached and "
+                        "too many refusals in progress", *peer[:2])
+
+    def _start(self, slot: threading.BoundedSemaphore, conn: socket.socket,
+               peer: tuple[str, int], deadlines: Deadlines,
+               admission: Callable[[], Refusal | None]) -> None:
+        def run() -> None:
+            try:
+                AssociationHandler(conn, peer, self.handler, self.max_pdu, deadlines,
+                                   admission).run()
+            finally:
+                slot.release()
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, daemon=True, name=f"assoc-{peer[0]}:{peer[1]}")
+        with self._lock:
+            self._threads.add(t)
         try:
-            AssociationHandler(conn, peer, self.handler, self.max_pdu, self.timeout,
-                               self._admission).run()
-        finally:
-            self._active.release()
-            self._threads.discard(threading.current_thread())
+            t.start()
+        except BaseException:
+            with self._lock:
+                self._threads.discard(t)
+            slot.release()
+            raise
 
     def shutdown(self, wait: float = 30.0) -> None:
         """Refuse new associations, let the ones in progress finish (up to `wait` s), close."""
         self._stop.set()
         deadline = time.monotonic() + wait
-        for t in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         if self._sock is not None:
             self._sock.close()
