@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_path, load
+from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
 
@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["verify"])
     _site_arg(p)
 
+    p = sub.add_parser("move", help="admins: move a study's request in a project to another "
+                       "participant", description="Give the study's transfer request in PROJECT "
+                       "another participant (and event); it is de-identified and sent again, "
+                       "replacing the study at the destination. Audited under the OS user.")
+    p.add_argument("study", help="StudyInstanceUID")
+    p.add_argument("--project", required=True)
+    p.add_argument("--participant", required=True, help="the new participant ID")
+    p.add_argument("--event", help="the new event (default: keep the request's)")
+    _site_arg(p)
+
+    p = sub.add_parser("switch", help="turn a part of the gateway on or off (the enabled file)",
+                       description="Set one switch of DATADIR/config/enabled: receive (the "
+                       "receiver refuses new associations when off), scanner, reserved. "
+                       "Audited under the OS user.")
+    p.add_argument("part", choices=sorted(ENABLED_PARTS))
+    p.add_argument("state", choices=["on", "off"])
+    _site_arg(p)
+
     p = sub.add_parser("up", help="run every daemon in the foreground",
                        description="Run the gateway's daemons in the foreground. Without a "
                        "config (no --config, no $FIONA_CONFIG, no /data/config/config.json) "
@@ -191,6 +209,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cli_anonymize(config, args)
     if cmd == "classify":
         return _classify(config, args)
+    if cmd in ACTIONS:
+        return _action(config, args)
     if cmd == "detect-study-arrival":
         from .arrive import detector
 
@@ -200,6 +220,63 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return forward.run(config, args.site, args.verbose)
     return jobs.run(config, args)
+
+
+def _assign(acts, actor, args: argparse.Namespace) -> int:
+    result = acts.assign(actor, args.study, args.project, args.participant, args.event)
+    print(f"requested {args.project}/{args.participant.strip()}/{args.event}" if result.created
+          else "this request exists already")
+    return 0
+
+
+def _coupling(acts, actor, args: argparse.Namespace) -> int:
+    try:
+        text = args.file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"fiona coupling: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 1
+    report = acts.upload_coupling(actor, text, args.file.name)
+    for line in report.lines:
+        print(f"line {line.line}: {line.status}" + (f" ({line.detail})" if line.detail else ""))
+    print(f"{report.accepted} row(s) accepted, {len(report.requests)} request(s) made")
+    return 0 if all(x.status in ("accepted", "duplicate") for x in report.lines) else 1
+
+
+def _resend(acts, actor, args: argparse.Namespace) -> int:
+    n = acts.resend(actor, args.project, args.study)
+    print(f"{n} request(s) of {args.project} will be sent again")
+    return 0
+
+
+def _move(acts, actor, args: argparse.Namespace) -> int:
+    req = acts.move(actor, args.study, args.project, args.participant, args.event)
+    print(f"study {args.study} in {args.project} now belongs to {req.participant}/{req.event}; "
+          f"it will be sent again")
+    return 0
+
+
+def _switch(acts, actor, args: argparse.Namespace) -> int:
+    changed = acts.set_switch(actor, args.part, args.state == "on")
+    print(f"{args.part} is {args.state}" + ("" if changed else " (it was already)"))
+    return 0
+
+
+#: commands that are actions (`fiona.actions`): the same rules and audit entries as the web
+ACTIONS = {"assign": _assign, "coupling": _coupling, "resend": _resend, "move": _move,
+           "switch": _switch}
+
+
+def _action(config, args: argparse.Namespace) -> int:
+    """Run an action as the OS user; its audit entry names that user (`os:<login>`)."""
+    from .actions import ActionError, Actions, OsActor
+    from .control.base import ControlPlaneError
+
+    try:
+        acts = Actions.open(config, getattr(args, "site", None))
+        return ACTIONS[args.command](acts, OsActor.current(), args)
+    except (ActionError, ControlPlaneError) as exc:
+        print(f"fiona {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _audit_verify(config, args: argparse.Namespace) -> int:

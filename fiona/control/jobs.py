@@ -2,7 +2,8 @@
 and the periodic jobs removeOldEntries, resendProject and populateProjects.
 
 Each takes the parsed arguments, prints what it did for a person to read, and returns the
-exit code (0 done, 1 refused with a reason)."""
+exit code (0 done, 1 refused with a reason). The parsers of `assign`, `coupling upload` and
+`resend` are here too; they run in `fiona.cli` through `fiona.actions`, as the web pages do."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ..config import Config
-from ..daemon import notify_forwarder
 from . import open_control_plane
 from .assign import Assigner
 from .base import ControlPlane, ControlPlaneError, Project, RoutingRule
@@ -112,8 +112,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
     except ControlPlaneError as exc:
         print(f"fiona {args.command}: {exc}", file=sys.stderr)
         return 1
-    if args.command in ("assign", "coupling", "resend"):
-        notify_forwarder(site)
     return status
 
 
@@ -185,14 +183,6 @@ def _routing_list(control: ControlPlane, assigner: Assigner, args) -> int:
     return 0
 
 
-def _coupling_upload(control: ControlPlane, assigner: Assigner, args) -> int:
-    report = assigner.upload_coupling(args.file.read_text(encoding="utf-8-sig"))
-    for line in report.lines:
-        print(f"line {line.line}: {line.status}" + (f" ({line.detail})" if line.detail else ""))
-    print(f"{report.accepted} row(s) accepted, {len(report.requests)} request(s) made")
-    return 0 if all(x.status in ("accepted", "duplicate") for x in report.lines) else 1
-
-
 def _incoming_list(control: ControlPlane, assigner: Assigner, args) -> int:
     for s in control.studies(include_hidden=args.all):
         files = sum(x.num_files for x in s.series)
@@ -203,27 +193,12 @@ def _incoming_list(control: ControlPlane, assigner: Assigner, args) -> int:
     return 0
 
 
-def _assign(control: ControlPlane, assigner: Assigner, args) -> int:
-    if control.study(args.study) is None:
-        raise ControlPlaneError(f"no incoming study {args.study}; see `fiona incoming list`")
-    req = assigner.request(args.study, args.project, args.participant, args.event, "assign")
-    print(f"requested {args.project}/{args.participant}/{args.event}" if req else
-          "this request exists already")
-    return 0
-
-
 def _requests_list(control: ControlPlane, assigner: Assigner, args) -> int:
     for r in control.requests():
         state = "pending" if r.pending else f"sent {r.transferred}"
         errors = f" ERROR {sorted(r.error_flags)}: {r.error_message}" if r.error_message else ""
         print(f"{r.requested}\t{r.study_uid}\t{r.project}/{r.participant}/{r.event}\t{state}\t"
               f"{r.mapped_uid or '-'}\t{r.source}{errors}")
-    return 0
-
-
-def _resend(control: ControlPlane, assigner: Assigner, args) -> int:
-    n = assigner.resend(args.project, args.study)
-    print(f"{n} request(s) of {args.project} will be sent again")
     return 0
 
 
@@ -251,9 +226,8 @@ def _populate_projects(control: ControlPlane, assigner: Assigner, args) -> int:
 HANDLERS = {
     ("project", "add"): _project_add, ("project", "list"): _project_list,
     ("project", "show"): _project_show, ("routing", "add"): _routing_add,
-    ("routing", "list"): _routing_list, ("coupling", "upload"): _coupling_upload,
-    ("incoming", "list"): _incoming_list, ("assign", None): _assign,
-    ("requests", "list"): _requests_list, ("resend", None): _resend,
+    ("routing", "list"): _routing_list, ("incoming", "list"): _incoming_list,
+    ("requests", "list"): _requests_list,
     ("remove-old-entries", None): _remove_old_entries,
     ("populate-projects", None): _populate_projects,
 }

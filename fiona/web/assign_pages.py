@@ -1,27 +1,42 @@
-"""Assign: studies waiting, one study with its assignment form, confirm, history, resend,
-coupling-list upload; and their JSON endpoints."""
+"""Assign: studies waiting, one study with its assignment form, confirm, history, resend, move,
+coupling-list upload; and their JSON endpoints.
+
+The actions themselves (rules, audit entries, forwarder wake-up) are `fiona.actions`; who may
+see which study and its identified values is `fiona.access`. Every page or answer that shows
+identified values (accession numbers, the "Before" column of the preview) is audited.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlencode
-
-import csv
-import io
+import logging
 from dataclasses import asdict
+from math import ceil
 
-from fastapi.responses import RedirectResponse
 from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
+from fastapi.responses import RedirectResponse
 
-from ..control.assign import Assigner
+from .. import audit
+from ..access import IDENTIFIED_FIELDS, may_see, may_see_identified
+from ..actions import ActionError
 from ..control.base import ControlPlaneError, Study
-from ..daemon import notify_forwarder
 from ..tree import InvalidValue, valid_uid
 from . import csrf
 from .context import Ctx, ctx, current_user, render
+from .outcomes import actions, http_error
 from .preview import first_image, preview
 from .users import User
 
 router = APIRouter()
+log = logging.getLogger("fiona.web")
+
+#: studies per page of the Assign list: one audit entry names every study a page shows
+PAGE_SIZE = audit.MAX_ITEMS
+
+#: what a page may say after a redirect: `?done=<code>`, never free text from the URL
+MESSAGES = {"created": "Request created; the study will be de-identified and sent.",
+            "exists": "This request exists already; nothing was changed.",
+            "resent": "The project's requests for this study will be sent again.",
+            "moved": "The study was moved to the new participant and will be sent again."}
 
 
 def _uid(value: str) -> str:
@@ -36,42 +51,64 @@ def _need_assign(user: User) -> None:
         raise HTTPException(403, "you have no assign role in any project")
 
 
-def _project_names(c: Ctx) -> list[str]:
-    return [p.name for p in c.control.projects()]
-
-
-def _check_project(c: Ctx, user: User, project: str, right: str | None = "assign") -> None:
-    if project not in _project_names(c):
+def _member(c: Ctx, user: User, project: str) -> None:
+    """404 for an unknown project, 403 without a role in it."""
+    if project not in [p.name for p in c.control.projects()]:
         raise HTTPException(404, f"no project {project!r}")
-    if not user.can(project, right):
-        raise HTTPException(403, f"you have no {right or 'role'} in project {project}")
+    if not user.can(project):
+        raise HTTPException(403, f"you have no role in project {project}")
 
 
-def study_row(study: Study, requested: bool) -> dict:
-    return {"uid": study.uid, "arrival": study.arrival, "date": study.date, "time": study.time,
-            "description": study.description, "accession": study.accession,
-            "modalities": sorted({s.modality for s in study.series if s.modality}),
-            "series": len(study.series), "images": sum(s.num_files for s in study.series),
-            "sender": study.calling_ae, "called": study.called_ae,
-            "labels": sorted({t for s in study.series for t in s.classify_types}),
-            "requested": requested}
+def _study(c: Ctx, user: User, uid: str) -> Study:
+    try:
+        return actions(c).study(user, _uid(uid))
+    except ActionError as exc:
+        raise http_error(user, exc) from None
 
 
-def studies(c: Ctx, q: str = "", date: str = "", waiting_only: bool = False) -> list[dict]:
-    requested = {r.study_uid for r in c.control.requests()}
+def study_row(study: Study, requested: bool, identified: bool = True) -> dict:
+    row = {"uid": study.uid, "arrival": study.arrival, "date": study.date, "time": study.time,
+           "description": study.description, "accession": study.accession,
+           "modalities": sorted({s.modality for s in study.series if s.modality}),
+           "series": len(study.series), "images": sum(s.num_files for s in study.series),
+           "sender": study.calling_ae, "called": study.called_ae,
+           "labels": sorted({t for s in study.series for t in s.classify_types}),
+           "requested": requested}
+    if not identified:
+        for name in IDENTIFIED_FIELDS:
+            row[name] = ""
+    return row
+
+
+def studies(c: Ctx, user: User, q: str = "", date: str = "", waiting_only: bool = False,
+            project: str = "") -> list[dict]:
+    """The studies `user` may see (`fiona.access`), newest first; identified fields blanked
+    where the user may not see them. `project` keeps the studies requested for it."""
+    projects_of: dict[str, set[str]] = {}
+    for r in c.control.requests():
+        projects_of.setdefault(r.study_uid, set()).add(r.project)
     rows = []
     for s in c.control.studies():
-        row = study_row(s, s.uid in requested)
+        projects = projects_of.get(s.uid, set())
+        if not may_see(user, projects) or (project and project not in projects):
+            continue
+        row = study_row(s, bool(projects), may_see_identified(user, projects))
         if waiting_only and row["requested"]:
             continue
         if date and date.replace("-", "") not in (s.date, s.arrival[:10].replace("-", "")):
             continue
-        if q:
-            hay = " ".join(str(v) for v in row.values()).lower()
-            if q.lower() not in hay:
-                continue
+        if q and q.lower() not in " ".join(str(v) for v in row.values()).lower():
+            continue
         rows.append(row)
     rows.sort(key=lambda r: r["arrival"], reverse=True)
+    return rows
+
+
+def _page(c: Ctx, user: User, rows: list[dict], page: int, shown: str) -> list[dict]:
+    """One page of rows, its display of identified values audited."""
+    start = max(page - 1, 0) * PAGE_SIZE
+    rows = rows[start:start + PAGE_SIZE]
+    actions(c).viewed(user, shown, IDENTIFIED_FIELDS, [r["uid"] for r in rows if r["accession"]])
     return rows
 
 
@@ -91,56 +128,49 @@ def _assign_projects(c: Ctx, user: User) -> list:
     return [p for p in c.control.projects() if p.active and user.can(p.name, "assign")]
 
 
-def _study_or_404(c: Ctx, uid: str) -> Study:
-    study = c.control.study(uid)
-    if study is None:
-        raise HTTPException(404, f"no study {uid}")
-    return study
-
-
 def _study_page(request: Request, c: Ctx, user: User, study: Study, status: int = 200,
                 **extra):
     projects = _assign_projects(c, user)
     participants = {p.name: c.control.participants(p.name) for p in projects}
+    actions(c).viewed(user, "study page", IDENTIFIED_FIELDS, [study.uid])
     return render(request, "study.html", status, study=study, projects=projects,
                   participants=participants, history=_history(c, user, study.uid), **extra)
 
 
-def _do_assign(c: Ctx, user: User, uid: str, project: str, participant: str,
-               event: str) -> dict:
-    """Create the request; audit it (and a new participant). Raises ControlPlaneError."""
-    _check_project(c, user, project)
-    new_participant = participant not in c.control.participants(project)
-    req = Assigner(c.control, c.keyed).request(uid, project, participant, event, "assign")
-    if req is None:
-        return {"created": False, "message": "this request exists already"}
-    if new_participant:
-        c.audit(user.name, "new participant", project=project, participant=participant)
-    c.audit(user.name, "assign", study_uid=uid, project=project, participant=participant,
-            event=event, instance=req.instance)
-    try:
-        notify_forwarder(c.site)
-    except OSError:
-        pass
-    return {"created": True, "instance": req.instance,
-            "message": f"request for {project}/{participant}/{event} created"}
+def _refused(request: Request, c: Ctx, user: User, study: Study, exc: Exception, project: str,
+             participant: str, event: str):
+    """The study page again, with the refusal and the form as it was filled in."""
+    error = http_error(user, exc)
+    naming = ""
+    if project in [p.name for p in c.control.projects()]:
+        proj = c.control.project(project)
+        try:
+            proj.check_participant(participant)
+        except ControlPlaneError:
+            naming = proj.naming
+    return _study_page(request, c, user, study, error.status_code, error=error.detail,
+                       naming=naming, form={"project": project, "participant": participant,
+                                            "event": event})
 
 
 # --- pages ------------------------------------------------------------------------------------
 @router.get("/assign", include_in_schema=False)
-def assign_list(request: Request, q: str = "", date: str = "", all: int = 0,
+def assign_list(request: Request, q: str = "", date: str = "", all: int = 0, page: int = 1,
                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
-    return render(request, "assign.html", rows=studies(c, q, date, waiting_only=not all),
-                  q=q, date=date, all=all)
+    rows = studies(c, user, q, date, waiting_only=not all)
+    pages = max(ceil(len(rows) / PAGE_SIZE), 1)
+    page = min(max(page, 1), pages)
+    return render(request, "assign.html", rows=_page(c, user, rows, page, "assign list"),
+                  total=len(rows), page=page, pages=pages, q=q, date=date, all=all)
 
 
 @router.get("/assign/{study_uid}", include_in_schema=False)
-def assign_study(request: Request, study_uid: str, user: User = Depends(current_user),
-                 c: Ctx = Depends(ctx)):
+def assign_study(request: Request, study_uid: str, done: str = "",
+                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
-    study = _study_or_404(c, _uid(study_uid))
-    return _study_page(request, c, user, study, message=request.query_params.get("msg", ""))
+    study = _study(c, user, study_uid)
+    return _study_page(request, c, user, study, message=MESSAGES.get(done, ""))
 
 
 @router.post("/assign/{study_uid}/confirm", include_in_schema=False,
@@ -149,18 +179,13 @@ def assign_confirm(request: Request, study_uid: str, project: str = Form(""),
                    participant: str = Form(""), event: str = Form(""),
                    user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
-    study = _study_or_404(c, _uid(study_uid))
-    _check_project(c, user, project)
-    proj = c.control.project(project)
+    study = _study(c, user, study_uid)
     participant = participant.strip()
     try:
-        proj.check_participant(participant)
-        proj.check_event(event)
-    except ControlPlaneError as exc:
-        return _study_page(request, c, user, study, 400, error=str(exc), naming=proj.naming,
-                           form={"project": project, "participant": participant,
-                                 "event": event})
-    rows, preview_error, image = [], "", None
+        proj, existing = actions(c).check_assign(user, study.uid, project, participant, event)
+    except (ActionError, ControlPlaneError) as exc:
+        return _refused(request, c, user, study, exc, project, participant, event)
+    rows, preview_error = [], ""
     try:
         image = first_image(c.datadir, study.uid, [s.uid for s in study.series])
         if image is None:
@@ -168,10 +193,12 @@ def assign_confirm(request: Request, study_uid: str, project: str = Form(""),
         else:
             rows = preview(c.datadir, c.key, proj, participant, event, image)
     except Exception as exc:  # the preview must not block an assignment
-        preview_error = f"preview failed: {exc}"
+        log.error("study %s: preview failed: %s", study.uid, type(exc).__name__)
+        preview_error = f"preview failed: {exc}" if user.admin else "the preview failed"
+    actions(c).viewed(user, "preview", [r["name"] for r in rows if r["changed"]], [study.uid])
     return render(request, "confirm.html", study=study, project=project,
                   participant=participant, event=event, rows=rows,
-                  preview_error=preview_error,
+                  preview_error=preview_error, exists=existing is not None,
                   new_participant=participant not in c.control.participants(project))
 
 
@@ -181,57 +208,54 @@ def assign_send(request: Request, study_uid: str, project: str = Form(""),
                 participant: str = Form(""), event: str = Form(""),
                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
-    study = _study_or_404(c, _uid(study_uid))
+    study = _study(c, user, study_uid)
     try:
-        result = _do_assign(c, user, study.uid, project, participant.strip(), event)
-    except ControlPlaneError as exc:
-        naming = c.control.project(project).naming if project in _project_names(c) else ""
-        return _study_page(request, c, user, study, 400, error=str(exc), naming=naming,
-                           form={"project": project, "participant": participant,
-                                 "event": event})
+        result = actions(c).assign(user, study.uid, project, participant, event)
+    except (ActionError, ControlPlaneError) as exc:
+        return _refused(request, c, user, study, exc, project, participant, event)
     # redirect after the POST, so that reloading the page cannot send the form again
-    return RedirectResponse(f"/assign/{study.uid}?{urlencode({'msg': result['message']})}",
-                            status_code=303)
+    return RedirectResponse(f"/assign/{study.uid}?done={result.code}", status_code=303)
 
 
 @router.post("/assign/{study_uid}/resend", include_in_schema=False,
              dependencies=[Depends(csrf.require_csrf)])
 def assign_resend(request: Request, study_uid: str, project: str = Form(""),
                   user: User = Depends(current_user), c: Ctx = Depends(ctx)):
-    if not user.admin:
-        raise HTTPException(403, "only admins can resend")
-    study = _study_or_404(c, _uid(study_uid))
-    _check_project(c, user, project)
-    n = Assigner(c.control, c.keyed).resend(project, study.uid)
-    c.audit(user.name, "resend", study_uid=study.uid, project=project, requests=n)
+    study = _study(c, user, study_uid)
     try:
-        notify_forwarder(c.site)
-    except OSError:
-        pass
-    return _study_page(request, c, user, study, message=f"{n} request(s) asked for again")
+        actions(c).resend(user, project, study.uid)
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    return RedirectResponse(f"/assign/{study.uid}?done=resent", status_code=303)
 
 
-def _coupling(c: Ctx, user: User, text: str, filename: str = "") -> dict:
-    for fields in csv.reader(io.StringIO(text)):
-        if len(fields) >= 4 and fields[1].strip() not in ("ProjectName", "") and \
-                fields[1].strip() in _project_names(c) and not user.can(fields[1].strip(), "assign"):
-            raise HTTPException(403, f"you have no assign role in project {fields[1].strip()}")
-    report = Assigner(c.control, c.keyed).upload_coupling(text)
-    lines = [{"line": x.line, "status": x.status, "detail": x.detail} for x in report.lines]
-    c.audit(user.name, "coupling upload", file=filename, accepted=report.accepted,
-            lines=len(lines), requests=len(report.requests))
-    if report.requests:
-        try:
-            notify_forwarder(c.site)
-        except OSError:
-            pass
-    return {"lines": lines, "accepted": report.accepted, "requests": len(report.requests)}
+@router.post("/assign/{study_uid}/move", include_in_schema=False,
+             dependencies=[Depends(csrf.require_csrf)])
+def assign_move(request: Request, study_uid: str, project: str = Form(""),
+                participant: str = Form(""), event: str = Form(""),
+                user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    study = _study(c, user, study_uid)
+    try:
+        actions(c).move(user, study.uid, project, participant, event or None)
+    except (ActionError, ControlPlaneError) as exc:
+        return _refused(request, c, user, study, exc, project, participant, event)
+    return RedirectResponse(f"/assign/{study.uid}?done=moved", status_code=303)
 
 
 @router.get("/coupling", include_in_schema=False)
 def coupling_page(request: Request, user: User = Depends(current_user)):
     _need_assign(user)
     return render(request, "coupling.html", report=None)
+
+
+def _coupling(c: Ctx, user: User, text: str, filename: str) -> dict:
+    try:
+        report = actions(c).upload_coupling(user, text, filename)
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    return {"lines": [{"line": x.line, "status": x.status, "detail": x.detail}
+                      for x in report.lines],
+            "accepted": report.accepted, "requests": len(report.requests)}
 
 
 @router.post("/coupling", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
@@ -247,32 +271,38 @@ async def coupling_upload(request: Request, user: User = Depends(current_user),
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = data.decode("latin-1")
-    report = _coupling(c, user, text, upload.filename or "")
-    return render(request, "coupling.html", report=report)
+    return render(request, "coupling.html", report=_coupling(c, user, text, upload.filename or ""))
 
 
 # --- JSON -------------------------------------------------------------------------------------
 @router.get("/api/studies", tags=["assign"])
 def api_studies(q: str = "", date: str = "", project: str = "", waiting: bool = True,
-                user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> list[dict]:
-    """Studies in quarantine, newest first (waiting: without a request); `project` limits
-    to studies requested for that project (403 without a role in it)."""
+                page: int = 1, user: User = Depends(current_user),
+                c: Ctx = Depends(ctx)) -> dict:
+    """Studies in quarantine that the user may see, newest first, `PAGE_SIZE` a page (waiting:
+    without a request); `project` limits to studies requested for that project (403 without a
+    role in it). Accession numbers are blank where the user may not see identified values."""
     if project:
-        _check_project(c, user, project, None)
-        uids = {r.study_uid for r in c.control.requests() if r.project == project}
-        return [r for r in studies(c, q, date) if r["uid"] in uids]
-    _need_assign(user)
-    return studies(c, q, date, waiting_only=waiting)
+        _member(c, user, project)
+        rows = studies(c, user, q, date, project=project)
+    else:
+        _need_assign(user)
+        rows = studies(c, user, q, date, waiting_only=waiting)
+    return {"total": len(rows), "page": page, "page_size": PAGE_SIZE,
+            "studies": _page(c, user, rows, page, "api studies")}
 
 
 @router.get("/api/study/{study_uid}", tags=["assign"])
 def api_study(study_uid: str, user: User = Depends(current_user),
               c: Ctx = Depends(ctx)) -> dict:
-    """One study with its series and the requests of the user's projects."""
+    """One study with its series and the requests of the user's projects (404 for a study
+    that belongs to projects the user has no role in)."""
     _need_assign(user)
-    study = _study_or_404(c, _uid(study_uid))
-    return {**study_row(study, False), "series_list": [asdict(s) for s in study.series],
-            "requests": _history(c, user, study.uid)}
+    study = _study(c, user, study_uid)
+    actions(c).viewed(user, "api study", IDENTIFIED_FIELDS, [study.uid])
+    history = _history(c, user, study.uid)
+    return {**study_row(study, bool(actions(c).projects_of(study.uid))),
+            "series_list": [asdict(s) for s in study.series], "requests": history}
 
 
 @router.get("/api/projects", tags=["assign"])
@@ -287,7 +317,7 @@ def api_projects(user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> l
 def api_participants(project: str, user: User = Depends(current_user),
                      c: Ctx = Depends(ctx)) -> list[str]:
     """A project's participants (403 without a role in it)."""
-    _check_project(c, user, project, None)
+    _member(c, user, project)
     return c.control.participants(project)
 
 
@@ -296,7 +326,7 @@ def api_requests(study_uid: str = "", project: str = "", user: User = Depends(cu
                  c: Ctx = Depends(ctx)) -> list[dict]:
     """Transfer requests of the user's projects (one study's or one project's)."""
     if project:
-        _check_project(c, user, project, None)
+        _member(c, user, project)
     uid = _uid(study_uid) if study_uid else None
     out = []
     for r in c.control.requests(uid):
@@ -312,13 +342,30 @@ def api_requests(study_uid: str = "", project: str = "", user: User = Depends(cu
 def api_assign(study_uid: str = Body(...), project: str = Body(...),
                participant: str = Body(...), event: str = Body(...),
                user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
-    """Create a transfer request (400 with the naming rule for a bad participant ID)."""
+    """Create a transfer request. 400 with the rule that refused it: the naming rule for a
+    bad participant ID, an inactive project or one outside its ethics period, a study already
+    assigned in the project to another participant (admins: `/api/move`)."""
     _need_assign(user)
-    study = _study_or_404(c, _uid(study_uid))
     try:
-        return _do_assign(c, user, study.uid, project, participant.strip(), event)
-    except ControlPlaneError as exc:
-        raise HTTPException(400, str(exc)) from None
+        result = actions(c).assign(user, _uid(study_uid), project, participant, event)
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    return {"created": result.created, "message": MESSAGES[result.code],
+            "instance": result.request.instance if result.request else None}
+
+
+@router.post("/api/move", tags=["assign"], dependencies=[Depends(csrf.require_csrf)])
+def api_move(study_uid: str = Body(...), project: str = Body(...),
+             participant: str = Body(...), event: str = Body(""),
+             user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
+    """Admins: move a study's request in a project to another participant (and event); it is
+    sent again under the new participant."""
+    try:
+        req = actions(c).move(user, _uid(study_uid), project, participant, event or None)
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    return {"moved": True, "instance": req.instance, "participant": req.participant,
+            "event": req.event}
 
 
 @router.post("/api/coupling", tags=["assign"], dependencies=[Depends(csrf.require_csrf)])

@@ -1,4 +1,7 @@
-"""Status: daemons (running, last activity, last error), queues, disk, `enabled` switches."""
+"""Status: daemons (running, last activity, last error), queues, disk, `enabled` switches.
+
+Daemon log lines and server paths are for admins only: other users see each daemon's state and
+when it last logged an error, the queue counts and the disk state, never the text."""
 
 from __future__ import annotations
 
@@ -8,14 +11,16 @@ import re
 import shutil
 from pathlib import Path
 
-from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, Form, Request
 from fastapi.responses import RedirectResponse
 
+from ..actions import ActionError
 from ..config import ENABLED_PARTS
 from ..daemon import FILE_NAMES
-from ..tree import Tree, atomic_write
+from ..tree import Tree
 from . import csrf
 from .context import Ctx, ctx, current_user, render
+from .outcomes import actions, http_error
 from .users import User
 
 router = APIRouter()
@@ -55,7 +60,7 @@ def _tail(path: Path, size: int = 256 * 1024) -> list[str]:
         return []
 
 
-def daemons(c: Ctx) -> list[dict]:
+def daemons(c: Ctx, admin: bool) -> list[dict]:
     tree = Tree(c.datadir)
     out = []
     for name, per_site in _daemon_names():
@@ -65,8 +70,12 @@ def daemons(c: Ctx) -> list[dict]:
         lines = _tail(tree.logs / f"{files}{suffix}.log")
         last = next((m.group(1) for line in reversed(lines) if (m := _STAMP.match(line))), "")
         error = next((line for line in reversed(lines) if " ERROR " in line), "")
-        out.append({"name": name, "running": running, "pid": pid if running else "",
-                    "last_activity": last, "last_error": error[:500]})
+        stamp = _STAMP.match(error)
+        row = {"name": name, "running": running, "pid": pid if running else "",
+               "last_activity": last, "last_error_at": stamp.group(1) if stamp else ""}
+        if admin:
+            row["last_error"] = error[:500]
+        out.append(row)
     return out
 
 
@@ -79,59 +88,52 @@ def switches(c: Ctx) -> list[dict]:
             for part, i in sorted(ENABLED_PARTS.items(), key=lambda kv: kv[1])]
 
 
-def status(c: Ctx) -> dict:
+def status(c: Ctx, admin: bool) -> dict:
     reqs = c.control.requests()
     requested = {r.study_uid for r in reqs}
     waiting = sum(1 for s in c.control.studies() if s.uid not in requested)
     usage = shutil.disk_usage(c.datadir)
     percent = round(100 * usage.used / usage.total, 1) if usage.total else 0.0
-    return {"daemons": daemons(c),
+    disk = {"used_percent": percent, "free_gb": round(usage.free / 1e9, 1),
+            "cleanup_percent": c.config.cleanup_percent,
+            "refuse_store_percent": c.config.refuse_store_percent,
+            "state": ("refusing" if percent >= c.config.refuse_store_percent else
+                      "cleanup" if percent >= c.config.cleanup_percent else "ok")}
+    if admin:
+        disk["path"] = str(c.datadir)
+    return {"daemons": daemons(c, admin),
             "queues": {"studies_waiting": waiting,
                        "requests_pending": sum(1 for r in reqs if r.pending and not r.error_flags),
                        "requests_failed": sum(1 for r in reqs if r.error_flags)},
-            "disk": {"path": str(c.datadir), "used_percent": percent,
-                     "free_gb": round(usage.free / 1e9, 1),
-                     "cleanup_percent": c.config.cleanup_percent,
-                     "refuse_store_percent": c.config.refuse_store_percent,
-                     "state": ("refusing" if percent >= c.config.refuse_store_percent else
-                               "cleanup" if percent >= c.config.cleanup_percent else "ok")},
+            "disk": disk,
             "switches": switches(c)}
 
 
 def set_switch(c: Ctx, user: User, part: str, on: bool) -> None:
-    if not user.admin:
-        raise HTTPException(403, "only admins can change the switches")
-    if part not in ENABLED_PARTS:
-        raise HTTPException(400, f"unknown switch {part!r}; known: {', '.join(ENABLED_PARTS)}")
-    path = c.datadir / "config" / "enabled"
     try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        text = ""
-    chars = list(text.ljust(len(ENABLED_PARTS), "1"))
-    i = ENABLED_PARTS[part]
-    before = chars[i]
-    chars[i] = "1" if on else "0"
-    atomic_write(path, ("".join(chars) + "\n").encode())
-    c.audit(user.name, "switch", part=part, before=before, after=chars[i])
+        actions(c).set_switch(user, part, on)
+    except ActionError as exc:
+        raise http_error(user, exc) from None
 
 
 @router.get("/status", include_in_schema=False)
-def status_page(request: Request, user: User = Depends(current_user), c: Ctx = Depends(ctx)):
-    return render(request, "status.html", s=status(c), message=request.query_params.get("msg", ""))
+def status_page(request: Request, done: str = "", user: User = Depends(current_user),
+                c: Ctx = Depends(ctx)):
+    return render(request, "status.html", s=status(c, user.admin),
+                  message="The switch was set." if done == "switch" else "")
 
 
 @router.post("/status/switch", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
 def status_switch(part: str = Form(...), value: str = Form(...),
                   user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     set_switch(c, user, part, value in ("1", "on", "true"))
-    return RedirectResponse(f"/status?msg=switch+{part}+set", status_code=303)
+    return RedirectResponse("/status?done=switch", status_code=303)
 
 
 @router.get("/api/status", tags=["status"])
 def api_status(user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
-    """Daemons, queue lengths, disk use and switches."""
-    return status(c)
+    """Daemons, queue lengths, disk use and switches (log text and paths for admins only)."""
+    return status(c, user.admin)
 
 
 @router.post("/api/status/switch", tags=["status"], dependencies=[Depends(csrf.require_csrf)])

@@ -1,0 +1,245 @@
+"""What people do to the gateway, once for the web pages and the `fiona` command alike: assign
+a study, upload a coupling list, ask for a resend, flip an `enabled` switch, and see identified
+values. Each action checks who may do it, applies the rules of `fiona.control.assign`, writes
+its audit entry and wakes the forwarder; the callers only translate arguments and results.
+
+The CLI acts as `OsActor` (audited as `os:<login name>`): whoever can run `fiona` on the
+server can read the data tree anyway, so the OS user holds every right.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from . import audit
+from .access import Actor, may_see, may_see_identified
+from .config import ENABLED_PARTS, Config, Site
+from .control import open_control_plane
+from .control.assign import COUPLING_HEADER, Assigner, CouplingReport
+from .control.base import ControlPlane, Project, Study, TransferRequest
+from .control.keyed import Keyed
+from .daemon import notify_forwarder
+from .tree import atomic_write
+
+log = logging.getLogger("fiona.actions")
+
+
+class ActionError(Exception):
+    """An action was not taken; the text says why, for the person who asked."""
+
+
+class Forbidden(ActionError):
+    """The actor lacks the role the action needs."""
+
+
+class NotFound(ActionError):
+    """The study or project does not exist, or the actor may not know that it does."""
+
+
+class Invalid(ActionError):
+    """An argument is not one of the allowed values."""
+
+
+@dataclass(frozen=True)
+class OsActor:
+    """The OS user running `fiona`: every right, audited under its login name."""
+
+    login: str
+
+    @classmethod
+    def current(cls) -> "OsActor":
+        return cls(getpass.getuser())
+
+    @property
+    def name(self) -> str:
+        return f"os:{self.login}"
+
+    @property
+    def admin(self) -> bool:
+        return True
+
+    def can(self, project: str, right: str | None = None) -> bool:
+        return True
+
+    def has_right(self, right: str) -> bool:
+        return True
+
+
+@dataclass
+class AssignResult:
+    created: bool
+    request: TransferRequest | None = None
+    new_participant: bool = False
+
+    @property
+    def code(self) -> str:
+        """The message code pages show (never free text in a URL)."""
+        return "created" if self.created else "exists"
+
+
+def _coupling_projects(text: str) -> set[str]:
+    """The project names a coupling-list CSV mentions (to check roles before storing it)."""
+    column = COUPLING_HEADER.index("ProjectName")
+    return {fields[column].strip() for fields in csv.reader(io.StringIO(text))
+            if len(fields) > column}
+
+
+class Actions:
+    """The actions on one site's control plane."""
+
+    def __init__(self, site: Site, control: ControlPlane, keyed: Keyed):
+        self.site = site
+        self.datadir = site.datadir
+        self.control = control
+        self.keyed = keyed
+
+    @classmethod
+    def open(cls, config: Config, site_name: str | None = None) -> "Actions":
+        site = config.site(site_name)
+        return cls(site, open_control_plane(config, site), Keyed.from_datadir(site.datadir))
+
+    # --- shared --------------------------------------------------------------------------------
+    def audit(self, actor: Actor, action: str, **details: Any) -> None:
+        audit.append(self.datadir, actor.name, action, details)
+
+    def _wake_forwarder(self) -> None:
+        try:
+            notify_forwarder(self.site)
+        except OSError as exc:  # the forwarder polls as a fallback; the request is stored
+            log.warning("could not wake the forwarder: %s", exc)
+
+    def _project_names(self) -> list[str]:
+        return [p.name for p in self.control.projects()]
+
+    def _need(self, actor: Actor, project: str, right: str | None) -> None:
+        if project not in self._project_names():
+            raise NotFound(f"no project {project!r}")
+        if not actor.can(project, right):
+            raise Forbidden(f"you have no {right or 'role'} in project {project}")
+
+    def projects_of(self, study_uid: str) -> set[str]:
+        """The projects a study is requested for (none: it is waiting)."""
+        return {r.project for r in self.control.requests(study_uid)}
+
+    def study(self, actor: Actor, study_uid: str) -> Study:
+        """The study, if `actor` may see it (`fiona.access`); else NotFound, so that nobody
+        learns which studies other projects hold."""
+        study = self.control.study(study_uid)
+        if study is None or not may_see(actor, self.projects_of(study_uid)):
+            raise NotFound(f"no study {study_uid}")
+        return study
+
+    def viewed(self, actor: Actor, shown: str, fields: Iterable[str],
+               study_uids: Iterable[str]) -> None:
+        """Audit one display of identified values: who, which studies, what was shown."""
+        uids = list(study_uids)
+        fields = list(fields)
+        if uids and fields:
+            self.audit(actor, "view identified", shown=shown, fields=fields, studies=uids)
+
+    # --- actions -------------------------------------------------------------------------------
+    def check_assign(self, actor: Actor, study_uid: str, project: str, participant: str,
+                     event: str) -> tuple[Project, TransferRequest | None]:
+        """Everything `assign` checks, without making the request (for the confirm page):
+        the project and the request that exists already, if any. Raises Forbidden, NotFound,
+        or ControlPlaneError with the refusal of the assignment rules (naming rule, event,
+        inactive project, ethics period, a study already assigned to another participant)."""
+        self._need(actor, project, "assign")
+        study = self.study(actor, study_uid)
+        if not may_see_identified(actor, self.projects_of(study.uid)):
+            raise Forbidden(f"you have no assign role for study {study.uid}")
+        assigner = Assigner(self.control, self.keyed)
+        proj = assigner._checked(project, participant.strip(), event)
+        return proj, assigner.existing(study.uid, project, participant.strip(), event)
+
+    def assign(self, actor: Actor, study_uid: str, project: str, participant: str,
+               event: str) -> AssignResult:
+        """Request `study_uid` for (project, participant, event); raises as `check_assign`."""
+        participant = participant.strip()
+        self.check_assign(actor, study_uid, project, participant, event)
+        new_participant = participant not in self.control.participants(project)
+        req = Assigner(self.control, self.keyed).request(study_uid, project, participant, event,
+                                                         "assign")
+        if req is None:
+            return AssignResult(False)
+        if new_participant:
+            self.audit(actor, "new participant", project=project, participant=participant)
+        self._audit_request(actor, "assign", req)
+        self._wake_forwarder()
+        return AssignResult(True, req, new_participant)
+
+    def move(self, actor: Actor, study_uid: str, project: str, participant: str,
+             event: str | None = None) -> TransferRequest:
+        """Admins: give the study's request in `project` another participant (and event); it is
+        sent again, replacing the de-identified study at the destination."""
+        if not actor.admin:
+            raise Forbidden("only admins can move a study to another participant")
+        self._need(actor, project, None)
+        self.study(actor, study_uid)
+        before = [(r.participant, r.event) for r in self.control.requests(study_uid)
+                  if r.project == project]
+        req = Assigner(self.control, self.keyed).reassign(study_uid, project,
+                                                          participant.strip(), event)
+        self.audit(actor, "move", study_uid=study_uid, project=project,
+                   before=[f"{p}/{e}" for p, e in before], participant=req.participant,
+                   event=req.event, instance=req.instance)
+        self._wake_forwarder()
+        return req
+
+    def _audit_request(self, actor: Actor, action: str, req: TransferRequest) -> None:
+        self.audit(actor, action, study_uid=req.study_uid, project=req.project,
+                   participant=req.participant, event=req.event, instance=req.instance)
+
+    def upload_coupling(self, actor: Actor, text: str, filename: str = "") -> CouplingReport:
+        """A coupling list: each line checked and reported; one audit line for the upload and
+        one per request it created. Forbidden when a row names a project where `actor` has
+        no assign role (nothing is stored then)."""
+        for project in sorted(_coupling_projects(text) & set(self._project_names())):
+            if not actor.can(project, "assign"):
+                raise Forbidden(f"you have no assign role in project {project}")
+        report = Assigner(self.control, self.keyed).upload_coupling(text)
+        self.audit(actor, "coupling upload", file=filename, accepted=report.accepted,
+                   lines=len(report.lines), requests=len(report.requests))
+        for req in report.requests:
+            self._audit_request(actor, "coupling request", req)
+        if report.requests:
+            self._wake_forwarder()
+        return report
+
+    def resend(self, actor: Actor, project: str, study_uid: str | None = None) -> int:
+        """Ask again for the transferred requests of a project (or of one study); admins only.
+        Returns how many."""
+        if not actor.admin:
+            raise Forbidden("only admins can resend")
+        self._need(actor, project, None)
+        if study_uid is not None:
+            self.study(actor, study_uid)
+        n = Assigner(self.control, self.keyed).resend(project, study_uid)
+        self.audit(actor, "resend", study_uid=study_uid or "", project=project, requests=n)
+        if n:
+            self._wake_forwarder()
+        return n
+
+    def set_switch(self, actor: Actor, part: str, on: bool) -> bool:
+        """Set one character of the `enabled` file (admins only); returns whether it changed."""
+        if not actor.admin:
+            raise Forbidden("only admins can change the switches")
+        if part not in ENABLED_PARTS:
+            raise Invalid(f"unknown switch {part!r}; known: {', '.join(ENABLED_PARTS)}")
+        path = self.datadir / "config" / "enabled"
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        chars = list(text.ljust(len(ENABLED_PARTS), "1"))
+        i = ENABLED_PARTS[part]
+        before = chars[i]
+        chars[i] = "1" if on else "0"
+        atomic_write(path, ("".join(chars) + "\n").encode())
+        self.audit(actor, "switch", part=part, before=before, after=chars[i])
+        return before != chars[i]
