@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import threading
-import time
 from datetime import datetime, timedelta
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..control import open_control_plane
 from ..control.assign import Arrival, Assigner
@@ -39,6 +39,8 @@ from .workflows import Workflow
 log = logging.getLogger("fiona.arrival")
 
 RETRY_SECONDS = (2, 5, 10, 30)
+#: a quiet study whose series JSONs are not written yet is looked at again after this
+INDEXER_WAIT_SECONDS = 5
 COUPLING_SWEEP_SECONDS = 15
 #: rows are asked for from this long before the last sweep: the control plane's clock may
 #: differ from ours, and a row seen twice makes no second request
@@ -102,15 +104,18 @@ class _Wake(FileSystemEventHandler):
 
 
 class ArrivalDetector:
-    """Turns quiet studies into registered, assigned studies; one per site."""
+    """Turns quiet studies into registered, assigned studies; one per site. `clock` decides
+    when a study is quiet and when a retry is due (tests advance a FakeClock)."""
 
-    def __init__(self, config: Config, site: Site, control: ControlPlane, keyed: Keyed):
+    def __init__(self, config: Config, site: Site, control: ControlPlane, keyed: Keyed,
+                 clock: Clock = SYSTEM_CLOCK):
         self.site = site
         self.tree = Tree(site.datadir).make()
         self.quiet = config.study_quiet_seconds
         self.control = control
         self.keyed = keyed
-        self.assigner = Assigner(control, keyed)
+        self.clock = clock
+        self.assigner = Assigner(control, keyed, clock)
         self.workflows = [Workflow.from_config(w) for w in config.workflows]
         self.indexer = JournalReader(self.tree.journal, "received", "indexer")
         self._retry_at: dict[str, float] = {}
@@ -132,11 +137,11 @@ class ArrivalDetector:
 
     def due(self) -> tuple[list[tuple[str, list[TouchFile]]], float]:
         """Studies quiet long enough, and the seconds until the next one will be."""
-        now = time.time()
+        now = self.clock.time()
         ready, wait = [], 60.0
         for study, files in self.touch_files().items():
             remaining = max(f.mtime for f in files) + self.quiet - now
-            retry = self._retry_at.get(study, 0.0) - time.monotonic()
+            retry = self._retry_at.get(study, 0.0) - self.clock.monotonic()
             remaining = max(remaining, retry)
             if remaining <= 0:
                 ready.append((study, files))
@@ -144,17 +149,18 @@ class ArrivalDetector:
                 wait = min(wait, remaining)
         return ready, wait
 
-    def process(self, study_uid: str, files: list[TouchFile]) -> None:
-        """Register, assign, run workflows, then remove the touch files we saw."""
+    def process(self, study_uid: str, files: list[TouchFile]) -> bool:
+        """Register, assign, run workflows, then remove the touch files we saw; False when
+        the study has no series JSON yet (it is looked at again later)."""
         arrival = study_from_series(self.tree, study_uid)
         if arrival is None:
             log.warning("study %s: no series indexed yet; waiting for the indexer", study_uid)
-            self._retry_at[study_uid] = time.monotonic() + 5
-            return
+            self._retry_at[study_uid] = self.clock.monotonic() + INDEXER_WAIT_SECONDS
+            return False
         study = arrival.study
         known = self.control.study(study_uid)
         amendment = known is not None
-        study.arrival = known.arrival if known else now_iso()
+        study.arrival = known.arrival if known else now_iso(self.clock)
         study.patient_id_hash = self.keyed.patient_id(arrival.patient_id)
         study.patient_name_hash = self.keyed.patient_name(arrival.patient_name)
         self.control.register_study(study)
@@ -166,7 +172,8 @@ class ArrivalDetector:
                  sum(s.num_files for s in study.series), study.calling_ae, study.called_ae,
                  len(made))
         for workflow in self.workflows:
-            workflow.run(study_uid, [s.uid for s in study.series], self.tree.raw / study_uid)
+            workflow.run(study_uid, [s.uid for s in study.series], self.tree.raw / study_uid,
+                         lambda text: self.keyed.redact(text, *arrival.identifiers))
         for touch in files:
             try:
                 if touch.path.stat().st_mtime == touch.mtime:
@@ -174,6 +181,7 @@ class ArrivalDetector:
             except FileNotFoundError:
                 pass
         self.arrivals += 1
+        return True
 
     def step(self) -> float:
         """Process what is due; returns how long to sleep at most."""
@@ -182,18 +190,18 @@ class ArrivalDetector:
             return 1.0  # series JSONs are still being written
         for study_uid, files in ready:
             try:
-                self.process(study_uid, files)
-                self._retry_at.pop(study_uid, None)
-                self._failures.pop(study_uid, None)
+                if self.process(study_uid, files):
+                    self._retry_at.pop(study_uid, None)
+                    self._failures.pop(study_uid, None)
             except Unavailable as exc:
                 n = self._failures.get(study_uid, 0)
                 delay = RETRY_SECONDS[min(n, len(RETRY_SECONDS) - 1)]
                 self._failures[study_uid] = n + 1
-                self._retry_at[study_uid] = time.monotonic() + delay
+                self._retry_at[study_uid] = self.clock.monotonic() + delay
                 log.warning("study %s waits: the control plane is unreachable (%s); retrying "
                             "in %d s", study_uid, exc, delay)
-                wait = min(wait, delay)
-        return wait
+        now = self.clock.monotonic()
+        return min([wait, *(at - now for at in self._retry_at.values() if at > now)])
 
     def sweep_coupling(self, since: datetime | None) -> None:
         """Coupling rows entered in the control plane itself (REDCap) since `since` (all of
@@ -220,14 +228,14 @@ class ArrivalDetector:
         try:
             while not stop.is_set():
                 wait = self.step()
-                if time.monotonic() - last_sweep > COUPLING_SWEEP_SECONDS:
-                    stamp = datetime.now()
+                if self.clock.monotonic() - last_sweep > COUPLING_SWEEP_SECONDS:
+                    stamp = self.clock.now()
                     try:
                         self.sweep_coupling(since)
                         since = stamp
                     except Unavailable as exc:
                         log.warning("coupling list not checked: %s", exc)
-                    last_sweep = time.monotonic()
+                    last_sweep = self.clock.monotonic()
                 wake.wait(max(0.2, min(wait, 5.0)))
                 wake.clear()
         finally:

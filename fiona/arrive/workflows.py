@@ -3,8 +3,9 @@
 Each is an argv list or a container image, with the placeholders `@StudyInstanceUID@`,
 `@SeriesInstanceUID@` and `@PATH@` replaced by validated values; never through a shell, so no
 value can become a command. A workflow that names `@SeriesInstanceUID@` runs once per series,
-otherwise once per study. Failures are logged with the command and its output; they do not
-stop the arrival.
+otherwise once per study. Failures are logged with the command and the end of its output,
+with the study's identifiers replaced by keyed references (a converter may well print the
+patient's name); they do not stop the arrival.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..tree import valid_uid
 
@@ -47,7 +49,9 @@ class Workflow:
         return [[a.replace("@StudyInstanceUID@", study).replace("@SeriesInstanceUID@", s)
                  .replace("@PATH@", str(path)) for a in self.argv] for s in targets]
 
-    def run(self, study: str, series: list[str], path: Path) -> bool:
+    def run(self, study: str, series: list[str], path: Path,
+            redact: Callable[[str], str]) -> bool:
+        """Run the commands; `redact` cleans the program's output before it is logged."""
         ok = True
         for argv in self.commands(study, series, path):
             try:
@@ -55,12 +59,12 @@ class Workflow:
                                      timeout=self.timeout, check=False)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.error("workflow %s for study %s could not run %s: %s", self.name, study,
-                          argv[0], exc)
+                          argv[0], redact(str(exc)))
                 ok = False
                 continue
             if res.returncode != 0:
                 log.error("workflow %s for study %s exited %d: %s", self.name, study,
-                          res.returncode, (res.stderr or res.stdout).strip()[-500:])
+                          res.returncode, redact((res.stderr or res.stdout).strip())[-500:])
                 ok = False
             else:
                 log.info("workflow %s for study %s done", self.name, study)
