@@ -559,17 +559,23 @@ class RedcapEmulator:
                         for i, name in enumerate(events)] if longitudinal else [],
                 creation_time=self._clock().strftime(TIME_FORMAT))
 
-    def add_from_manifest(self, tokens: dict[str, str]) -> None:
+    def add_from_manifest(self, tokens: dict[str, str],
+                          research_events: Iterable[str] | None = None) -> None:
         """Create every project named in `tokens` (name -> token, the shape of tokens.json)
         with the settings of config/redcap/projects.json; names not in the manifest are
-        research projects and get the ResearchProjectTemplate settings."""
+        research projects and get the ResearchProjectTemplate settings, with
+        `research_events` instead of the template's events if given."""
         manifest = json.loads((self.dictionaries_dir / "projects.json").read_text())
         for name, token in tokens.items():
+            research = name not in manifest
             settings = manifest.get(name, manifest["ResearchProjectTemplate"])
+            events = settings.get("events", ())
+            if research and research_events is not None:
+                events = tuple(research_events)
             self.add_project(token, name, settings["dictionary"],
                              repeating=settings.get("repeating", ()),
                              longitudinal=settings.get("longitudinal", False),
-                             events=settings.get("events", ()))
+                             events=events)
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -51,10 +51,7 @@ def clock() -> Clock:
 @pytest.fixture
 def emu(clock):
     emulator = RedcapEmulator(clock=clock)
-    emulator.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
-    emulator.add_project(TOKENS["PROJ"], "PROJ", "ResearchProjectTemplate.csv",
-                         repeating=("imaging",), longitudinal=True,
-                         events=("baseline", "followup"))
+    emulator.add_from_manifest(TOKENS, research_events=("baseline", "followup"))
     emulator.start()
     yield emulator
     emulator.stop()
