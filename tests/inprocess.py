@@ -10,11 +10,11 @@ themselves are tested end to end in test_arrival.py and test_receive.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pydicom
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from .. import quarantine
+from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..daemon import FILE_NAMES, PIPE_INDEXER, pipe_path, running
 from ..journal import JournalReader, Position, WakeupListener
@@ -83,10 +83,12 @@ def _date_time(ds: Dataset) -> str:
 
 
 class Indexer:
-    """Turns archived files into the raw/ tree and series JSONs; one per site."""
+    """Turns archived files into the raw/ tree and series JSONs; one per site. `clock`
+    decides when a quiet series is forgotten and when a burst is flushed."""
 
-    def __init__(self, site: Site, rules: RuleSet):
+    def __init__(self, site: Site, rules: RuleSet, clock: Clock = SYSTEM_CLOCK):
         self.site = site
+        self.clock = clock
         self.tree = Tree(site.datadir).make()
         self.rules = rules
         self.reader = JournalReader(self.tree.journal, JOURNAL, CONSUMER)
@@ -125,7 +127,7 @@ class Indexer:
             record = SeriesRecord.load(self.tree.series_json(study, series),
                                        self.tree.series_dir(study, series))
             self.series[key] = record
-        self._touched[key] = time.monotonic()
+        self._touched[key] = self.clock.monotonic()
         return record
 
     # --- batches -------------------------------------------------------------------------------
@@ -161,15 +163,19 @@ class Indexer:
         return total
 
     def _hold(self, line: str, exc: Exception) -> None:
-        reason = f"cannot index: {type(exc).__name__}: {str(exc)[:300]}"
-        quarantine.hold(self.tree, "index", reason, {"journal-line.txt": line.encode()},
+        """Keep the journal line and the error in quarantine. The reason, which is also
+        logged, names only the kind of error: a reader's message may quote a header value
+        (a name, a birth date), so the message itself stays in the quarantine folder."""
+        reason = f"cannot index: {type(exc).__name__} (the message is in error.txt)"
+        quarantine.hold(self.tree, "index", reason,
+                        {"journal-line.txt": line.encode(), "error.txt": str(exc).encode()},
                         {"journal_line": line[:500]},
-                        "the file stays in the archive, unindexed; fix the cause (see the "
-                        "reason) and send the study again")
+                        "the file stays in the archive, unindexed; fix the cause (see "
+                        "error.txt) and send the study again")
 
     def _evict(self) -> None:
         """Forget series that have been quiet for a while (their JSON is on disk)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for key, seen in list(self._touched.items()):
             if now - seen > IDLE_EVICT_SECONDS and not self.series[key].dirty:
                 del self.series[key]
@@ -188,16 +194,16 @@ class Indexer:
             while not stop.is_set():
                 n = self.index_pending()
                 if n and not pending:
-                    first = time.monotonic()
+                    first = self.clock.monotonic()
                 pending += n
                 if not pending:
                     listener.wait(poll)
                     continue
-                if (n and time.monotonic() - first < flush_every) or (
+                if (n and self.clock.monotonic() - first < flush_every) or (
                         not n and listener.wait(settle)):
                     continue
                 self.flush()
-                log.info("indexed %d files in %.2f s", pending, time.monotonic() - first)
+                log.info("indexed %d files in %.2f s", pending, self.clock.monotonic() - first)
                 pending = 0
         finally:
             self.flush()
