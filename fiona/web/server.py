@@ -1,4 +1,8 @@
-"""`fiona web`: serve the web application with uvicorn on WEB.host:WEB.port."""
+"""`fiona web`: serve the web application with uvicorn on WEB.host:WEB.port.
+
+Plain HTTP on loopback; for other machines put an HTTPS reverse proxy in front (README) and set
+`WEB.secure_cookies` (or pass `--https`) so the browser sends the session cookie over HTTPS only.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ def run(config: Config, site: str | None = None, verbose: bool = False,
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.web.get("host", "127.0.0.1"),
             port=port or int(config.web.get("port", 8080)), log_config=None,
-            proxy_headers=True, forwarded_allow_ips="127.0.0.1"))
+            # X-Forwarded-For is read by the app, from WEB.trusted_proxies only
+            proxy_headers=False, server_header=False))
         # uvicorn handles SIGTERM/SIGINT itself while serving, then restores `running`'s
         server.run()
         stop.set()
