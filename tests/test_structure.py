@@ -20,7 +20,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from fiona.receive.structure import Malformed, Truncated, scan
+from fiona.receive.structure import Invalid, Malformed, Truncated, scan
 
 STUDY = 0x0020000D
 SERIES = 0x0020000E
@@ -263,3 +263,115 @@ def test_stray_delimiter_at_top_level_is_not_accepted():
     except Malformed:
         result = None
     assert result is None
+
+
+# ---------------------------------------------------------------- inside sequences (issue 12)
+# Hand-encoded explicit VR little endian, so that each length can be made to lie.
+
+def el(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def item(content: bytes, defined: bool = True) -> bytes:
+    if defined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+    return (struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + content
+            + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+
+
+def sequence(group: int, elem: int, items: bytes, defined: bool = True) -> bytes:
+    if defined:
+        return el(group, elem, b"SQ", items)
+    return (struct.pack("<HH2sHI", group, elem, b"SQ", 0, 0xFFFFFFFF) + items
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+CODE = el(0x0008, 0x0100, b"SH", b"T1") + el(0x0008, 0x0102, b"SH", b"99X ")
+HEAD = el(0x0008, 0x0018, b"UI", SOP_UID.encode() + b"\x00")
+TAIL = el(0x0020, 0x000D, b"UI", STUDY_UID.encode() + b"\x00")
+
+
+def with_sequence(seq: bytes) -> bytes:
+    """SOPInstanceUID, the sequence (as ProcedureCodeSequence, 0008,1032), StudyInstanceUID."""
+    return HEAD + seq + TAIL
+
+
+@pytest.mark.parametrize("defined_items", [True, False], ids=["items-defined", "items-undefined"])
+@pytest.mark.parametrize("defined_seq", [True, False], ids=["seq-defined", "seq-undefined"])
+def test_well_formed_sequences_of_every_length_kind(defined_seq, defined_items):
+    inner = sequence(0x0040, 0xA043, item(CODE, defined_items), defined_seq)  # nested
+    items = item(CODE, defined_items) + item(CODE + inner, defined_items)
+    data = with_sequence(sequence(0x0008, 0x1032, items, defined_seq))
+    assert scan(data, False, True, WANTED) == {SOP: SOP_UID.encode() + b"\x00",
+                                                STUDY: STUDY_UID.encode() + b"\x00"}
+
+
+def test_item_longer_than_its_defined_length_sequence():
+    """An item declaring 968 bytes where only 703 remain in its sequence (the data set
+    goes on after it) was skipped over with the sequence and stored."""
+    body = CODE + el(0x0008, 0x0104, b"LO", b"x" * (703 - len(CODE) - 8))
+    seq = el(0x0008, 0x1032, b"SQ", struct.pack("<HHI", 0xFFFE, 0xE000, 968) + body)
+    data = with_sequence(seq) + el(0x0020, 0x000E, b"UI", b"1.2" + b"4" * 1000)
+    with pytest.raises(Invalid, match="needs 968 bytes, but only 703 remain"):
+        scan(data, False, True, WANTED)
+
+
+def test_element_longer_than_its_defined_length_item():
+    bad = CODE[:-6] + struct.pack("<H", 40) + CODE[-4:]  # (0008,0102) claims 40 bytes
+    data = with_sequence(sequence(0x0008, 0x1032, item(bad) + item(CODE)))
+    with pytest.raises(Invalid, match=r"value of \(0008,0102\)"):
+        scan(data, False, True, WANTED)
+
+
+def test_data_set_cut_inside_a_nested_item_is_truncated():
+    inner = sequence(0x0040, 0xA043, item(CODE, False), defined=False)
+    data = with_sequence(sequence(0x0008, 0x1032, item(CODE + inner, False), defined=False))
+    cut = data.find(b"99X", data.find(b"\x40\x00\x43\xa0"))
+    with pytest.raises(Truncated):
+        scan(data[:cut], False, True, WANTED)
+
+
+def test_undelimited_item_inside_a_defined_length_sequence():
+    undelimited = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + CODE
+    data = with_sequence(el(0x0008, 0x1032, b"SQ", undelimited))
+    with pytest.raises(Invalid, match="item delimiter"):
+        scan(data, False, True, WANTED)
+
+
+def test_sequence_in_implicit_vr_is_walked_by_the_dictionary():
+    ds = make_dataset(sequence=True)
+    data = bytearray(encode(ds, implicit=True))
+    # ProcedureCodeSequence (0008,1032) has a defined length; make its one item claim more
+    at = offset_of(bytes(data), 0x00081032) + 8
+    assert struct.unpack_from("<HH", data, at) == (0xFFFE, 0xE000)
+    struct.pack_into("<I", data, at + 4, struct.unpack_from("<I", data, at + 4)[0] + 2)
+    with pytest.raises(Malformed):
+        scan(bytes(data), True, True, WANTED)
+
+
+def test_un_of_undefined_length_holds_implicit_vr_items():
+    implicit_code = struct.pack("<HHI", 0x0008, 0x0100, 2) + b"T1"
+    un = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"UN", 0, 0xFFFFFFFF) + item(implicit_code)
+          + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    assert scan(with_sequence(un), False, True, WANTED)[STUDY] == STUDY_UID.encode() + b"\x00"
+
+
+@pytest.mark.parametrize("where", ["top", "item"])
+def test_repeated_and_unordered_tags_are_invalid(where):
+    twice = CODE + el(0x0008, 0x0102, b"SH", b"99X ")
+    swapped = el(0x0008, 0x0102, b"SH", b"99X ") + el(0x0008, 0x0100, b"SH", b"T1")
+    for content, word in ((twice, "repeats"), (swapped, "comes after")):
+        if where == "top":
+            data = HEAD + TAIL + (TAIL if word == "repeats" else HEAD)
+        else:
+            data = with_sequence(sequence(0x0008, 0x1032, item(content)))
+        with pytest.raises(Invalid, match=word):
+            scan(data, False, True, WANTED)
+
+
+def test_each_item_orders_its_own_tags():
+    """The same tags in two items, and item tags below the sequence's own tag, are fine."""
+    data = with_sequence(sequence(0x0008, 0x1032, item(CODE) + item(CODE), defined=False))
+    assert scan(data, False, True, WANTED)[SOP] == SOP_UID.encode() + b"\x00"
