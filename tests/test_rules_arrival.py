@@ -6,7 +6,9 @@ tested in test_arrival.py."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from fiona.arrive.detector import RETRY_SECONDS, ArrivalDetector
 from fiona.control.base import Project
 from fiona.control.redcap import RedcapControlPlane
 from inprocess import LocalSite
-from redcap_emulator import RedcapEmulator
+from redcap_emulator import DICTIONARIES_DIR, RedcapEmulator
 
 QUIET = 16.0
 
@@ -165,14 +167,20 @@ def test_workflow_runs_on_arrival_and_its_output_is_logged_without_identifiers(t
         assert clear not in caplog.text
 
 
-def test_control_plane_down_arrival_waits_and_is_retried_on_the_clock(tmp_path, caplog):
-    """REDCap down: the study waits with a log line, retries back off on the clock, and it
-    arrives once REDCap is back; nothing is lost meanwhile."""
-    emulator = RedcapEmulator()
+def redcap_control_plane(dictionaries: Path = DICTIONARIES_DIR
+                          ) -> tuple[RedcapEmulator, RedcapControlPlane]:
+    """The control-plane projects in a running REDCap emulator, and a client for them."""
+    emulator = RedcapEmulator(dictionaries)
     tokens = {name: f"{i:032X}" for i, name in enumerate(
         ["Incoming", "Routing", "CouplingList", "AutoID", "DataTransferProjects"], start=1)}
     emulator.add_from_manifest(tokens)
-    redcap = RedcapControlPlane(emulator.start(), tokens, timeout=30)
+    return emulator, RedcapControlPlane(emulator.start(), tokens, timeout=30)
+
+
+def test_control_plane_down_arrival_waits_and_is_retried_on_the_clock(tmp_path, caplog):
+    """REDCap down: the study waits with a log line, retries back off on the clock, and it
+    arrives once REDCap is back; nothing is lost meanwhile."""
+    emulator, redcap = redcap_control_plane()
     site = LocalSite.create(tmp_path, STUDY_QUIET_SECONDS=QUIET)
     try:
         detector = ArrivalDetector(site.config, site.site, redcap, site.keyed, site.clock)
@@ -195,6 +203,34 @@ def test_control_plane_down_arrival_waits_and_is_retried_on_the_clock(tmp_path, 
         detector.step()
         assert len(redcap.study(made["study"]).series) == 1
         assert not any(site.tree.arrived.iterdir())
+    finally:
+        emulator.stop()
+        site.close()
+
+
+def test_control_plane_refusal_waits_and_is_logged_without_identifiers(tmp_path, caplog):
+    """A REDCap whose Incoming project validates the accession number as an integer refuses
+    the study, quoting the value: the detector keeps running, retries, and logs the refusal
+    with the accession number replaced by its keyed reference."""
+    dictionaries = tmp_path / "redcap"
+    shutil.copytree(DICTIONARIES_DIR, dictionaries)
+    incoming = dictionaries / "Incoming.csv"
+    incoming.write_text(incoming.read_text().replace(
+        "study_accession_number,incoming_studies,,text,Accession number,,,",
+        "study_accession_number,incoming_studies,,text,Accession number,,,integer"))
+    emulator, redcap = redcap_control_plane(dictionaries)
+    site = LocalSite.create(tmp_path, STUDY_QUIET_SECONDS=QUIET)
+    try:
+        detector = ArrivalDetector(site.config, site.site, redcap, site.keyed, site.clock)
+        made = make_study(tmp_path / "s", n_series=1, images_per_series=1, accession="ACC9Z",
+                          seed=10)
+        site.arrive(made["files"])
+        site.clock.advance(QUIET + 1)
+        with caplog.at_level(logging.WARNING, logger="fiona"):
+            assert detector.step() == RETRY_SECONDS[0]
+        assert "the control plane refused it" in caplog.text
+        assert "ref:" in caplog.text and "ACC9Z" not in caplog.text
+        assert any(site.tree.arrived.iterdir()) and redcap.study(made["study"]) is None
     finally:
         emulator.stop()
         site.close()

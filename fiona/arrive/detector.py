@@ -29,7 +29,8 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..control import open_control_plane
 from ..control.assign import Arrival, Assigner
-from ..control.base import ControlPlane, Series, Study, Unavailable, now_iso
+from ..control.base import (ControlPlane, ControlPlaneError, Series, Study, Unavailable,
+                            now_iso)
 from ..control.keyed import Keyed
 from ..daemon import FILE_NAMES, notify_forwarder, running
 from ..journal import JournalReader
@@ -163,8 +164,11 @@ class ArrivalDetector:
         study.arrival = known.arrival if known else now_iso(self.clock)
         study.patient_id_hash = self.keyed.patient_id(arrival.patient_id)
         study.patient_name_hash = self.keyed.patient_name(arrival.patient_name)
-        self.control.register_study(study)
-        made = self.assigner.on_arrival(arrival, amendment)
+        try:
+            self.control.register_study(study)
+            made = self.assigner.on_arrival(arrival, amendment)
+        except ControlPlaneError as exc:  # its text may quote a value the backend refused
+            raise type(exc)(self.keyed.redact(str(exc), *arrival.identifiers)) from None
         if made:
             notify_forwarder(self.site)
         log.info("study %s %s: %d series, %d files, from %s to %s; %d request(s)", study_uid,
@@ -193,13 +197,17 @@ class ArrivalDetector:
                 if self.process(study_uid, files):
                     self._retry_at.pop(study_uid, None)
                     self._failures.pop(study_uid, None)
-            except Unavailable as exc:
+            except ControlPlaneError as exc:
                 n = self._failures.get(study_uid, 0)
                 delay = RETRY_SECONDS[min(n, len(RETRY_SECONDS) - 1)]
                 self._failures[study_uid] = n + 1
                 self._retry_at[study_uid] = self.clock.monotonic() + delay
-                log.warning("study %s waits: the control plane is unreachable (%s); retrying "
-                            "in %d s", study_uid, exc, delay)
+                if isinstance(exc, Unavailable):
+                    log.warning("study %s waits: the control plane is unreachable (%s); "
+                                "retrying in %d s", study_uid, exc, delay)
+                else:
+                    log.error("study %s waits: the control plane refused it (%s); retrying in "
+                              "%d s", study_uid, exc, delay)
         now = self.clock.monotonic()
         return min([wait, *(at - now for at in self._retry_at.values() if at > now)])
 
