@@ -1,5 +1,5 @@
-"""The forwarder's rules, in process, against the local control plane and a folder
-destination, on a fake clock: back-off after a destination error, permanent failures, resends
+"""The forwarder's rules, in process, against each control-plane backend (local SQLite, the
+REDCap emulator) and a folder destination, on a fake clock: back-off after a destination error, permanent failures, resends
 (also in the same second as the completion), a revision raised while sending, and requests
 held while their project is closed. Nothing sleeps: time moves when a test advances it."""
 
@@ -20,7 +20,12 @@ from fiona.control import open_control_plane
 from fiona.control.assign import Assigner
 from fiona.control.base import ControlPlane, Project, TransferRequest, now_iso
 from fiona.control.keyed import Keyed
+from fiona.control.redcap import RedcapControlPlane
 from fiona.send.forward import BACKOFF_SECONDS, HOLD_SECONDS, Forwarder
+from redcap_emulator import RedcapEmulator
+
+TOKENS = {"Incoming": "A" * 32, "Routing": "B" * 32, "CouplingList": "C" * 32,
+          "AutoID": "D" * 32, "DataTransferProjects": "E" * 32, "PROJ": "F" * 32}
 
 NOW = datetime(2026, 3, 2, 9, 30, 0)
 
@@ -28,13 +33,13 @@ NOW = datetime(2026, 3, 2, 9, 30, 0)
 class Site:
     """A data tree with one study on disk, a project and a forwarder on a fake clock."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, control: ControlPlane | None = None):
         self.blocker = tmp_path / "blocker"        # a file here blocks the destination
         self.research = self.blocker / "research"
         config = load(str(init(tmp_path / "data", port=11112, ip="127.0.0.1", extra={
             "DESTINATIONS": {"research": {"type": "folder", "path": str(self.research)}}})))
         site = config.site(None)
-        self.control: ControlPlane = open_control_plane(config, site)
+        self.control: ControlPlane = control or open_control_plane(config, site)
         self.control.save_project(Project("PROJ", naming="^P[0-9]{4}$",
                                           events=["baseline", "followup"]))
         self.clock = FakeClock(start=NOW)
@@ -70,9 +75,18 @@ class Site:
         self.control.save_project(replace(self.control.project("PROJ"), **changes))
 
 
-@pytest.fixture
-def site(tmp_path) -> Site:
-    return Site(tmp_path)
+@pytest.fixture(params=["local", "redcap"])
+def site(request, tmp_path) -> Site:
+    if request.param == "local":
+        yield Site(tmp_path)
+        return
+    emulator = RedcapEmulator()
+    emulator.add_from_manifest(TOKENS, research_events=("baseline", "followup"))
+    emulator.start()
+    try:
+        yield Site(tmp_path, RedcapControlPlane(emulator.url, dict(TOKENS), timeout=30))
+    finally:
+        emulator.stop()
 
 
 def test_sent_once_and_recorded(site):
@@ -181,3 +195,18 @@ def test_approval_period_ends_are_inclusive(site):
     req = site.request()
     site.run_due()
     assert site.stored(req).complete
+
+
+def test_a_reassigned_request_goes_under_its_new_participant_only(site):
+    """The forwarder knows requests by instance: a reassign changes the key, and the old
+    participant's version must not linger in what it has cached (REDCap's changes-since)."""
+    req = site.request()
+    site.set_project(active=False)
+    site.run_due()                                  # held, cached by the forwarder
+    site.control.reassign_request(site.stored(req), "P0002", "followup")
+    site.set_project(active=True)
+    site.clock.advance(HOLD_SECONDS)
+    assert [(r.participant, r.event) for r in site.forwarder.due()] == [("P0002", "followup")]
+    site.run_due()
+    sent = site.stored(req)
+    assert sent.participant == "P0002" and sent.complete and not sent.pending

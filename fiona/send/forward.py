@@ -70,6 +70,12 @@ def destination_name(config: Config, project: Project) -> str:
     return "research" if "research" in config.destinations else next(iter(config.destinations))
 
 
+def identity(req: TransferRequest) -> tuple[str, int]:
+    """What names a request from one read to the next: a reassign changes its key
+    (participant, event), not its instance."""
+    return (req.study_uid, req.instance)
+
+
 @dataclass
 class Outcome:
     files: int = 0
@@ -90,16 +96,16 @@ class Forwarder:
         self.tree = Tree(site.datadir).make()
         self.control = control
         self.key = read_secret(site.datadir / "config" / "secret.key")
-        self._retry_at: dict[tuple, float] = {}
-        self._failures: dict[tuple, int] = {}
-        self._pending: dict[tuple, TransferRequest] = {}
+        self._retry_at: dict[tuple[str, int], float] = {}
+        self._failures: dict[tuple[str, int], int] = {}
+        self._pending: dict[tuple[str, int], TransferRequest] = {}
         self._since: str | None = None
 
     # --- one request --------------------------------------------------------------------------
     def process(self, req: TransferRequest) -> None:
         """Do revision `req.revision` of a request: send it, hold it, back off or fail."""
         started = self.clock.monotonic()
-        key = req.key()
+        key, ident = req.key(), identity(req)
         try:
             project = self.control.project(req.project)
             reason = project.approval_problem(self.clock.now().date())
@@ -108,7 +114,7 @@ class Forwarder:
                 return
             outcome = self._deidentify_and_send(req, project)
         except PermanentFailure as exc:
-            self._pending.pop(key, None)
+            self._pending.pop(ident, None)
             self._finish(req, started, error=(exc.flag, str(exc)))
             log.error("request %s/%s/%s for study %s failed: %s", *key[1:], key[0], exc)
             return
@@ -117,13 +123,13 @@ class Forwarder:
             return
         except Exception as exc:  # a bug or an unreadable file must not stop the daemon
             log.exception("request for study %s failed unexpectedly", req.study_uid)
-            self._pending.pop(key, None)
+            self._pending.pop(ident, None)
             self._finish(req, started, error=(ERROR_DEID, f"internal error: "
                                               f"{type(exc).__name__}: {str(exc)[:300]}"))
             return
-        self._failures.pop(key, None)
-        self._retry_at.pop(key, None)
-        self._pending.pop(key, None)
+        self._failures.pop(ident, None)
+        self._retry_at.pop(ident, None)
+        self._pending.pop(ident, None)
         req.mapped_uid = outcome.mapped_study
         self._finish(req, started, masked=outcome.masked > 0)
         log.info("study %s -> %s/%s/%s: %d files in %d series sent and verified as %s "
@@ -133,18 +139,18 @@ class Forwarder:
 
     def _backoff(self, req: TransferRequest, exc: Exception) -> None:
         """Keep the request pending and try again later, waiting longer each time."""
-        key = req.key()
-        n = self._failures.get(key, 0)
+        ident = identity(req)
+        n = self._failures.get(ident, 0)
         delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
-        self._failures[key] = n + 1
-        self._retry_at[key] = self.clock.monotonic() + delay
+        self._failures[ident] = n + 1
+        self._retry_at[ident] = self.clock.monotonic() + delay
         log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
                     req.study_uid, req.project, exc, delay)
 
     def _hold(self, req: TransferRequest, reason: str) -> None:
         """Keep the request pending, neither sent nor failed, with the reason on it (written
         once, not at every look); look again after HOLD_SECONDS."""
-        self._retry_at[req.key()] = self.clock.monotonic() + HOLD_SECONDS
+        self._retry_at[identity(req)] = self.clock.monotonic() + HOLD_SECONDS
         message = f"held: {reason}; it is sent when the project is open again"
         if req.error_message == message and not req.error_flags:
             return
@@ -267,17 +273,17 @@ class Forwarder:
         fetch = getattr(self.control, "requests_since", None)
         stamp = self.clock.now() - POLL_OVERLAP
         if fetch is None or self._since is None:
-            self._pending = {r.key(): r for r in self.control.pending_requests()}
+            self._pending = {identity(r): r for r in self.control.pending_requests()}
         else:
             for r in fetch(self._since):
                 if r.pending:
-                    self._pending[r.key()] = r
+                    self._pending[identity(r)] = r
                 else:
-                    self._pending.pop(r.key(), None)
+                    self._pending.pop(identity(r), None)
         self._since = stamp.isoformat(sep=" ", timespec="seconds")
         now = self.clock.monotonic()
         return sorted((r for r in self._pending.values()
-                       if self._retry_at.get(r.key(), 0.0) <= now), key=lambda r: r.requested)
+                       if self._retry_at.get(identity(r), 0.0) <= now), key=lambda r: r.requested)
 
     def run(self, stop: threading.Event) -> None:
         listener = WakeupListener(pipe_path(self.site, PIPE_FORWARDER))
