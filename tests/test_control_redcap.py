@@ -5,6 +5,7 @@ and methods export only the records and forms they need."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,7 @@ from fiona.control.base import (ControlPlaneError, CouplingRow, Project, Routing
 from fiona.control.keyed import Keyed
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
-from redcap_emulator import RedcapEmulator
+from redcap_emulator import DICTIONARIES_DIR, RedcapEmulator
 
 TOKENS = {
     "Incoming": "A" * 32,
@@ -415,8 +416,6 @@ def test_requests_made_before_revisions_keep_their_state(cp, emu):
 
 def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
     """A REDCap Incoming project made for an older FIONA: a clear error naming the fields."""
-    import shutil
-    from redcap_emulator import DICTIONARIES_DIR
     old = tmp_path / "dictionaries"
     shutil.copytree(DICTIONARIES_DIR, old)
     text = (old / "Incoming.csv").read_text().splitlines(keepends=True)

@@ -10,6 +10,10 @@ What this backend does differently from the system FIONA replaces:
   instrument is involved), and `coupling_rows_since`, `requests_since` and `studies_since` use
   `dateRangeBegin` so a daemon can poll for changes.
 - Writes are batched: a study and all its series are one import.
+- Transfer requests are created idempotently per (study, project) without transactions
+  (`add_request`: the repeat instance is a hash of the two), and whether one is pending is
+  decided by revision counters (`transfer_revision`, `transfer_done_revision`), not by
+  comparing timestamps; an Incoming project without those fields is refused by name.
 - Tokens live in `tokens.json` (mode 0600), TLS is always verified, and every error names the
   REDCap project and URL it concerns.
 
