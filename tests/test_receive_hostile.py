@@ -26,7 +26,7 @@ from pydicom.filewriter import write_dataset
 from fiona.bootstrap import init
 from fiona.config import load
 from fiona.receive.storescp import Receiver
-from fiona.receive.ul import MAX_COMMAND, AcceptorServer, Deadlines, printable_ae
+from fiona.receive.ul import MAX_COMMAND, AcceptorServer, Deadlines, printable
 from fiona.tree import Tree
 from helpers import dcmtk, free_port, raw_c_store, wait_for
 
@@ -333,13 +333,24 @@ MALFORMED_RQ = {
     # name: (PDU bytes, expected A-ABORT reason or A-ASSOCIATE-RJ triple, log fragment)
     "unknown item type": (associate_rq(DEFAULT_ITEMS + (item(0x77, b"??"),)), 4,
                           "unrecognized type 0x77"),
-    "unknown user sub-item": (associate_rq(DEFAULT_ITEMS[:3] + (user_info(16384, item(0x5F, b"x")),)),
-                              4, "unrecognized type 0x5f"),
+    "unknown sub-item in a context": (associate_rq((DEFAULT_ITEMS[0], item(0x20, bytes(4) + item(
+        0x30, MR.encode()) + item(0x66, b"x")), DEFAULT_ITEMS[3])), 4, "unrecognized type 0x66"),
     "cut maximum length": (associate_rq(DEFAULT_ITEMS[:3] + (item(0x50, item(0x51, b"\x00")),)),
-                           6, "malformed A-ASSOCIATE-RQ"),
+                           6, "maximum length sub-item of 1 bytes"),
+    "abstract syntax not a UID": (associate_rq((DEFAULT_ITEMS[0], item(0x20, bytes([1, 0, 0, 0])
+                                                + item(0x30, b"1.2.\xff\x00\n")
+                                                + item(0x40, EXPLICIT_LE.encode())),
+                                                DEFAULT_ITEMS[3])),
+                                  6, "item 0x30 in presentation context is not a UID: "
+                                  "'1.2.\\xff\\x00\\x0a'"),
+    "application context not a UID": (associate_rq((item(0x10, b"x" * 70),) + DEFAULT_ITEMS[1:]),
+                                      6, "item 0x10 in A-ASSOCIATE-RQ is not a UID"),
+    "item header cut": (associate_rq(DEFAULT_ITEMS + (b"\x10\x00",)), 6,
+                        "ends inside an item header"),
     "short fixed part": (pdu(0x01, bytes(40)), 6, "shorter than its 68-byte fixed part"),
     "item overruns": (associate_rq((item(0x10, APP_CONTEXT), b"\x20\x00\xff\xff\x01\x00"
-                                    b"\x00\x00", user_info())), 6, "malformed A-ASSOCIATE-RQ"),
+                                    b"\x00\x00", user_info())), 6, "item 0x20 of 65535 bytes "
+                      "overruns its A-ASSOCIATE-RQ"),
     "context ID twice": (associate_rq(DEFAULT_ITEMS[:2] + DEFAULT_ITEMS[1:]), 6,
                          "presentation context ID twice"),
     "P-DATA first": (p_data(pdv(1, 3, c_echo_rq())), 2, "expected A-ASSOCIATE-RQ, got P-DATA-TF"),
@@ -356,7 +367,8 @@ MALFORMED_RQ = {
 
 
 @pytest.mark.parametrize("name", list(MALFORMED_RQ))
-def test_malformed_request_gets_abort_or_reject_and_one_log_line(receiver, lines, name):
+def test_malformed_request_gets_abort_or_reject_and_one_log_line(receiver, lines, caplog,
+                                                                 name):
     payload, expected, fragment = MALFORMED_RQ[name]
     rx = receiver()
     with closing(connect(rx.port)) as sock:
@@ -370,7 +382,17 @@ def test_malformed_request_gets_abort_or_reject_and_one_log_line(receiver, lines
     assert fragment in line
     wait_for(lambda: not rx.server._threads, PEER_TIMEOUT, "the worker to finish")
     assert len([l for l in lines() if f":{port} " in l]) == 1, lines()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and not r.name.startswith("fiona")], "pynetdicom or pydicom logged"
     assert rx.thread.is_alive()
+
+
+def test_extended_negotiation_sub_items_are_ignored(receiver):
+    rq = associate_rq(DEFAULT_ITEMS[:3] + (user_info(16384, item(0x5F, b"x"), item(
+        0x54, struct.pack(">H", 3) + b"1.2" + b"\x01\x01"), item(0x52, b"1.2.3")),))
+    with closing(established(receiver().port, rq)) as sock:
+        sock.sendall(pdu(0x05, bytes(4)))
+        assert read_pdu(sock)[0] == 0x06
 
 
 # ------------------------------------------------------------------ 3, 4, 6: DIMSE level
@@ -496,10 +518,10 @@ def test_truncation_inside_a_defined_length_sequence_is_refused(receiver):
 
 # ------------------------------------------------------------------ 7: AE titles in the log
 
-def test_printable_ae_escapes_what_is_not_printable_ascii():
-    assert printable_ae(b"  STORESCU  ") == "STORESCU"
-    assert printable_ae(b"EVIL\x00\n\xff\\A") == "EVIL\\x00\\x0a\\xff\\x5cA"
-    assert printable_ae(b" " * 16) == ""
+def test_printable_escapes_what_is_not_printable_ascii():
+    assert printable(b"  STORESCU  ") == "STORESCU"
+    assert printable(b"EVIL\x00\n\xff\\A") == "EVIL\\x00\\x0a\\xff\\x5cA"
+    assert printable(b" " * 16) == ""
 
 
 def test_hostile_ae_titles_reach_the_log_escaped(receiver, lines):

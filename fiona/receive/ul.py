@@ -17,6 +17,7 @@ provider) or A-ASSOCIATE-RJ and one log line that names what was wrong.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
@@ -95,6 +96,14 @@ MAX_COMMAND = 64 << 10
 #: pynetdicom validates AE titles on decoding (and logs tracebacks for non-ASCII ones); we
 #: read them from the raw PDU instead and hand it this in their place
 _PLACEHOLDER_AE = b"FIONA-PEER".ljust(16)
+#: A-ASSOCIATE-RQ items (PS3.8 9.3.2): application context, presentation context, user
+#: information; in a presentation context: abstract and transfer syntax; in user information:
+#: maximum length (the only user sub-item we use)
+ITEM_APPLICATION, ITEM_CONTEXT, ITEM_USER = 0x10, 0x20, 0x50
+ITEM_ABSTRACT, ITEM_TRANSFER, ITEM_MAX_LENGTH = 0x30, 0x40, 0x51
+_UID_ITEMS = {ITEM_APPLICATION, ITEM_ABSTRACT, ITEM_TRANSFER}
+#: lenient on purpose (leading zeros pass); what pynetdicom is given cannot make it log
+_UID_BYTES = re.compile(rb"[0-9.]{1,64}[\x00 ]?")
 
 
 @dataclass(frozen=True)
@@ -129,10 +138,11 @@ class PeerClosed(ConnectionError):
         self.got = got
 
 
-def printable_ae(raw: bytes) -> str:
-    """An AE title from the network as text safe for logs, paths' inputs and journal lines:
-    surrounding spaces dropped, every byte outside printable ASCII (and the backslash, which
-    AE titles may not hold) written as \\xNN, so a title cannot forge log lines or carry NULs."""
+def printable(raw: bytes) -> str:
+    """Bytes from the network (an AE title, a UID) as text that is safe to log and record:
+    surrounding spaces dropped (they are padding), every byte outside printable ASCII and the
+    backslash (which AE titles and UIDs may not hold) written as \\xNN, so a peer can neither
+    forge log lines nor put NULs or terminal controls into them. Valid values pass unchanged."""
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
                    for b in raw.strip(b" "))
 
@@ -198,7 +208,8 @@ def _us(cmd: dict[int, bytes], elem: int, name: str) -> int:
 
 
 def _ui(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", errors="replace")
+    """A UID of a command set (escaped: it reaches logs and quarantine records as it came)."""
+    return printable(value.rstrip(b"\x00 "))
 
 
 def _encode_command(elements: list[tuple[int, str | int]]) -> bytes:
@@ -213,6 +224,41 @@ def _encode_command(elements: list[tuple[int, str | int]]) -> bytes:
                 raw += b"\x00"
         body += struct.pack("<HHI", 0, elem, len(raw)) + raw
     return struct.pack("<HHII", 0, 0, 4, len(body)) + bytes(body)
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+
+def _screen_items(data: bytes, pos: int, end: int, where: str, known: set[int] | None
+                  ) -> list[tuple[int, bytes]]:
+    """The (type, value) items from `pos` to `end` of an association PDU, each checked to fit
+    exactly, of a `known` type (any if None), with a UID where one belongs."""
+    items = []
+    while pos < end:
+        if pos + 4 > end:
+            raise ProtocolError(f"{where} ends inside an item header at byte {pos}")
+        item_type, _, length = struct.unpack_from(">BBH", data, pos)
+        start, pos = pos + 4, pos + 4 + length
+        if pos > end:
+            raise ProtocolError(f"item {item_type:#04x} of {length} bytes overruns its {where} "
+                                f"({end - start} bytes left)")
+        if known is not None and item_type not in known:
+            raise ProtocolError(f"{where} has an item of unrecognized type {item_type:#04x}",
+                                ABORT_UNRECOGNIZED_PARAMETER)
+        value = data[start:pos]
+        if item_type in _UID_ITEMS and not _UID_BYTES.fullmatch(value):
+            raise ProtocolError(f"item {item_type:#04x} in {where} is not a UID: "
+                                f"'{printable(value[:64])}'")
+        if item_type == ITEM_CONTEXT:
+            if length < 4:
+                raise ProtocolError(f"presentation context item of {length} bytes")
+            _screen_items(data, start + 4, pos, "presentation context",
+                          {ITEM_ABSTRACT, ITEM_TRANSFER})
+        if item_type == ITEM_MAX_LENGTH and known is None and length != 4:
+            raise ProtocolError(f"maximum length sub-item of {length} bytes, not 4")
+        items.append((item_type, value))
+    return items
 
 
 def _pdu_name(pdu_type: int) -> str:
@@ -357,7 +403,7 @@ class AssociationHandler:
         if len(body) < 68:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its "
                                 f"68-byte fixed part")
-        self.called_ae, self.calling_ae = printable_ae(body[4:20]), printable_ae(body[20:36])
+        self.called_ae, self.calling_ae = printable(body[4:20]), printable(body[20:36])
         prim = self._decode_rq(body)
         refusal = self.admission()
         if refusal is None and not struct.unpack_from(">H", body)[0] & 1:
@@ -397,24 +443,26 @@ class AssociationHandler:
         return True
 
     def _decode_rq(self, body: bytearray) -> A_ASSOCIATE:
-        """The request as a pynetdicom primitive; whatever its decoder raises on malformed
-        items (KeyError, IndexError, struct.error, ...) becomes a ProtocolError."""
+        """The request as a pynetdicom primitive. Its items are screened first, so that
+        pynetdicom (and pydicom under it) never sees what makes it raise or log; whatever its
+        decoder raises all the same becomes a ProtocolError."""
+        variable = bytearray()
+        for item_type, value in _screen_items(bytes(body), 68, len(body), "A-ASSOCIATE-RQ",
+                                              {ITEM_APPLICATION, ITEM_CONTEXT, ITEM_USER}):
+            if item_type == ITEM_USER:  # keep what we use; the peer's other sub-items are
+                # extended negotiation that we do not take part in (PS3.7 D.3.3)
+                value = b"".join(_item(t, v) for t, v in _screen_items(
+                    value, 0, len(value), "user information", None) if t == ITEM_MAX_LENGTH)
+            variable += _item(item_type, value)
         rq = A_ASSOCIATE_RQ()
-        raw = (struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(body)) + bytes(body[:4])
-               + _PLACEHOLDER_AE * 2 + bytes(body[36:]))
+        raw = bytes(body[:4]) + _PLACEHOLDER_AE * 2 + bytes(body[36:68]) + bytes(variable)
         try:
-            rq.decode(raw)
+            rq.decode(struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(raw)) + raw)
             prim = rq.to_primitive()
             ids = [int(cx.context_id) for cx in prim.presentation_context_definition_list]
-        except KeyError as exc:
-            key = exc.args[0] if exc.args else None
-            raise ProtocolError("A-ASSOCIATE-RQ has an item of unrecognized type "
-                                f"{key:#04x}" if isinstance(key, int) else
-                                f"A-ASSOCIATE-RQ has an unrecognized item ({key!r})",
-                                ABORT_UNRECOGNIZED_PARAMETER) from None
         except Exception as exc:
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: "
-                                f"{str(exc)[:200]})") from None
+                                f"{str(exc)[:200]!r})") from None
         if len(set(ids)) != len(ids):
             raise ProtocolError("A-ASSOCIATE-RQ proposes a presentation context ID twice")
         return prim
@@ -450,8 +498,9 @@ class AssociationHandler:
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(rj)
         self._send_last(pdu.encode())
-        log.info("association from %s:%d (%s -> %s) refused: %s", self.peer[0], self.peer[1],
-                 self.calling_ae, self.called_ae, _REFUSAL_TEXT[refusal])
+        log.log(logging.INFO if refusal == REFUSE_DISABLED else logging.WARNING,
+                "association from %s:%d (%s -> %s) refused: %s", self.peer[0], self.peer[1],
+                self.calling_ae, self.called_ae, _REFUSAL_TEXT[refusal])
 
     # --- DIMSE ---------------------------------------------------------------------------------
     def _serve(self) -> str:
