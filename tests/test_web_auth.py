@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
+from playwright.sync_api import Page, expect
 
-from helpers import Gateway, free_port
+from helpers import Gateway, free_port, wait_for
 from fiona.clock import FakeClock
 from fiona.config import ConfigError, load
 from fiona.web import users as users_module
@@ -23,6 +27,7 @@ from fiona.web.users import UserStore
 PASSWORD = "correct horse battery"
 LONG = "ä" * 40 + " a passphrase far longer than bcrypt's seventy-two bytes"  # 130 bytes
 TEMPLATES = Path(users_module.__file__).parent / "templates"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 class Site:
@@ -347,3 +352,62 @@ def test_secure_cookies_from_config(tmp_path: Path):
     plain = Site(tmp_path / "plain")
     r = login(plain.client(), "alice", PASSWORD)
     assert "Secure" not in r.headers["set-cookie"]
+
+
+# --- in Chromium: the CSP holds for real pages, an expired session returns where it was ---------
+@pytest.fixture
+def served(site: Site) -> Iterator[str]:
+    """The app on a loopback port, in this process so the test can move its FakeClock."""
+    server = uvicorn.Server(uvicorn.Config(site.app, host="127.0.0.1", port=free_port(),
+                                           log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn to start")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_pages_and_docs_run_under_the_csp_in_chromium(page: Page, site: Site, served: str):
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    page.goto(f"{served}/status")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#current-user")).to_have_text("admin")
+    assert page.evaluate("getComputedStyle(document.querySelector('nav')).display") == "flex"
+    page.goto(f"{served}/docs")
+    expect(page.locator(".swagger-ui .info")).to_contain_text("FIONA")  # blank before: CDN
+    expect(page.get_by_text("/api/session").first).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-docs.png"))
+    page.goto(f"{served}/no-such-page")
+    expect(page.locator("#error-title")).to_have_text("Not found")
+    page.locator("#back").click()
+    expect(page.locator("#current-user")).to_have_text("admin")
+    assert violations == []
+
+
+def test_an_expired_session_in_the_browser_comes_back_after_login(page: Page, site: Site,
+                                                                    served: str):
+    page.goto(f"{served}/login")
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.goto(f"{served}/status?tab=queues")
+    expect(page.locator("#current-user")).to_have_text("admin")
+    site.clock.advance(31 * 60)
+    page.reload()
+    expect(page.locator("#expired")).to_contain_text("Your session has ended")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-session-expired.png"))
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(f"{served}/status?tab=queues")
+    expect(page.locator("#current-user")).to_have_text("admin")

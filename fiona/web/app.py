@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+from http import HTTPStatus
 from pathlib import Path
+from importlib.resources import files
 from urllib.parse import quote, urlsplit
 
-import swagger_ui_bundle
 from fastapi import Depends, FastAPI, Form, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -40,8 +41,13 @@ PUBLIC = ("/login",)
 MACHINE_PATHS = ("/docs", "/openapi.json")
 MAX_NAME = 128
 STATIC = Path(__file__).parent / "static"
+#: Swagger UI 5 (OpenAPI 3.1, which FastAPI writes) as shipped by the fastapi-offline package;
+#: `swagger-ui-bundle` carries Swagger UI 4, which shows FastAPI's schema as a blank error page
+SWAGGER = Path(str(files("fastapi_offline") / "static"))
 ERROR_TITLES = {400: "Bad request", 401: "Session ended", 403: "Not allowed", 404: "Not found",
                 405: "Not allowed", 429: "Too many attempts"}
+PLAIN_ERRORS = {404: "There is no such page here.",
+                405: "This page cannot be used that way; go back and use its buttons."}
 
 
 def wants_html(request: Request) -> bool:
@@ -102,7 +108,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
             if request.method != "GET":
                 if wants_html(request):
                     return render(request, "error.html", 401, title=ERROR_TITLES[401],
-                                  message="Your session has ended. Log in again.")
+                                  detail="Your session has ended. Log in again.")
                 return JSONResponse({"detail": "login required"}, status_code=401)
             if expired:
                 here = path + (f"?{request.url.query}" if request.url.query else "")
@@ -154,9 +160,11 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if wants_html(request):
+            detail = str(exc.detail)
+            if detail == HTTPStatus(exc.status_code).phrase:  # Starlette's own, e.g. "Not Found"
+                detail = PLAIN_ERRORS.get(exc.status_code, detail)
             return render(request, "error.html", exc.status_code,
-                          title=ERROR_TITLES.get(exc.status_code, "Error"),
-                          message=str(exc.detail))
+                          title=ERROR_TITLES.get(exc.status_code, "Error"), detail=detail)
         return await http_exception_handler(request, exc)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
@@ -242,7 +250,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs(request: Request, user: User = Depends(current_user)):
-        """Swagger UI from the `swagger-ui-bundle` package: no CDN, no inline script."""
+        """Swagger UI from the fastapi-offline package: no CDN, no inline script."""
         return TEMPLATES.TemplateResponse(request, "docs.html", {"request": request})
 
     @app.get("/api/session", tags=["session"])
@@ -254,7 +262,6 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     app.include_router(assign_pages.router)
     app.include_router(review_pages.router)
     app.include_router(status_pages.router)
-    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
-              name="swagger")
+    app.mount("/static/swagger", StaticFiles(directory=SWAGGER), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
