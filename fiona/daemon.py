@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -41,6 +42,15 @@ def notify_forwarder(site: Site) -> None:
     sender.close()
 
 
+#: third-party loggers whose INFO is noise, or worse (pynetdicom logs every C-FIND response
+#: data set, identifiers included): WARNING and up only, everything with -v
+QUIET_LOGGERS = ("pynetdicom", "pydicom", "urllib3", "watchdog", "uvicorn.access")
+
+#: set by `fiona up` in its daemons' environment: the daemon exits when that process dies
+SUPERVISOR_VAR = "FIONA_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
 class DaemonError(Exception):
     """A daemon cannot start; the text says why and what to do."""
 
@@ -68,6 +78,8 @@ def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     return path
 
 
@@ -102,9 +114,29 @@ def running(site: Site, daemon: str, verbose: bool = False) -> Iterator[threadin
     setup_logging(site, daemon, verbose)
     pid = PidFile(site, daemon)
     try:
-        yield stop_event()
+        stop = stop_event()
+        die_with_supervisor()
+        yield stop
     finally:
         pid.release()
+
+
+def die_with_supervisor() -> None:
+    """When started by a supervisor that names itself in $FIONA_SUPERVISOR_PID (`fiona up`),
+    have the kernel send us SIGTERM when it dies, even by SIGKILL: we then finish the work in
+    hand and exit, instead of living on as an orphan that holds the port. Set here, after
+    exec, rather than in a preexec_fn (not safe with threads); a supervisor that died before
+    this call is caught by comparing our parent with it."""
+    supervisor = os.environ.pop(SUPERVISOR_VAR, None)  # not inherited by our own children
+    if not supervisor:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise DaemonError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if str(os.getppid()) != supervisor:
+        raise DaemonError(f"the supervisor (pid {supervisor}) that started this daemon is gone")
+
+
 def stop_event() -> threading.Event:
     """An event set by SIGTERM or SIGINT, so a daemon finishes the work in hand and exits."""
     event = threading.Event()

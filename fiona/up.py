@@ -2,12 +2,15 @@
 
 Each daemon runs as its own process, exactly as systemd would run it, so they do not share one
 interpreter lock and a crash of one does not take the others along; a daemon that exits is
-restarted after a pause. Ctrl-C or SIGTERM stops them all cleanly.
+restarted after a pause. Ctrl-C or SIGTERM stops them all cleanly, each finishing the work in
+hand; if `fiona up` itself is killed (SIGKILL), its daemons exit too (daemon.die_with_supervisor),
+so none is left holding the port.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .daemon import SUPERVISOR_VAR
 
 log = logging.getLogger("fiona.up")
 
@@ -34,6 +38,12 @@ def _commands(config: Config) -> list[list[str]]:
     return out
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    """A daemon that exits when this process dies (called from the main thread only: the
+    kernel ties the daemon's death signal to the thread that started it)."""
+    return subprocess.Popen(cmd, env={**os.environ, SUPERVISOR_VAR: str(os.getpid())})
+
+
 def run(config: Config) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -41,7 +51,7 @@ def run(config: Config) -> int:
     procs: dict[tuple[str, ...], subprocess.Popen] = {}
     restarts: dict[tuple[str, ...], float] = {}
     for cmd in _commands(config):
-        procs[tuple(cmd)] = subprocess.Popen(cmd)
+        procs[tuple(cmd)] = _start(cmd)
     for site in config.all_sites():
         print(f"FIONA is up: send DICOM to AE {site.aetitle} at {site.ip}:{site.port}, e.g.\n"
               f"  storescu -aec {site.aetitle} 127.0.0.1 {site.port} FILES...\n"
@@ -56,7 +66,7 @@ def run(config: Config) -> int:
                 log.warning("%s exited with %s; restarting", " ".join(cmd[4:]), proc.returncode)
                 print(f"{' '.join(cmd[4:])} exited with status {proc.returncode}; restarting",
                       file=sys.stderr, flush=True)
-                procs[cmd] = subprocess.Popen(list(cmd))
+                procs[cmd] = _start(list(cmd))
                 del restarts[cmd]
     for proc in procs.values():
         if proc.poll() is None:

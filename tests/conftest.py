@@ -3,6 +3,10 @@
 Everything here talks to real peers: the daemons run as `python -m fiona ...` processes exactly
 as systemd starts them, and DICOM is sent with DCMTK's storescu/echoscu (Debian package
 `dcmtk`, installed by `make test`).
+
+Every process a test starts is stopped at the end of the test, children included (procs.py);
+a run that leaves one behind fails. Tests that start daemons, Orthanc, DCMTK or Chromium are
+marked `e2e`, so `pytest -m "not e2e"` is the quick loop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,23 @@ import pytest
 from browser import browser_type_launch_args  # noqa: F401 - Playwright uses /usr/bin/chromium
 from helpers import Gateway, free_port
 from orthanc import orthanc  # noqa: F401 - a real Orthanc as the research PACS
+from procs import (  # noqa: F401 - autouse fixtures and hooks: stop what the tests started
+    _stop_module_processes,
+    _stop_test_processes,
+    pytest_configure,
+    pytest_sessionfinish,
+)
+
+#: fixtures that start processes: a test that uses one is end-to-end
+E2E_FIXTURES = frozenset({"gateway", "make_gateway", "orthanc", "page", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `e2e` the tests that use a process-starting fixture (modules that start processes
+    themselves say `pytestmark = pytest.mark.e2e`)."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture

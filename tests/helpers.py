@@ -20,6 +20,7 @@ import pytest
 
 from fiona.bootstrap import init
 from fiona.tree import Tree
+from procs import spawn
 
 DCMTK_DIR = "/usr/bin"  # DCMTK's own tools, not same-named Python shims earlier on PATH
 
@@ -70,8 +71,12 @@ class Gateway:
         return res
 
     def start(self, daemon: str) -> subprocess.Popen:
-        log = open(self.datadir / f"{daemon}.test.log", "ab")
-        proc = subprocess.Popen(self.command(daemon), stdout=log, stderr=log)
+        """Start a daemon, stopped at the end of the test by conftest's autouse fixture if
+        the test does not stop it. It also exits if pytest dies (FIONA_SUPERVISOR_PID, as
+        under `fiona up`): start it from pytest's main thread, whose exit would stop it."""
+        env = {**os.environ, "FIONA_SUPERVISOR_PID": str(os.getpid())}
+        with open(self.datadir / f"{daemon}.test.log", "ab") as log:
+            proc = spawn(self.command(daemon), stdout=log, stderr=log, env=env)
         self.procs[daemon] = proc
         if daemon == "storescp":
             wait_for(self._listening, 20, "the receiver to listen")

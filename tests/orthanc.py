@@ -8,8 +8,9 @@
     pacs.stop()                           # SIGTERM, ~3 s; stop(kill=True) at once
 
 or `with Orthanc(tmp_path, extra={...config keys...}) as pacs:` (killed at the end), or the
-`orthanc` fixture (started, killed at the end of the test). Orthanc ignores bind-address
-settings and listens on all interfaces: only ever send to 127.0.0.1. It runs with
+`orthanc` fixture (started, killed at the end of the test). Started with procs.spawn, an
+instance is stopped at the end of the test even when nothing else stops it. Orthanc ignores
+bind-address settings and listens on all interfaces: only ever send to 127.0.0.1. It runs with
 TCP_NODELAY=1 in its environment, otherwise every C-STORE waits ~40 ms on a delayed ACK.
 C-FIND is allowed from any AE (DicomAlwaysAllowFind), as the sender verifies by C-FIND.
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from procs import spawn
 
 ORTHANC = "/usr/sbin/Orthanc"
 AET = "ORTHANC"
@@ -85,9 +88,9 @@ class Orthanc:
         path = self.dir / "orthanc.json"
         path.write_text(json.dumps(self.config(), indent=2))
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, cwd=self.dir,
-                                         env={**os.environ, "TCP_NODELAY": "1"})
+            self.proc = spawn([ORTHANC, str(path)], stdout=log, stderr=log,
+                              stdin=subprocess.DEVNULL, cwd=self.dir,
+                              env={**os.environ, "TCP_NODELAY": "1"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

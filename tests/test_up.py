@@ -5,30 +5,47 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
-from helpers import dcmtk, free_port, wait_for
 from dicomgen import make_study
+from helpers import dcmtk, free_port, wait_for
+from procs import alive, children, spawn
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_up_sets_up_runs_and_stops_cleanly(tmp_path: Path):
-    port = free_port()
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "FIONA_CONFIG"}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "fiona", "up", "--data", str(tmp_path / "data"),
-                             "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return env
+
+
+def _up(tmp_path: Path, port: int) -> subprocess.Popen:
+    """`fiona up` on a new data tree, listening on `port`."""
+    proc = spawn([sys.executable, "-m", "fiona", "up", "--data", str(tmp_path / "data"),
+                  "--port", str(port)], cwd=tmp_path, env=_env(),
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def echo_ok():
+        return subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)],
+                              capture_output=True).returncode == 0
+    wait_for(echo_ok, 30, "fiona up to listen")
+    return proc
+
+
+def test_up_sets_up_runs_and_stops_cleanly(tmp_path: Path):
+    port = free_port()
+    env = _env()
+    proc = _up(tmp_path, port)
     try:
-        def echo_ok():
-            return subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)],
-                                  capture_output=True).returncode == 0
-        wait_for(echo_ok, 30, "fiona up to listen")
         config = json.loads((tmp_path / "data" / "config" / "config.json").read_text())
         assert config["DICOMPORT"] == port
         assert oct((tmp_path / "data" / "config" / "secret.key").stat().st_mode & 0o777) == "0o600"
@@ -63,3 +80,24 @@ def test_up_sets_up_runs_and_stops_cleanly(tmp_path: Path):
     assert "FIONA stopped." in out
     run = tmp_path / "data" / "site" / "run"
     assert not list(run.glob("*.pid")), "daemons left pid files behind"
+
+
+def test_daemons_exit_when_up_is_killed(tmp_path: Path):
+    """SIGKILL gives `fiona up` no chance to stop its daemons: they notice on their own
+    (PR_SET_PDEATHSIG), finish cleanly (pid files removed) and free the port."""
+    port = free_port()
+    proc = _up(tmp_path, port)
+    run = tmp_path / "data" / "site" / "run"
+
+    def five_daemons():
+        kids = children(proc.pid)
+        return kids if len(kids) == 5 else None
+    daemons = wait_for(five_daemons, 30, "the five daemons of fiona up")
+    wait_for(lambda: len(list(run.glob("*.pid"))) == 5, 30, "every daemon's pid file")
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: not any(alive(pid) for pid in daemons), 60, "the orphaned daemons to exit")
+    assert not list(run.glob("*.pid")), "daemons did not stop cleanly"
+    with socket.socket() as s:  # a new `fiona up` can listen again (as it does, REUSEADDR)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))

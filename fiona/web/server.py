@@ -6,6 +6,8 @@ Plain HTTP on loopback; for other machines put an HTTPS reverse proxy in front (
 
 from __future__ import annotations
 
+import threading
+
 from ..config import Config
 from ..daemon import running
 from .users import UserStore
@@ -38,7 +40,12 @@ def run(config: Config, site: str | None = None, verbose: bool = False,
             port=port or int(config.web.get("port", 8080)), log_config=None,
             # X-Forwarded-For is read by the app, from WEB.trusted_proxies only
             proxy_headers=False, server_header=False))
-        # uvicorn handles SIGTERM/SIGINT itself while serving, then restores `running`'s
+        # uvicorn handles SIGTERM/SIGINT itself while serving, then restores `running`'s; a
+        # signal that came before uvicorn took over (during startup) set `stop`: pass it on
+        def exit_when_stopped() -> None:
+            stop.wait()
+            server.should_exit = True
+        threading.Thread(target=exit_when_stopped, daemon=True).start()
         server.run()
         stop.set()
     return 0
