@@ -18,13 +18,16 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from fiona.bootstrap import init
 from fiona.config import load
+from fiona.receive.store import dataset_part
 from fiona.receive.storescp import Receiver
 from fiona.receive.ul import MAX_COMMAND, AcceptorServer, Deadlines, printable
 from fiona.tree import Tree
@@ -533,3 +536,22 @@ def test_hostile_ae_titles_reach_the_log_escaped(receiver, lines):
     line = outcome(lines, "association EVIL")
     assert "EVIL\\x00\\x0aFAKE\\xff -> \\x1b[31mX" in line
     assert not any(c in l for l in lines() for c in "\x00\n\x1b\xff")
+
+
+# ------------------------------------------------------------------ valid senders still work
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "rtdose.dcm", "waveform_ecg.dcm", "MR_small.dcm",
+                                  "JPEG2000.dcm"])
+def test_pynetdicom_sender_is_stored_byte_for_byte(receiver, name):
+    """Objects with nested sequences (defined and undefined length) and encapsulated pixel
+    data pass the deeper walk and are filed exactly as sent."""
+    path = Path(get_testdata_file(name))
+    meta = pydicom.dcmread(path, stop_before_pixels=True)
+    raw = path.read_bytes()
+    data = raw[144 + int.from_bytes(raw[140:144], "little"):]
+    rx = receiver()
+    ts = str(meta.file_meta.TransferSyntaxUID)
+    assert raw_c_store(rx.port, data, meta.SOPClassUID, meta.SOPInstanceUID, ts) == 0
+    [stored] = rx.stored()
+    assert dataset_part(stored) == (ts, data)
+
