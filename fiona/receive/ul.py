@@ -310,7 +310,8 @@ class AssociationHandler:
     def _read_pdu(self, limit: int, head_by: float, body_by: float | None, late: str
                   ) -> tuple[int, bytearray]:
         """One PDU: its header by `head_by`, its body by `body_by` (default: the PDU deadline
-        from the header's arrival)."""
+        from the header's arrival). `late` says what was late when `head_by` (or a given
+        `body_by`) passes."""
         head = self._recv_exact(6, head_by, late)
         pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
         if pdu_type not in _PDU_NAMES:
@@ -318,11 +319,13 @@ class AssociationHandler:
         if length > limit:
             raise ProtocolError(f"{_pdu_name(pdu_type)} of {length} bytes exceeds the limit of "
                                 f"{limit}")
-        if body_by is None:
-            body_by = time.monotonic() + self.deadlines.pdu
-        body = self._recv_exact(length, body_by, f"{_pdu_name(pdu_type)} of {length} bytes not "
-                                f"complete after {self.deadlines.pdu:g} s")
-        return pdu_type, body
+        if body_by is not None:
+            return pdu_type, self._recv_exact(length, body_by, late)
+        try:
+            return pdu_type, self._recv_exact(length, time.monotonic() + self.deadlines.pdu, "")
+        except DeadlineExceeded:
+            raise DeadlineExceeded(f"{_pdu_name(pdu_type)} of {length} bytes not complete "
+                                   f"after {self.deadlines.pdu:g} s") from None
 
     def _send_pdu(self, pdu_type: int, body: bytes) -> None:
         self.sock.settimeout(self.deadlines.pdu)
@@ -522,7 +525,8 @@ class AssociationHandler:
                     return "released with a message incomplete (discarded, nothing stored)"
                 return "released"
             if pdu_type == PDU_ABORT:
-                return "aborted by peer"
+                source, reason = (body[2], body[3]) if len(body) >= 4 else (-1, -1)
+                return f"aborted by peer (source {source}, reason {reason})"
             if pdu_type != PDU_DATA:
                 raise ProtocolError(f"unexpected {_pdu_name(pdu_type)} in an established "
                                     f"association", ABORT_UNEXPECTED_PDU)
