@@ -360,6 +360,8 @@ MALFORMED_RQ = {
     "unknown PDU type": (pdu(0x09, bytes(10)), 1, "unrecognized PDU type 0x09"),
     "huge PDU": (struct.pack(">BBI", 0x01, 0, 0x7FFFFFFF), 6, "exceeds the limit"),
     "protocol version 2": (associate_rq(version=2), (1, 2, 2), "protocol version not supported"),
+    "version 2 with other items": (associate_rq(DEFAULT_ITEMS + (item(0x77, b"?"),), version=2),
+                                   (1, 2, 2), "protocol version not supported"),
     "no application context": (associate_rq(DEFAULT_ITEMS[1:]), (1, 1, 2),
                                "application context not supported"),
     "other application context": (associate_rq((item(0x10, b"1.2.3"),) + DEFAULT_ITEMS[1:]),

@@ -407,10 +407,11 @@ class AssociationHandler:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes is shorter than its "
                                 f"68-byte fixed part")
         self.called_ae, self.calling_ae = printable(body[4:20]), printable(body[20:36])
+        if not struct.unpack_from(">H", body)[0] & 1:  # PS3.8 9.3.2: version 1 is bit 0,
+            self._refuse(REFUSE_VERSION)  # the only bit to test; other versions' items may
+            return False  # differ, so they are not decoded
         prim = self._decode_rq(body)
         refusal = self.admission()
-        if refusal is None and not struct.unpack_from(">H", body)[0] & 1:
-            refusal = REFUSE_VERSION  # PS3.8 9.3.2: version 1 is bit 0, the only bit tested
         if refusal is None and str(prim.application_context_name) != APPLICATION_CONTEXT:
             refusal = REFUSE_CONTEXT
         if refusal is None and not prim.presentation_context_definition_list:
