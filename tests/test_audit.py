@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from helpers import Gateway, free_port
+
 from fiona import audit
 
 

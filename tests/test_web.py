@@ -5,6 +5,7 @@ Gateway); one test sends a study with DCMTK storescu through the running daemons
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -405,3 +406,197 @@ def test_first_start_admin_has_a_one_time_password(tmp_path: Path):
     assert c.get("/status").status_code == 200
     assert login(TestClient(create_app(load(str(gw.config))), follow_redirects=False),
                  "admin", password).status_code == 401
+
+
+# --- privacy: who sees identified data (issue 8 §1, §2, §10) ---------------------------------
+def _request_for(site: Site, made: dict, project: str, participant: str) -> None:
+    from fiona.actions import Actions, OsActor
+    Actions.open(site.config).assign(OsActor("test"), made["study"], project, participant,
+                                     "baseline")
+
+
+def _views(site: Site, user: str) -> list[dict]:
+    return [e["details"] for e in site.audit()
+            if e["action"] == "view identified" and e["user"] == user]
+
+
+def test_study_of_another_project_is_invisible(site: Site):
+    """A study requested for B is not shown to A's assigners: not on the list, not as a page,
+    not in the preview (which showed its clear header), not in the API."""
+    made = site.study("ACCB")
+    _request_for(site, made, "B", "B001")
+    uid = made["study"]
+    alice = site.client("alice")
+    t = token(alice)
+    assert uid not in alice.get("/assign?all=1").text
+    assert 'id="no-studies"' in alice.get("/assign?all=1&q=ACCB").text
+    assert alice.get(f"/assign/{uid}").status_code == 404
+    r = alice.post(f"/assign/{uid}/confirm", data={
+        "project": "A", "participant": "A001", "event": "baseline", "csrf_token": t})
+    assert r.status_code == 404 and "Doe^Jane" not in r.text and "PAT0001" not in r.text
+    assert alice.get(f"/api/study/{uid}").status_code == 404
+    assert uid not in json.dumps(alice.get("/api/studies?waiting=false").json())
+    r = alice.post("/api/assign", json={"study_uid": uid, "project": "A",
+                                        "participant": "A001", "event": "baseline"},
+                   headers={"X-CSRF-Token": t})
+    assert r.status_code == 404
+    assert [r.project for r in site.control.requests(uid)] == ["B"]
+    assert _views(site, "alice") == []
+    # B's assigner and the admin see it
+    for user in ("bob", "admin"):
+        c = site.client(user)
+        assert c.get(f"/assign/{uid}").status_code == 200
+        assert "ACCB" in c.get("/assign?all=1").text
+        assert c.get(f"/api/study/{uid}").json()["accession"] == "ACCB"
+
+
+def test_every_display_of_identified_values_is_audited(site: Site):
+    made = site.study("ACCV")
+    uid = made["study"]
+    alice = site.client("alice")
+    alice.get("/assign")
+    page = alice.get(f"/assign/{uid}")
+    alice.post(f"/assign/{uid}/confirm", data={"project": "A", "participant": "A042",
+                                               "event": "baseline",
+                                               "csrf_token": csrf_of(page.text)})
+    alice.get(f"/api/study/{uid}")
+    alice.get("/api/studies")
+    views = _views(site, "alice")
+    assert [v["shown"] for v in views] == ["assign list", "study page", "preview", "api study",
+                                           "api studies"]
+    assert all(v["studies"] == [uid] for v in views)
+    assert views[0]["fields"] == ["accession"]
+    preview_fields = views[2]["fields"]
+    assert "Patient's Name" in preview_fields and "Patient ID" in preview_fields
+    assert "Patient's Birth Date" in preview_fields
+    text = (site.gw.datadir / "logs" / "audit.log").read_text()
+    assert "Doe^Jane" not in text and "PAT0001" not in text and "ACCV" not in text
+
+
+def test_review_role_sees_its_project_without_identified_values(site: Site):
+    made = site.study("ACCR")
+    _request_for(site, made, "A", "A007")
+    UserStore(site.gw.datadir).add("rita", PASSWORD, ["project:A:review"])
+    rita = site.client("rita")
+    rows = rita.get("/api/studies?project=A").json()["studies"]
+    assert [r["uid"] for r in rows] == [made["study"]] and rows[0]["accession"] == ""
+    assert rita.get(f"/assign/{made['study']}").status_code == 403
+    assert _views(site, "rita") == []
+    alice_rows = site.client("alice").get("/api/studies?project=A").json()["studies"]
+    assert alice_rows[0]["accession"] == "ACCR"
+
+
+def test_status_error_lines_only_for_admins(site: Site):
+    log = site.gw.tree.logs / "storescpd.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("2026-11-29 10:00:00 ERROR fiona.receive: refused PAT0001 from /srv/x\n")
+    alice = site.client("alice")
+    for text in (alice.get("/status").text, json.dumps(alice.get("/api/status").json())):
+        assert "PAT0001" not in text and "/srv/x" not in text
+        assert str(site.gw.datadir) not in text
+    row = next(d for d in alice.get("/api/status").json()["daemons"] if d["name"] == "storescp")
+    assert row["last_error_at"] == "2026-11-29 10:00:00" and "last_error" not in row
+    admin = site.client("admin")
+    assert "PAT0001" in admin.get("/status").text
+    row = next(d for d in admin.get("/api/status").json()["daemons"] if d["name"] == "storescp")
+    assert "PAT0001" in row["last_error"]
+
+
+def test_pages_show_no_free_text_from_the_url(site: Site):
+    made = site.study()
+    alice = site.client("alice")
+    bait = "Call 555-0100 to claim your prize"
+    page = alice.get(f"/assign/{made['study']}", params={"msg": bait, "done": bait}).text
+    assert bait not in page and 'id="message"' not in page
+    assert 'id="message"' in alice.get(f"/assign/{made['study']}?done=created").text
+    admin = site.client("admin")
+    assert bait not in admin.get("/status", params={"msg": bait, "done": bait}).text
+    t = csrf_of(admin.get("/status").text)
+    r = admin.post("/status/switch", data={"part": "receive", "value": "0", "csrf_token": t})
+    assert r.headers["location"] == "/status?done=switch"
+
+
+def test_preview_failure_hides_exception_text_from_non_admins(site: Site):
+    made = site.study()
+    for folder in site.gw.tree.raw.joinpath(made["study"]).iterdir():
+        if folder.is_dir():
+            for f in folder.iterdir():
+                f.write_bytes(b"not DICOM at all")
+    form = {"project": "A", "participant": "A001", "event": "baseline"}
+    alice = site.client("alice")
+    form["csrf_token"] = token(alice)
+    page = alice.post(f"/assign/{made['study']}/confirm", data=form).text
+    assert 'id="preview-error"' in page and "the preview failed" in page
+    assert "DICM" not in page and "force=True" not in page
+    admin = site.client("admin")
+    form["csrf_token"] = token(admin)
+    assert "DICM" in admin.post(f"/assign/{made['study']}/confirm", data=form).text
+
+
+# --- refusals of the assignment rules, and the admin's move (issue 8 §7, §8) ----------------
+def test_refusals_are_shown_on_the_confirm_page_and_api(site: Site):
+    made = site.study()
+    uid = made["study"]
+    site.control.save_project(Project("C", naming=r"^C[0-9]{3}$", events=["baseline"],
+                                      active=False))
+    site.control.save_project(Project("D", naming=r"^D[0-9]{3}$", events=["baseline"],
+                                      rec_start="2020-01-01", rec_end="2021-12-31"))
+    admin = site.client("admin")
+    t = token(admin)
+    for project, reason in (("C", "project C is inactive"),
+                            ("D", "project D's ethics approval ended on 2021-12-31")):
+        form = {"project": project, "participant": f"{project}001", "event": "baseline",
+                "csrf_token": t}
+        r = admin.post(f"/assign/{uid}/confirm", data=form)
+        assert r.status_code == 400 and reason in html.unescape(r.text)
+        assert "Doe^Jane" not in r.text
+        assert 'id="error"' in r.text
+        r = admin.post("/api/assign", json={k: v for k, v in form.items() if k != "csrf_token"}
+                       | {"study_uid": uid}, headers={"X-CSRF-Token": t})
+        assert r.status_code == 400 and reason in r.json()["detail"]
+    assert site.control.requests(uid) == []
+    # a second participant for the same study in one project names the first
+    alice = site.client("alice")
+    t = token(alice)
+    assert alice.post("/api/assign", json={"study_uid": uid, "project": "A",
+                                           "participant": "A001", "event": "baseline"},
+                      headers={"X-CSRF-Token": t}).status_code == 200
+    form = {"project": "A", "participant": "A002", "event": "baseline", "csrf_token": t}
+    r = alice.post(f"/assign/{uid}/confirm", data=form)
+    assert r.status_code == 400 and "participant A001" in r.text and "Doe^Jane" not in r.text
+    r = alice.post(f"/assign/{uid}/send", data=form)
+    assert r.status_code == 400 and "participant A001" in r.text
+    r = alice.post("/api/assign", json={"study_uid": uid, "project": "A", "participant": "A002",
+                                        "event": "baseline"}, headers={"X-CSRF-Token": t})
+    assert r.status_code == 400 and "participant A001" in r.json()["detail"]
+    assert [x.participant for x in site.control.requests(uid)] == ["A001"]
+    # only admins move; the page offers it to them
+    assert 'class="move"' not in alice.get(f"/assign/{uid}").text
+    r = alice.post(f"/assign/{uid}/move", data=form)
+    assert r.status_code == 403
+    r = alice.post("/api/move", json={"study_uid": uid, "project": "A", "participant": "A002"},
+                   headers={"X-CSRF-Token": t})
+    assert r.status_code == 403
+    admin = site.client("admin")
+    page = admin.get(f"/assign/{uid}").text
+    assert 'class="move"' in page
+    r = admin.post(f"/assign/{uid}/move", data={"project": "A", "participant": "A002",
+                                                "event": "", "csrf_token": csrf_of(page)})
+    assert r.status_code == 303 and r.headers["location"] == f"/assign/{uid}?done=moved"
+    assert [x.participant for x in site.control.requests(uid)] == ["A002"]
+    move = [e for e in site.audit() if e["action"] == "move"]
+    assert move[-1]["user"] == "admin" and move[-1]["details"]["before"] == ["A001/baseline"]
+    assert move[-1]["details"]["participant"] == "A002"
+
+
+def test_coupling_upload_audits_each_request(site: Site):
+    a = site.study("ACC21", seed=1)
+    b = site.study("ACC22", seed=2)
+    alice = site.client("alice")
+    r = alice.post("/api/coupling", json={"csv": "ACC21,A,A021,baseline\nACC22,A,A022,baseline\n"},
+                   headers={"X-CSRF-Token": token(alice)})
+    assert r.json()["requests"] == 2
+    lines = [e for e in site.audit() if e["action"] == "coupling request"]
+    assert sorted((e["details"]["study_uid"], e["details"]["participant"]) for e in lines) == \
+        sorted([(a["study"], "A021"), (b["study"], "A022")])
+    assert all(e["user"] == "alice" for e in lines)
