@@ -147,7 +147,7 @@ def _leaf_rows() -> dict[tuple[str, Rule], list[tuple[Row, str]]]:
         rule = RULES[_name(row)]
         if rule is Rule.SEQUENCE:
             continue
-        vr = _vr(row) or sorted(RULE_VRS[rule] - {"UC"})[0]   # VR unknown to pydicom
+        vr = _vr(row) or min(RULE_VRS[rule] - {"UC"})   # VR unknown to pydicom
         out.setdefault((option, rule), []).append((row, "OB" if vr == "OB or OW" else vr))
     return out
 

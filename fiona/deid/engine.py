@@ -29,7 +29,8 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
   on a listed sequence keeps the sequence and replaces the UIDs in it; anything else takes the
   first code (X for X/Z, X/D, X/Z/D, X/Z/U*; Z for Z/D).
 - Not in the table: kept, except that every UI value (see below) is replaced, a DA/DT is
-  treated as a listed date (shifted, kept, or emptied as above), an element of an unknown
+  treated as a listed date (shifted under Modified Dates, kept under Full Dates, emptied
+  otherwise), an element of an unknown
   public tag whose VR is unknown (implicit VR, or UN) is removed, and the whole group of an overlay
   (60xx, even) goes when its Overlay Data does (so overlay labels and descriptions go too).
   Group lengths (gggg,0000) outside the file meta and command elements (0000,eeee), which never

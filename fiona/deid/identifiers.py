@@ -40,11 +40,11 @@ _KIND = {tag_for_keyword(kw): (kw, cls)
                           (DATE_KEYWORDS, "date")) for kw in kws}
 
 _NAME_CACHE: dict[tuple, list[tuple[str, str]]] = {}
-_NEEDLE_CACHE: dict[tuple, "Needle"] = {}
+_NEEDLE_CACHE: dict[tuple, Needle] = {}
 
 def is_class_like_uid(keyword: str | None) -> bool:
     """A UI attribute that names a class or coding scheme (its value is never replaced)."""
-    return bool(keyword) and (keyword.endswith("ClassUID") or keyword.endswith("SyntaxUID") or
+    return bool(keyword) and (keyword.endswith(("ClassUID", "SyntaxUID")) or
                               keyword in _CLASS_LIKE)
 
 
@@ -93,7 +93,7 @@ class Identifiers:
         return [n.text for n in self.needles]
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, uids: bool = True) -> "Identifiers":
+    def from_dataset(cls, ds: Dataset, uids: bool = True) -> Identifiers:
         """Collect from the SOURCE dataset (before de-identification); `uids=False` leaves out
         the instance UIDs (for the Retain UIDs Option)."""
         ids = cls()
