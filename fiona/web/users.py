@@ -141,8 +141,6 @@ class UserStore:
         rec = users.get(name, {})
         if password is not None:
             check_password_policy(name, password)
-            if rec.get("hash") and _matches(password, rec):
-                raise UserError("the new password must differ from the current one")
             rec.update(hash=_hash(password), scheme=SCHEME)
         rec["roles"] = roles
         rec["one_time"] = one_time
@@ -150,10 +148,13 @@ class UserStore:
         self._save(users)
 
     def set_password(self, name: str, password: str) -> None:
-        user = self.get(name)
-        if user is None:
+        """A password change by the user: the policy, and not the current password again."""
+        rec = self._load().get(name)
+        if rec is None:
             raise UserError(f"no user {name!r}")
-        self.add(name, password, user.roles, one_time=False)
+        if rec.get("hash") and _matches(password, rec):
+            raise UserError("the new password must differ from the current one")
+        self.add(name, password, list(rec.get("roles", [])), one_time=False)
 
     def check(self, name: str, password: str) -> User | None:
         """The user when `password` is theirs; one bcrypt check whether or not `name` exists."""
