@@ -22,7 +22,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,9 +91,9 @@ def cmdline(pid: int) -> list[str]:
 
 def marked(var: str, value: str, basetemp: str | None = None) -> list[int]:
     """Live processes (not this one nor its ancestors) whose environment holds var=value, or,
-    with `basetemp`, whose command line names a path under it."""
+    with `basetemp`, whose command line names it or a path under it."""
     needle = f"{var}={value}".encode()
-    under = basetemp.rstrip("/") + "/" if basetemp else None
+    base = basetemp.rstrip("/") if basetemp else None
     mine = _ancestors()
     found = []
     for pid in _pids():
@@ -103,7 +103,8 @@ def marked(var: str, value: str, basetemp: str | None = None) -> list[int]:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in env or (under and any(under in arg for arg in cmdline(pid))):
+        if needle in env or (base and any(arg == base or base + "/" in arg
+                                          for arg in cmdline(pid))):
             found.append(pid)
     return found
 
@@ -117,49 +118,48 @@ def _members(groups: set[int]) -> list[int]:
     return out
 
 
-def stop(procs: Iterable[subprocess.Popen], pids: Iterable[int] = (),
+def stop(procs: Iterable[subprocess.Popen], find: Callable[[], Iterable[int]] = tuple,
          grace: float = GRACE) -> list[int]:
-    """Stop the process groups led by `procs` and the processes `pids`: SIGTERM, wait up to
-    `grace`, then SIGKILL. Returns the pids that needed SIGKILL."""
+    """Stop the process groups led by `procs` and the processes `find()` returns (asked again
+    and again, as a dying process may just have started another): SIGTERM, wait up to `grace`,
+    then SIGKILL. Returns the pids that needed SIGKILL."""
     procs = list(procs)
     groups = {p.pid for p in procs}
 
-    def targets() -> list[int]:
+    def targets() -> set[int]:
         for p in procs:
             p.poll()  # reap what has exited, so it does not linger as a zombie
-        return sorted({pid for pid in (*_members(groups), *pids) if alive(pid)})
+        return {pid for pid in (*_members(groups), *find()) if alive(pid)}
 
-    def send(sig: int, victims: list[int]) -> None:
-        for pid in victims:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    killed: list[int] = []
+    killed: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = targets()
-        if not left:
-            break
-        if sig == signal.SIGKILL:
-            killed = left
-        send(sig, left)
+        signalled: set[int] = set()
         deadline = time.monotonic() + grace
-        while targets() and time.monotonic() < deadline:
+        while (left := targets()) and time.monotonic() < deadline:
+            for pid in left - signalled:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            signalled |= left
             time.sleep(0.05)
+        if sig == signal.SIGKILL:
+            killed = signalled
+        elif not left:
+            break
     for p in procs:
         try:
             p.wait(5)
         except subprocess.TimeoutExpired:
             pass
-    return killed
+    return sorted(killed)
 
 
 def _stop_since(mark: int, var: str, value: str) -> None:
     """Stop what was spawned after position `mark` of the registry, or carries var=value."""
     procs = _started[mark:]
     del _started[mark:]
-    stop(procs, marked(var, value))
+    stop(procs, lambda: marked(var, value))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -203,7 +203,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if not leaks:
         return
     lines = [f"pid {pid}: {' '.join(cmdline(pid))[:200]}" for pid in leaks]
-    stop([], leaks)
+    stop([], lambda: marked(SESSION_VAR, session_id, basetemp))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.section("processes left running by the tests (now killed)", sep="=", red=True)
