@@ -160,7 +160,6 @@ def test_outcome_of_an_older_revision_keeps_the_request_pending(cp):
     cp.update_request(read)
     [stored] = cp.requests("1.1")
     assert (stored.revision, stored.done_revision) == (2, 1) and stored.pending
-    assert stored.requested != read.requested or stored.revision == 2  # not undone
 
 
 def test_reassign(cp):
@@ -172,12 +171,11 @@ def test_reassign(cp):
     assert cp.requests("1.1") == [moved]
 
 
-@pytest.mark.parametrize("writers", [2])
-def test_concurrent_writers_make_exactly_one_request_per_study_and_project(make_cp, writers):
+def test_concurrent_writers_make_exactly_one_request_per_study_and_project(make_cp):
     """Writers add requests to the same studies at the same moment, round after round: a
     shared (study, PROJ) must not be doubled, and each writer's own project must not be
     lost (REDCap's former max+1 instances did both)."""
-    rounds = 25
+    writers, rounds = 2, 25
     clients = [make_cp() for _ in range(writers)]
     barrier = threading.Barrier(writers)
     errors: list[BaseException] = []
