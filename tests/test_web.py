@@ -509,6 +509,11 @@ def test_pages_show_no_free_text_from_the_url(site: Site):
     page = alice.get(f"/assign/{made['study']}", params={"msg": bait, "done": bait}).text
     assert bait not in page and 'id="message"' not in page
     assert 'id="message"' in alice.get(f"/assign/{made['study']}?done=created").text
+    # a request named in the URL is shown only to its project's users
+    _request_for(site, made, "A", "A001")
+    instance = site.control.requests(made["study"])[0].instance
+    url = f"/assign/{made['study']}?done=created&instance={instance}"
+    assert "A/A001/baseline: Request created" in alice.get(url).text
     admin = site.client("admin")
     assert bait not in admin.get("/status", params={"msg": bait, "done": bait}).text
     t = csrf_of(admin.get("/status").text)
@@ -582,7 +587,8 @@ def test_refusals_are_shown_on_the_confirm_page_and_api(site: Site):
     assert 'class="move"' in page
     r = admin.post(f"/assign/{uid}/move", data={"project": "A", "participant": "A002",
                                                 "event": "", "csrf_token": csrf_of(page)})
-    assert r.status_code == 303 and r.headers["location"] == f"/assign/{uid}?done=moved"
+    assert r.status_code == 303
+    assert "A/A002/baseline: The study was moved" in admin.get(r.headers["location"]).text
     assert [x.participant for x in site.control.requests(uid)] == ["A002"]
     move = [e for e in site.audit() if e["action"] == "move"]
     assert move[-1]["user"] == "admin" and move[-1]["details"]["before"] == ["A001/baseline"]

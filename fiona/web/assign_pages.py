@@ -32,7 +32,8 @@ log = logging.getLogger("fiona.web")
 #: studies per page of the Assign list: one audit entry names every study a page shows
 PAGE_SIZE = audit.MAX_ITEMS
 
-#: what a page may say after a redirect: `?done=<code>`, never free text from the URL
+#: what a page may say after a redirect: `?done=<code>[&instance=<request>]`, never free text
+#: from the URL (the request it names is looked up, and shown only to its project's users)
 MESSAGES = {"created": "Request created; the study will be de-identified and sent.",
             "exists": "This request exists already; nothing was changed.",
             "resent": "The project's requests for this study will be sent again.",
@@ -165,12 +166,26 @@ def assign_list(request: Request, q: str = "", date: str = "", all: int = 0, pag
                   total=len(rows), page=page, pages=pages, q=q, date=date, all=all)
 
 
+def _message(c: Ctx, user: User, study_uid: str, done: str, instance: int) -> str:
+    text = MESSAGES.get(done, "")
+    req = next((r for r in c.control.requests(study_uid)
+                if instance and r.instance == instance and user.can(r.project)), None)
+    return f"{req.project}/{req.participant}/{req.event}: {text}" if text and req else text
+
+
+def _done(study: Study, code: str, instance: int | None = None) -> RedirectResponse:
+    """Redirect after a POST, so that reloading the page cannot send the form again."""
+    query = f"done={code}" + (f"&instance={instance}" if instance else "")
+    return RedirectResponse(f"/assign/{study.uid}?{query}", status_code=303)
+
+
 @router.get("/assign/{study_uid}", include_in_schema=False)
-def assign_study(request: Request, study_uid: str, done: str = "",
+def assign_study(request: Request, study_uid: str, done: str = "", instance: int = 0,
                  user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
     study = _study(c, user, study_uid)
-    return _study_page(request, c, user, study, message=MESSAGES.get(done, ""))
+    return _study_page(request, c, user, study,
+                       message=_message(c, user, study.uid, done, instance))
 
 
 @router.post("/assign/{study_uid}/confirm", include_in_schema=False,
@@ -213,8 +228,7 @@ def assign_send(request: Request, study_uid: str, project: str = Form(""),
         result = actions(c).assign(user, study.uid, project, participant, event)
     except (ActionError, ControlPlaneError) as exc:
         return _refused(request, c, user, study, exc, project, participant, event)
-    # redirect after the POST, so that reloading the page cannot send the form again
-    return RedirectResponse(f"/assign/{study.uid}?done={result.code}", status_code=303)
+    return _done(study, result.code, result.request.instance if result.request else None)
 
 
 @router.post("/assign/{study_uid}/resend", include_in_schema=False,
@@ -226,7 +240,7 @@ def assign_resend(request: Request, study_uid: str, project: str = Form(""),
         actions(c).resend(user, project, study.uid)
     except (ActionError, ControlPlaneError) as exc:
         raise http_error(user, exc) from None
-    return RedirectResponse(f"/assign/{study.uid}?done=resent", status_code=303)
+    return _done(study, "resent")
 
 
 @router.post("/assign/{study_uid}/move", include_in_schema=False,
@@ -236,10 +250,10 @@ def assign_move(request: Request, study_uid: str, project: str = Form(""),
                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     study = _study(c, user, study_uid)
     try:
-        actions(c).move(user, study.uid, project, participant, event or None)
+        req = actions(c).move(user, study.uid, project, participant, event or None)
     except (ActionError, ControlPlaneError) as exc:
         return _refused(request, c, user, study, exc, project, participant, event)
-    return RedirectResponse(f"/assign/{study.uid}?done=moved", status_code=303)
+    return _done(study, "moved", req.instance)
 
 
 @router.get("/coupling", include_in_schema=False)
