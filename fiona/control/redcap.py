@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -702,10 +703,10 @@ class RedcapControlPlane(ControlPlane):
                 return min(mine, key=lambda r: r.instance)
             if slot in taken:
                 continue
-            request.instance = slot
-            self.import_rows(INCOMING, [request_row(request, (*TRANSFER_KEY_FIELDS,
-                                                              "transfer_requested_date",
-                                                              "transfer_source"))])
+            self.import_rows(INCOMING, [request_row(replace(request, instance=slot),
+                                                    (*TRANSFER_KEY_FIELDS,
+                                                     "transfer_requested_date",
+                                                     "transfer_source"))])
             stored = self._transfers(request.study_uid).get(slot)
             if stored and stored.get("transfer_project_name") == request.project:
                 return row_request(stored)
