@@ -97,6 +97,7 @@ class Actions:
         self.datadir = site.datadir
         self.control = control
         self.keyed = keyed
+        audit.audit_key(self.datadir)  # no action when its audit entry could not be written
 
     @classmethod
     def open(cls, config: Config, site_name: str | None = None) -> "Actions":

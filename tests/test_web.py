@@ -606,3 +606,20 @@ def test_coupling_upload_audits_each_request(site: Site):
     assert sorted((e["details"]["study_uid"], e["details"]["participant"]) for e in lines) == \
         sorted([(a["study"], "A021"), (b["study"], "A022")])
     assert all(e["user"] == "alice" for e in lines)
+
+
+def test_assign_list_pages_and_audits_each_page(site: Site, monkeypatch):
+    from fiona.web import assign_pages
+    monkeypatch.setattr(assign_pages, "PAGE_SIZE", 1)
+    older = site.study("ACCP1", seed=1, arrival="2026-11-01 10:00:00")
+    newer = site.study("ACCP2", seed=2, arrival="2026-11-02 10:00:00")
+    alice = site.client("alice")
+    first = alice.get("/assign").text
+    assert "2 studies, page 1 of 2" in first and newer["study"] in first
+    assert older["study"] not in first
+    link = re.search(r'href="(/assign\?[^"]+)" id="page-next"', first).group(1)
+    second = alice.get(html.unescape(link)).text
+    assert older["study"] in second and newer["study"] not in second
+    assert [v["studies"] for v in _views(site, "alice")] == [[newer["study"]], [older["study"]]]
+    api = alice.get("/api/studies?page=2").json()
+    assert api["total"] == 2 and [r["uid"] for r in api["studies"]] == [older["study"]]
