@@ -54,7 +54,8 @@ DESTINATION_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "folder": {"path": ("/data/research", REQUIRED)},
     "dicom": {"aetitle": ("RESEARCHPACS", REQUIRED), "host": ("127.0.0.1", REQUIRED),
               "port": (4242, REQUIRED), "query_aetitle": ("RESEARCHPACS", None),
-              "query_port": (4242, None), "associations": (2, 2)},
+              "query_port": (4242, None), "associations": (2, 2),
+              "review_sample": (5, 5), "review_max_age_hours": (24, 24)},
     "sftp": {"host": ("sftp.example.org", REQUIRED), "port": (22, 22),
              "user": ("fiona", REQUIRED), "key": ("/data/config/sftp_key", REQUIRED),
              "remote_dir": ("/incoming", REQUIRED)},
@@ -332,6 +333,11 @@ def parse(raw: Any, path: Path) -> Config:
             rest = {k: v for k, v in d.items() if k != "type"}
             destinations[name] = {"type": d_type, **_check_keys(
                 rest, DESTINATION_KEYS[d_type], f"DESTINATIONS.{name}", errors)}
+            if d_type == "dicom":  # Review reads a sample of each series' headers, cached
+                _int(destinations[name]["review_sample"], f"DESTINATIONS.{name}.review_sample",
+                     1, 100, errors)
+                _number(destinations[name]["review_max_age_hours"],
+                        f"DESTINATIONS.{name}.review_max_age_hours", 0.01, 24 * 365, errors)
 
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
     workflows = _workflows(top["ARRIVAL_WORKFLOWS"], errors)

@@ -445,9 +445,11 @@ class DicomDestination(Destination):
             raise _Lost("no C-STORE response (peer aborted or timed out)")
         return _store_failure(int(status.Status), status)
 
-    def _associate(self, aetitle: str, port: int, contexts: list):
+    def _associate(self, aetitle: str, port: int, contexts: list, ext_neg: list | None = None,
+                   handlers: list | None = None):
         """An established association, None when the peer accepted no context; raises
-        DestinationUnavailable / DestinationError."""
+        DestinationUnavailable / DestinationError. `ext_neg` (e.g. SCP/SCU role selection for
+        C-GET) and extra event `handlers` go to the association request."""
         from pynetdicom import AE, evt
 
         last = "no attempt"
@@ -460,7 +462,8 @@ class DicomDestination(Destination):
             ae.dimse_timeout = self.dimse_timeout
             ae.network_timeout = self.network_timeout
             assoc = ae.associate(self.host, port, contexts=contexts, ae_title=aetitle,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                                 ext_neg=ext_neg,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
             if assoc.is_established:
                 if not isinstance(assoc._reactor_checkpoint, _Checkpoint):
                     assoc._reactor_checkpoint = _Checkpoint()
@@ -483,7 +486,6 @@ class DicomDestination(Destination):
 
     # --- verify ------------------------------------------------------------------------------
     def count_instances(self, study_uid: str) -> dict[str, int]:
-        from pydicom.dataset import Dataset
         from pynetdicom import build_context
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
@@ -493,27 +495,34 @@ class DicomDestination(Destination):
             raise DestinationError(f"destination {self.name!r}: {self.query_aetitle} does not "
                                    f"accept Study Root C-FIND")
         try:
-            query = Dataset()
-            query.QueryRetrieveLevel = "SERIES"
-            query.StudyInstanceUID = study
-            query.SeriesInstanceUID = ""
-            query.NumberOfSeriesRelatedInstances = ""
-            counts: dict[str, int] = {}
-            missing: list[str] = []
-            for ident in self._find(assoc, query, FIND):
-                series = str(ident.get("SeriesInstanceUID", "") or "").strip()
-                if not series:
-                    continue
-                n = ident.get("NumberOfSeriesRelatedInstances")
-                if n is None or str(n).strip() == "":
-                    missing.append(series)
-                else:
-                    counts[series] = counts.get(series, 0) + int(n)
-            for series in dict.fromkeys(missing):
-                counts[series] = self._count_images(assoc, study, series, FIND)
-            return {s: n for s, n in counts.items() if n}
+            return self._series_counts(assoc, study)
         finally:
             _release(assoc)
+
+    def _series_counts(self, assoc, study: str) -> dict[str, int]:
+        """`count_instances` on an open association that accepted Study Root C-FIND."""
+        from pydicom.dataset import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study
+        query.SeriesInstanceUID = ""
+        query.NumberOfSeriesRelatedInstances = ""
+        counts: dict[str, int] = {}
+        missing: list[str] = []
+        for ident in self._find(assoc, query, FIND):
+            series = str(ident.get("SeriesInstanceUID", "") or "").strip()
+            if not series:
+                continue
+            n = ident.get("NumberOfSeriesRelatedInstances")
+            if n is None or str(n).strip() == "":
+                missing.append(series)
+            else:
+                counts[series] = counts.get(series, 0) + int(n)
+        for series in dict.fromkeys(missing):
+            counts[series] = self._count_images(assoc, study, series, FIND)
+        return {s: n for s, n in counts.items() if n}
 
     def _count_images(self, assoc, study: str, series: str, model) -> int:
         """Fallback for peers that do not return NumberOfSeriesRelatedInstances."""
