@@ -50,8 +50,8 @@ def run(config: Config) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     procs: dict[tuple[str, ...], subprocess.Popen] = {}
     restarts: dict[tuple[str, ...], float] = {}
-    for cmd in _commands(config):
-        procs[tuple(cmd)] = _start(cmd)
+    for argv in _commands(config):
+        procs[tuple(argv)] = _start(argv)
     for site in config.all_sites():
         print(f"FIONA is up: send DICOM to AE {site.aetitle} at {site.ip}:{site.port}, e.g.\n"
               f"  storescu -aec {site.aetitle} 127.0.0.1 {site.port} FILES...\n"

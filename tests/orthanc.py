@@ -82,7 +82,7 @@ class Orthanc:
             **self.extra,
         }
 
-    def start(self, timeout: float = 30.0) -> "Orthanc":
+    def start(self, timeout: float = 30.0) -> Orthanc:
         if self.proc is not None and self.proc.poll() is None:
             return self
         path = self.dir / "orthanc.json"
@@ -124,11 +124,11 @@ class Orthanc:
             proc.kill()
             proc.wait(10)
 
-    def restart(self) -> "Orthanc":
+    def restart(self) -> Orthanc:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Orthanc:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,6 +22,8 @@ from pydicom.data import get_testdata_file
 
 from helpers import Gateway, dcmtk, free_port, wait_for
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 STORECTL = REPO / "bin" / "storectl.sh"
 PSF = REPO / "bin" / "processSingleFile3.py"

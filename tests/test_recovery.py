@@ -8,15 +8,19 @@ import socket
 import subprocess
 from pathlib import Path
 
-from helpers import Gateway, dcmtk, wait_for
+import pytest
+
 from dicomgen import make_study
+from helpers import Gateway, dcmtk, wait_for
+from procs import spawn
+
+pytestmark = pytest.mark.e2e
 
 
 def _send_in_background(gateway: Gateway, folder: Path) -> subprocess.Popen:
-    return subprocess.Popen([dcmtk("storescu"), "+sd", "-aec", "FIONA", "127.0.0.1",
-                             str(gateway.port), str(folder)],
-                            env={**os.environ, "TCP_NODELAY": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return spawn([dcmtk("storescu"), "+sd", "-aec", "FIONA", "127.0.0.1", str(gateway.port),
+                  str(folder)], env={**os.environ, "TCP_NODELAY": "1"},
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _links(gateway: Gateway, study: dict) -> int:
