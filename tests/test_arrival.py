@@ -18,6 +18,8 @@ from fiona.control import open_control_plane
 from fiona.control.base import ControlPlane, now_iso
 from redcap_emulator import RedcapEmulator
 
+pytestmark = pytest.mark.e2e  # the gateways here run their daemons
+
 CONTROL_TOKENS = ["Incoming", "Routing", "CouplingList", "AutoID", "DataTransferProjects"]
 PROJECTS = ["PROJ", "ROUTED", "AUTO"]
 

@@ -337,6 +337,7 @@ def test_review_lists_tags_of_the_output(site: Site):
     assert "A001" in alice.get("/review/A").text
 
 
+@pytest.mark.e2e  # starts daemons
 def test_study_sent_with_storescu_appears_in_assign(tmp_path: Path):
     gw = Gateway(tmp_path / "data", free_port(), {"STUDY_QUIET_SECONDS": 1})
     try:
@@ -369,6 +370,7 @@ def test_study_sent_with_storescu_appears_in_assign(tmp_path: Path):
         gw.stop_all()
 
 
+@pytest.mark.e2e  # starts daemons
 def test_first_start_admin_has_a_one_time_password(tmp_path: Path):
     """`fiona web` on a tree without users creates `admin`, prints its password once, serves
     the login page, and the admin must choose a new password first."""
