@@ -160,6 +160,20 @@ def test_sample_size_comes_from_the_source(tmp_path, pacs, filled):
     assert (review.files, review.files_total, review.sample) == (3, 18, 1)
 
 
+def test_each_view_fetches_a_bounded_number_of_headers(tmp_path, pacs, filled):
+    s = Setup(tmp_path, pacs)
+    s.source.max_fetch = 5
+    seen = []
+    for _ in range(4):
+        r = s.source.review("A")
+        seen.append((r.fetched, r.files, r.unread_series))
+    # one series per view (in study UID order, which is random here), until all are read
+    assert [u for _f, _n, u in seen] == [2, 1, 0, 0]
+    assert all(f <= 5 for f, _n, _u in seen) and sum(f for f, _n, _u in seen) == 13
+    assert [n for _f, n, _u in seen][2:] == [13, 13]
+    assert r.based_on == "based on 13 of 18 files"
+
+
 def test_an_unreachable_pacs_is_reported_not_raised(tmp_path, pacs, filled):
     s = Setup(tmp_path, pacs)
     s.source.review("A")

@@ -4,9 +4,10 @@
   mapped for the project, all of them up to `cap` (then "based on N of M files").
 - `PacsSource`: a `dicom` destination (the research PACS): the studies it holds for the
   project and their series' instance counts by C-FIND, and a sample of `review_sample`
-  instances per series (evenly spread) read by C-GET, cached per series (`cache.py`). A PACS
-  that is down or refuses gives a `Review` with `error` set instead of an exception, so the
-  page still shows.
+  instances per series (evenly spread) read by C-GET, cached per series (`cache.py`), at most
+  MAX_FETCH headers per view (the series left over are read by the next views). A PACS that
+  is down or refuses gives a `Review` with `error` set instead of an exception, so the page
+  still shows.
 
 Either way the figures say how many files they are based on (`Review.based_on`).
 `open_source` picks the project's destination as the forwarder does
@@ -30,12 +31,13 @@ from ..send.destinations import DestinationError, DestinationUnavailable
 from ..send.forward import destination_name
 from ..tree import InvalidValue, valid_uid
 from .cache import Entry, ReviewCache
-from .pacs import Instance, ReviewError, ReviewPacs
+from .pacs import Instance, ReviewError, ReviewPacs, matchable
 from .tags import TagSummary
 
 log = logging.getLogger(__name__)
 
 MAX_FILES = 5000  # a folder's files read per view
+MAX_FETCH = 500   # PACS headers retrieved per view; the next view reads the next series
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Review:
     files_total: int = 0
     sample: int | None = None      # headers read per series (PACS)
     fetched: int = 0               # headers retrieved from the PACS for this view
+    unread_series: int = 0         # series left for a later view (MAX_FETCH reached)
     error: str = ""
     tags: list[dict[str, Any]] = field(default_factory=list)
 
@@ -62,8 +65,8 @@ class Review:
     def as_dict(self) -> dict[str, Any]:
         return {"project": self.project, "kind": self.kind, "destination": self.destination,
                 "studies": self.studies, "files": self.files, "files_total": self.files_total,
-                "based_on": self.based_on, "sample": self.sample, "error": self.error,
-                "tags": self.tags}
+                "based_on": self.based_on, "sample": self.sample,
+                "unread_series": self.unread_series, "error": self.error, "tags": self.tags}
 
 
 class ReviewSource(ABC):
@@ -116,19 +119,24 @@ class _Todo:
 
 
 class PacsSource(ReviewSource):
-    """The research PACS, `sample` instances per series, cached."""
+    """The research PACS, `sample` instances per series, cached; at most `max_fetch` headers
+    are retrieved per view, so a first view of a large project answers in bounded time and
+    each later view reads the series still missing."""
 
     kind = "dicom"
 
-    def __init__(self, pacs: ReviewPacs, cache: ReviewCache, sample: int):
+    def __init__(self, pacs: ReviewPacs, cache: ReviewCache, sample: int,
+                 max_fetch: int = MAX_FETCH):
         self.pacs = pacs
         self.cache = cache
         self.sample = sample
+        self.max_fetch = max_fetch
 
     def review(self, project: str) -> Review:
         result = Review(project, self.kind, self.pacs.label, sample=self.sample)
         summary = TagSummary()
         try:
+            matchable(project)  # before any connection
             held, todo = self._list(project, summary, result)
         except ReviewError as exc:
             result.error = str(exc)
@@ -157,6 +165,7 @@ class PacsSource(ReviewSource):
         `summary`, the others come back with the instances chosen to read."""
         held: dict[str, dict[str, int]] = {}
         todo: list[_Todo] = []
+        budget = self.max_fetch
         with self.pacs.finding() as assoc:
             for study in self.pacs.studies(assoc, project):
                 held[study] = self.pacs.series_counts(assoc, study)
@@ -166,8 +175,11 @@ class PacsSource(ReviewSource):
                     if entry is not None:
                         summary.merge(entry.summary)
                         result.files += entry.read
+                    elif budget < min(self.sample, n):
+                        result.unread_series += 1
                     else:
                         chosen = spread(self.pacs.instances(assoc, study, series), self.sample)
+                        budget -= len(chosen)
                         todo.append(_Todo(study, series, n, chosen))
         return held, todo
 

@@ -50,9 +50,11 @@ class TagSummary:
                 self._count(key, entry["name"], entry["vr"], value, n)
 
     def rows(self) -> list[dict[str, Any]]:
-        """What the page and the API show: tags in order, values most frequent first."""
+        """What the page and the API show: tags in order, values most frequent first (equal
+        counts by value, so the same headers give the same rows in any reading order)."""
         return [{"tag": k, "name": v["name"], "vr": v["vr"],
-                 "values": [{"value": val, "count": n} for val, n in v["values"].most_common()]}
+                 "values": [{"value": val, "count": n} for val, n in
+                            sorted(v["values"].items(), key=lambda vn: (-vn[1], vn[0]))]}
                 for k, v in sorted(self.tags.items())]
 
     def to_json(self) -> dict[str, Any]:
