@@ -37,9 +37,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (count_files, free_port, log_tail,  # noqa: E402 (repo root)
-                          make_corpus, port_open, progress, run_in_scratch, stop_process,
-                          wait_until)
+from bench.common import (  # noqa: E402 (repo root)
+    count_files,
+    free_port,
+    log_tail,
+    make_corpus,
+    port_open,
+    progress,
+    run_in_scratch,
+    stop_process,
+    wait_until,
+)
 
 #: DCMTK's sender; the `storescu` on PATH may be a pynetdicom shim
 STORESCU = "/usr/bin/storescu"

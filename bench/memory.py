@@ -25,8 +25,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (PeakRss, free_port, log_tail, port_open,  # noqa: E402 (repo root)
-                          progress, run_in_scratch, stop_process, wait_until)
+from bench.common import (  # noqa: E402 (repo root)
+    PeakRss,
+    free_port,
+    log_tail,
+    port_open,
+    progress,
+    run_in_scratch,
+    stop_process,
+    wait_until,
+)
 from fiona.bootstrap import init  # noqa: E402
 from fiona.tree import Tree  # noqa: E402
 from tests.dicomgen import make_study  # noqa: E402
