@@ -104,6 +104,8 @@ ITEM_ABSTRACT, ITEM_TRANSFER, ITEM_MAX_LENGTH = 0x30, 0x40, 0x51
 _UID_ITEMS = {ITEM_APPLICATION, ITEM_ABSTRACT, ITEM_TRANSFER}
 #: lenient on purpose (leading zeros pass); what pynetdicom is given cannot make it log
 _UID_BYTES = re.compile(rb"[0-9.]{1,64}[\x00 ]?")
+#: what `printable` escapes: all but printable ASCII, and the backslash
+_UNPRINTABLE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,7 @@ def printable(raw: bytes) -> str:
     surrounding spaces dropped (they are padding), every byte outside printable ASCII and the
     backslash (which AE titles and UIDs may not hold) written as \\xNN, so a peer can neither
     forge log lines nor put NULs or terminal controls into them. Valid values pass unchanged."""
-    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
-                   for b in raw.strip(b" "))
+    return _UNPRINTABLE.sub(lambda m: b"\\x%02x" % m[0][0], raw.strip(b" ")).decode("ascii")
 
 
 @dataclass
@@ -285,6 +286,7 @@ class AssociationHandler:
         self.calling_ae = self.called_ae = "?"
         self.peer_max_pdu = 0  # 0: unlimited (PS3.8 D.1)
         self.heard = False  # any byte received at all
+        self._timeout = 0.0  # the socket's timeout for reads, as last set
 
     # --- socket plumbing ---------------------------------------------------------------------
     def _recv_exact(self, n: int, deadline: float, late: str) -> bytearray:
@@ -296,7 +298,11 @@ class AssociationHandler:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(late)
-            self.sock.settimeout(remaining)
+            # a blocking read may overrun its deadline by 5 % at most; not resetting the
+            # socket's timeout before every read keeps syscalls off the hot path
+            if not remaining / 2 <= self._timeout <= remaining * 1.05 + 0.01:
+                self._timeout = remaining
+                self.sock.settimeout(remaining)
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except TimeoutError:
@@ -327,15 +333,20 @@ class AssociationHandler:
             raise DeadlineExceeded(f"{_pdu_name(pdu_type)} of {length} bytes not complete "
                                    f"after {self.deadlines.pdu:g} s") from None
 
+    def _set_send_timeout(self, seconds: float) -> None:
+        if self._timeout != seconds:
+            self._timeout = seconds
+            self.sock.settimeout(seconds)
+
     def _send_pdu(self, pdu_type: int, body: bytes) -> None:
-        self.sock.settimeout(self.deadlines.pdu)
+        self._set_send_timeout(self.deadlines.pdu)
         self.sock.sendall(struct.pack(">BBI", pdu_type, 0, len(body)) + body)
 
     def _send_last(self, pdu: bytes) -> None:
         """Send a final PDU (A-ABORT, A-ASSOCIATE-RJ) and give the peer a moment to read it and
         close: closing with unread input would reset the connection and could discard it."""
         try:
-            self.sock.settimeout(self.deadlines.linger)
+            self._set_send_timeout(self.deadlines.linger)
             self.sock.sendall(pdu)
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + self.deadlines.linger
@@ -440,7 +451,7 @@ class AssociationHandler:
         pdu.from_primitive(ac)
         encoded = pdu.encode()
         # the AC repeats the request's AE title fields byte for byte (PS3.8 Table 9-17)
-        self.sock.settimeout(self.deadlines.pdu)
+        self._set_send_timeout(self.deadlines.pdu)
         self.sock.sendall(encoded[:10] + bytes(body[4:36]) + encoded[42:])
         self.assoc = Association(self.calling_ae, self.called_ae, self.peer[0], self.peer[1],
                                  started=self.started)
