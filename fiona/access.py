@@ -18,7 +18,8 @@ Every display of identified values is audited by its caller (`fiona.actions.Acti
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 #: the fields of a study record (and of the rows built from it) that identify a patient
 IDENTIFIED_FIELDS = ("accession",)

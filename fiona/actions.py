@@ -13,8 +13,9 @@ import csv
 import getpass
 import io
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from . import audit
 from .access import Actor, may_see, may_see_identified
@@ -52,7 +53,7 @@ class OsActor:
     login: str
 
     @classmethod
-    def current(cls) -> "OsActor":
+    def current(cls) -> OsActor:
         return cls(getpass.getuser())
 
     @property
@@ -100,7 +101,7 @@ class Actions:
         audit.audit_key(self.datadir)  # no action when its audit entry could not be written
 
     @classmethod
-    def open(cls, config: Config, site_name: str | None = None) -> "Actions":
+    def open(cls, config: Config, site_name: str | None = None) -> Actions:
         site = config.site(site_name)
         return cls(site, open_control_plane(config, site), Keyed.from_datadir(site.datadir))
 

@@ -24,7 +24,7 @@ import hmac
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +89,12 @@ def _mac(key: bytes, body: bytes) -> str:
     return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
-def _seal(key: bytes, entry: dict) -> bytes:
-    """The line for `entry` (without newline): its JSON with `mac` added as the last field."""
+def _seal(key: bytes, entry: dict) -> tuple[bytes, str]:
+    """The line for `entry` (without newline), its JSON with `mac` added as the last field;
+    and that MAC."""
     body = json.dumps(entry, separators=(",", ":"), ensure_ascii=True).encode()
-    return body[:-1] + b',"mac":"' + _mac(key, body[:-1]).encode() + b'"}'
+    mac = _mac(key, body[:-1])
+    return body[:-1] + b',"mac":"' + mac.encode() + b'"}', mac
 
 
 def _open(line: bytes, key: bytes) -> dict | None:
@@ -143,13 +145,12 @@ def append(datadir: Path, user: str, action: str, details: dict[str, Any] | None
         last = _last_line(fd)
         previous = _open(last, key) if last else None
         entry = {"n": int(previous["n"]) + 1 if previous else 1,
-                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "time": datetime.now(UTC).isoformat(timespec="seconds"),
                  "user": cap(user or ""), "action": cap(action), "details": cap(details or {}),
                  "prev": previous["mac"] if previous else GENESIS}
-        line = _seal(key, entry)
+        line, entry["mac"] = _seal(key, entry)
         os.write(fd, line + b"\n")
         os.fsync(fd)
-        entry["mac"] = _MAC.match(line).group(2).decode()
         atomic_write(head_path(datadir), json.dumps({"n": entry["n"], "mac": entry["mac"]})
                      .encode() + b"\n", mode=HEAD_MODE)
     finally:

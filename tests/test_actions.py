@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import Gateway, free_port
 from pydicom.uid import generate_uid
 
 from fiona.actions import Actions, Forbidden, NotFound
@@ -22,6 +21,7 @@ from fiona.control.base import Project, Study, now_iso
 from fiona.daemon import PIPE_FORWARDER, pipe_path
 from fiona.web.app import create_app
 from fiona.web.users import UserStore
+from helpers import Gateway, free_port
 
 PASSWORD = "correct horse battery"
 OS_USER = f"os:{getpass.getuser()}"

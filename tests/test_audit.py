@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import Gateway, free_port
 
 from fiona import audit
+from helpers import Gateway, free_port
 
 
 def _secret(datadir: Path) -> None:

@@ -16,13 +16,13 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.control.base import Project, Series, Study, now_iso
 from fiona.web.app import create_app
 from fiona.web.users import UserStore
+from helpers import Gateway, free_port, wait_for
 
 PASSWORD = "correct horse battery"
 
@@ -55,8 +55,9 @@ class Site:
             series.append(Series(uid=s_uid, description=f"series {i}", num_files=len(files),
                                  modality="MR", classify_types=["mr"]))
         self.control.register_study(Study(made["study"], description="MR Head", date="20260314",
-                                          time="101500", accession=accession, arrival=arrival or now_iso(),
-                                          calling_ae="STORESCU", series=series))
+                                          time="101500", accession=accession,
+                                          arrival=arrival or now_iso(), calling_ae="STORESCU",
+                                          series=series))
         return made
 
     def client(self, user: str | None = None) -> TestClient:
