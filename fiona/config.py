@@ -196,7 +196,8 @@ def _web_security(web: dict, errors: list[str]) -> None:
             errors.append("WEB.auth \"remote-user\" needs WEB.trusted_proxies: the addresses of "
                           "the reverse proxy that sets REMOTE_USER, e.g. [\"127.0.0.1\"]")
     if not isinstance(web.get("secure_cookies"), bool):
-        errors.append(f"WEB.secure_cookies must be true or false; got {web.get('secure_cookies')!r}")
+        errors.append("WEB.secure_cookies must be true or false; "
+                      f"got {web.get('secure_cookies')!r}")
     _int(web.get("session_idle_minutes"), "WEB.session_idle_minutes", 1, 24 * 60, errors)
     _int(web.get("session_hours"), "WEB.session_hours", 1, 24 * 7, errors)
 

@@ -17,12 +17,12 @@ import uvicorn
 from fastapi.testclient import TestClient
 from playwright.sync_api import Page, expect
 
-from helpers import Gateway, free_port, wait_for
 from fiona.clock import FakeClock
 from fiona.config import ConfigError, load
 from fiona.web import users as users_module
 from fiona.web.app import create_app, safe_next
 from fiona.web.users import UserStore
+from helpers import Gateway, free_port, wait_for
 
 PASSWORD = "correct horse battery"
 LONG = "ä" * 40 + " a passphrase far longer than bcrypt's seventy-two bytes"  # 130 bytes
@@ -241,7 +241,8 @@ def test_an_expired_session_returns_the_user_where_they_were(site: Site):
     assert r.status_code == 303
     assert r.headers["location"] == "/login?expired=1&next=/assign%3Fproject%3DA%26q%3Dx"
     page = c.get(r.headers["location"])
-    assert "Your session has ended" in page.text and 'value="/assign?project=A&amp;q=x"' in page.text
+    assert "Your session has ended" in page.text
+    assert 'value="/assign?project=A&amp;q=x"' in page.text
     r = login(c, "alice", PASSWORD, next="/assign?project=A&q=x")
     assert r.headers["location"] == "/assign?project=A&q=x"
     r = login(site.client(), "alice", PASSWORD, next="//evil.example/x")

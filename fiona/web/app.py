@@ -15,8 +15,8 @@ import hashlib
 import hmac
 import math
 from http import HTTPStatus
-from pathlib import Path
 from importlib.resources import files
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request

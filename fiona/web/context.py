@@ -14,11 +14,11 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from .. import audit
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, read_secret
 from ..control import open_control_plane
 from ..control.keyed import Keyed
-from .. import audit
 from . import csrf
 from .proxies import TrustedProxies
 from .sessions import SessionStore, sessions_path

@@ -133,7 +133,8 @@ class UserStore:
             return None
         return User(name, list(rec.get("roles", [])), bool(rec.get("one_time")))
 
-    def add(self, name: str, password: str | None, roles: list[str], one_time: bool = False) -> None:
+    def add(self, name: str, password: str | None, roles: list[str],
+            one_time: bool = False) -> None:
         if not _NAME.match(name or ""):
             raise UserError(f"user name {name!r}: letters, digits and _.@- only")
         roles = [check_role(r) for r in roles]
