@@ -97,19 +97,22 @@ def marked(var: str, value: str, basetemp: str | None = None) -> list[int]:
     mine = _ancestors()
     found = []
     for pid in _pids():
-        if pid in mine or not alive(pid):
+        if pid in mine:
             continue
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in env or (base and any(arg == base or base + "/" in arg
-                                          for arg in cmdline(pid))):
+        if (needle in env or (base and any(arg == base or base + "/" in arg
+                                           for arg in cmdline(pid)))) and alive(pid):
             found.append(pid)
     return found
 
 
 def _members(groups: set[int]) -> list[int]:
+    """Live processes in the process groups `groups`."""
+    if not groups:
+        return []
     out = []
     for pid in _pids():
         stat = _stat(pid)
