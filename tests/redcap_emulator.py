@@ -50,11 +50,11 @@ import csv
 import json
 import re
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterable
 from urllib.parse import parse_qsl
 
 DICTIONARIES_DIR = Path(__file__).resolve().parent.parent / "config" / "redcap"
@@ -180,7 +180,7 @@ class Dictionary:
         for row in rows:
             if len(row) != len(DICTIONARY_HEADER):
                 raise ValueError(f"{path}: {len(row)} columns in row {row}")
-            meta = dict(zip(METADATA_KEYS, row))
+            meta = dict(zip(METADATA_KEYS, row, strict=True))
             self.fields.append(Field(
                 name=meta["field_name"], form=meta["form_name"], type=meta["field_type"],
                 validation=meta["text_validation_type_or_show_slider_number"],
@@ -477,7 +477,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Hands each POST to the emulator; HTTP/1.0, so every request closes its connection
     and a stopped emulator refuses the next one."""
 
-    server: "_Server"
+    server: _Server
 
     def do_POST(self) -> None:
         if self.path.split("?")[0].rstrip("/") != "/api":
@@ -504,7 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    emulator: "RedcapEmulator"
+    emulator: RedcapEmulator
 
 
 class RedcapEmulator:

@@ -8,13 +8,21 @@ rules, auto-ID and the mirror into research projects."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 import pytest
 
-from fiona.control.base import (ControlPlane, ControlPlaneError, CouplingRow, Project,
-                                RoutingRule, Series, Study, TransferRequest)
+from fiona.control.base import (
+    ControlPlane,
+    ControlPlaneError,
+    CouplingRow,
+    Project,
+    RoutingRule,
+    Series,
+    Study,
+    TransferRequest,
+)
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
 from redcap_emulator import RedcapEmulator

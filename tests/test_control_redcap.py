@@ -14,8 +14,16 @@ import pytest
 
 from fiona.config import ConfigError, parse
 from fiona.control import BACKENDS, open_control_plane
-from fiona.control.base import (ControlPlaneError, CouplingRow, Project, RoutingRule, Series,
-                                Study, TransferRequest, Unavailable)
+from fiona.control.base import (
+    ControlPlaneError,
+    CouplingRow,
+    Project,
+    RoutingRule,
+    Series,
+    Study,
+    TransferRequest,
+    Unavailable,
+)
 from fiona.control.keyed import Keyed
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
@@ -282,7 +290,8 @@ def test_register_study_merges_series_by_uid(cp, emu):
     assert got.series[1] == study.series[1]             # kept
     assert got.series[2] == amended.series[0]           # added
     instances = {r["series_instance_uid"]: r["redcap_repeat_instance"]
-                 for r in emu.stored(TOKENS["Incoming"]) if r["redcap_repeat_instrument"] == "series"}
+                 for r in emu.stored(TOKENS["Incoming"])
+                 if r["redcap_repeat_instrument"] == "series"}
     assert instances == {"1.2.3.4.1": 1, "1.2.3.4.2": 2, "1.2.3.4.3": 3}
 
 
@@ -419,7 +428,7 @@ def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
     old = tmp_path / "dictionaries"
     shutil.copytree(DICTIONARIES_DIR, old)
     text = (old / "Incoming.csv").read_text().splitlines(keepends=True)
-    (old / "Incoming.csv").write_text("".join(l for l in text if "_revision," not in l))
+    (old / "Incoming.csv").write_text("".join(line for line in text if "_revision," not in line))
     legacy = RedcapEmulator(dictionaries_dir=old)
     legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
     legacy.start()

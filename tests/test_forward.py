@@ -15,11 +15,11 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.deid.pixels import ocr_words
+from helpers import Gateway, free_port, wait_for
 from orthanc import Orthanc
 
 DAEMONS = ("storescp", "process-single-file", "detect-study-arrival", "anonymize-and-send")
@@ -116,7 +116,8 @@ def _text_image(path: Path) -> str:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID, ds.AccessionNumber = "Hansen^Ingrid", "NID0303", "OCR1"
     ds.Modality, ds.StudyDate, ds.StudyTime = "OT", "20260101", "120000"

@@ -1,7 +1,8 @@
 """The forwarder's rules, in process, against each control-plane backend (local SQLite, the
-REDCap emulator) and a folder destination, on a fake clock: back-off after a destination error, permanent failures, resends
-(also in the same second as the completion), a revision raised while sending, and requests
-held while their project is closed. Nothing sleeps: time moves when a test advances it."""
+REDCap emulator) and a folder destination, on a fake clock: back-off after a destination
+error, permanent failures, resends (also in the same second as the completion), a revision
+raised while sending, a reassigned request, and requests held while their project is closed.
+Nothing sleeps: time moves when a test advances it."""
 
 from __future__ import annotations
 

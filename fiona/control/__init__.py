@@ -6,7 +6,7 @@ chosen, so `requests` is needed only for `redcap`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import Config, Site
 from .base import ControlPlane, ControlPlaneError

@@ -19,7 +19,6 @@ from datetime import date, datetime
 
 from ..clock import SYSTEM_CLOCK, Clock
 
-
 APPROVAL_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 

@@ -11,15 +11,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 from ..tree import FILE_MODE
-from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, RoutingRule, Series,
-                   Study, TransferRequest, now_iso)
+from .base import (
+    ControlPlane,
+    ControlPlaneError,
+    CouplingRow,
+    Project,
+    RoutingRule,
+    Series,
+    Study,
+    TransferRequest,
+    now_iso,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (name TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -261,7 +270,7 @@ class LocalControlPlane(ControlPlane):
                                  "participant, event, added) VALUES (?, ?, ?, ?, ?, ?)",
                                  (r.accession, r.study_uid, r.project, r.participant, r.event,
                                   r.added))
-                r.id = cur.lastrowid
+                r.id = cur.lastrowid or 0  # always set after an INSERT
 
     def routing_rules(self) -> list[RoutingRule]:
         rows = self._db().execute("SELECT data FROM routing ORDER BY name").fetchall()

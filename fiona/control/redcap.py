@@ -26,16 +26,27 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import requests
 
 from ..config import ConfigError, read_secret
-from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, RoutingRule, Series,
-                   Study, TransferRequest, Unavailable, now_iso)
+from .base import (
+    ControlPlane,
+    ControlPlaneError,
+    CouplingRow,
+    Project,
+    RoutingRule,
+    Series,
+    Study,
+    TransferRequest,
+    Unavailable,
+    now_iso,
+)
 
 # REDCap project names (keys in tokens.json) of the control projects.
 INCOMING = "Incoming"
@@ -405,7 +416,7 @@ class RedcapControlPlane(ControlPlane):
         self._revision_fields_checked = False
 
     @classmethod
-    def from_config(cls, cp: dict) -> "RedcapControlPlane":
+    def from_config(cls, cp: dict) -> RedcapControlPlane:
         """From config.json's CONTROL_PLANE: reads the tokens file (must be mode 0600)."""
         path = Path(cp["tokens"])
         raw = read_secret(path)
@@ -766,7 +777,7 @@ class RedcapControlPlane(ControlPlane):
         if len(ids) != len(rows):
             raise ControlPlaneError(f"REDCap project {COUPLING} at {self.url} stored "
                                     f"{len(ids)} of {len(rows)} coupling rows ({answer!r})")
-        for r, i in zip(rows, [str(i) for i in range(1, len(rows) + 1)]):
+        for r, i in zip(rows, [str(i) for i in range(1, len(rows) + 1)], strict=True):
             r.id = _int(ids.get(i, 0))
 
     def routing_rules(self) -> list[RoutingRule]:

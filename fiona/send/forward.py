@@ -24,8 +24,8 @@ import logging
 import shutil
 import threading
 import uuid
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -34,7 +34,14 @@ from .. import quarantine
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site, read_secret
 from ..control import open_control_plane
-from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest, Unavailable, now_iso
+from ..control.base import (
+    ControlPlane,
+    ControlPlaneError,
+    Project,
+    TransferRequest,
+    Unavailable,
+    now_iso,
+)
 from ..daemon import FILE_NAMES, PIPE_FORWARDER, pipe_path, running
 from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
 from ..deid.gate import GateError, check
