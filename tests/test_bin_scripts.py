@@ -2,7 +2,8 @@
 
 The scripts run as an admin runs them: as programs, with the configuration in $FIONA_CONFIG,
 against a real data tree; the daemons they start are real processes, checked through the pid files
-the daemons write and through DCMTK's echoscu/storescu.
+the daemons write and through DCMTK's echoscu/storescu. What a test leaves running, even after a
+failure, is stopped by conftest's autouse fixture (procs.py: the daemons inherit the test's mark).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +21,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from helpers import Gateway, dcmtk, free_port, wait_for
+from procs import alive
 
 pytestmark = pytest.mark.e2e
 
@@ -49,39 +50,12 @@ def ok(res: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedP
     return res
 
 
-def alive(pid: int) -> bool:
-    """Exists and is not a zombie (the daemons are reparented when the script exits)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return text.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def pid_in(path: Path) -> int:
     return int(path.read_text().strip())
 
 
 def pid_file(datadir: Path, daemon: str, site: str = "") -> Path:
     return datadir / "site" / "run" / f"{daemon}{site}.pid"
-
-
-def kill_leftover(path: Path, subcommand: str) -> None:
-    """After a failed test: end the daemon this test started (named by its pid file) for sure."""
-    try:
-        pid = pid_in(path)
-    except (OSError, ValueError):
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return
-    if subcommand.encode() in cmdline and alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        try:
-            wait_for(lambda: not alive(pid), 30, f"pid {pid} to exit")
-        except AssertionError:
-            os.kill(pid, signal.SIGKILL)
 
 
 def echo(port: int) -> subprocess.CompletedProcess:
@@ -119,7 +93,6 @@ def test_storectl_start_echo_status_stop(gateway: Gateway):
         ok(script(gateway, STORECTL, "stop"))  # stopping a stopped receiver is fine
     finally:
         script(gateway, STORECTL, "stop")
-        kill_leftover(pidf, "storescp")
     assert (gateway.datadir / "logs" / "storescpd.log").exists()
 
 
@@ -134,7 +107,6 @@ def test_storectl_restart(gateway: Gateway):
         assert echo(gateway.port).returncode == 0
     finally:
         script(gateway, STORECTL, "stop")
-        kill_leftover(pidf, "storescp")
 
 
 def test_storectl_site(make_gateway):
@@ -156,7 +128,6 @@ def test_storectl_site(make_gateway):
         ok(script(gw, STORECTL, "status", "CT"), 3)
     finally:
         script(gw, STORECTL, "stop", "CT")
-        kill_leftover(pidf, "storescp")
 
 
 def test_storectl_refuses_bad_site_and_config(gateway: Gateway):
@@ -184,7 +155,6 @@ def test_storectl_ignores_stale_or_foreign_pid_file(gateway: Gateway):
         assert echo(gateway.port).returncode == 0
     finally:
         script(gateway, STORECTL, "stop")
-        kill_leftover(pidf, "storescp")
 
 
 def test_storectl_reports_a_receiver_that_cannot_start(gateway: Gateway):
@@ -196,10 +166,7 @@ def test_storectl_reports_a_receiver_that_cannot_start(gateway: Gateway):
         blocker.bind(("127.0.0.1", gateway.port))
         blocker.listen()
         pidf = pid_file(gateway.datadir, "storescpd")
-        try:
-            res = ok(script(gateway, STORECTL, "start"), 1)
-        finally:
-            kill_leftover(pidf, "storescp")
+        res = ok(script(gateway, STORECTL, "start"), 1)
     assert "exited during start-up" in res.stderr
     assert "Address already in use" in res.stderr
     assert not pidf.exists()
@@ -239,7 +206,6 @@ def test_psf_start_status_send_stop(gateway: Gateway):
         ok(script(gateway, PSF, "status"), 3)
     finally:
         script(gateway, PSF, "stop")
-        kill_leftover(pidf, "process-single-file")
 
 
 def test_psf_send_without_indexer(gateway: Gateway):
@@ -289,8 +255,6 @@ def test_psf_options_and_errors(gateway: Gateway):
 def test_scripts_receive_and_index_together(gateway: Gateway):
     """The receiver and the indexer started by the scripts file and index a real C-STORE."""
     ds = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
-    spidf = pid_file(gateway.datadir, "storescpd")
-    ipidf = pid_file(gateway.datadir, "processSingleFile")
     try:
         ok(script(gateway, STORECTL, "start"))
         ok(script(gateway, PSF, "start"))
@@ -301,8 +265,6 @@ def test_scripts_receive_and_index_together(gateway: Gateway):
     finally:
         script(gateway, PSF, "stop")
         script(gateway, STORECTL, "stop")
-        kill_leftover(ipidf, "process-single-file")
-        kill_leftover(spidf, "storescp")
 
 
 # --- systemd units ------------------------------------------------------------------------------
