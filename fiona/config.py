@@ -70,7 +70,9 @@ CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
 DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80)}
 WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local"),
             "trusted_proxies": (["127.0.0.1"], []), "secure_cookies": (True, False),
-            "session_idle_minutes": (30, 30), "session_hours": (12, 12)}
+            "session_idle_minutes": (30, 30), "session_hours": (12, 12),
+            "ldap": ({"url": "ldaps://ldap.example.org", "user_dn": "uid={user},ou=people,"
+                      "dc=example,dc=org"}, None)}
 
 _AE_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -200,6 +202,23 @@ def _web_security(web: dict, errors: list[str]) -> None:
                       f"got {web.get('secure_cookies')!r}")
     _int(web.get("session_idle_minutes"), "WEB.session_idle_minutes", 1, 24 * 60, errors)
     _int(web.get("session_hours"), "WEB.session_hours", 1, 24 * 7, errors)
+    _web_ldap(web, errors)
+
+
+def _web_ldap(web: dict, errors: list[str]) -> None:
+    """WEB.ldap, required with `WEB.auth = "ldap"` (checked by `fiona.web.ldap_auth`, imported
+    only then, so daemons without LDAP never load ldap3)."""
+    if web.get("ldap") is None:
+        if web.get("auth") == "ldap":
+            errors.append('WEB.auth "ldap" needs WEB.ldap, e.g. {"url": "ldaps://ldap.example.org",'
+                          ' "user_dn": "uid={user},ou=people,dc=example,dc=org"}')
+        return
+    from .web.ldap_auth import LdapConfigError, LdapSettings
+
+    try:
+        LdapSettings.from_config(web["ldap"])
+    except LdapConfigError as exc:
+        errors.append(str(exc))
 
 
 def _int(value: Any, name: str, lo: int, hi: int, errors: list[str]) -> int:
@@ -346,8 +365,9 @@ def parse(raw: Any, path: Path) -> Config:
     refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
     cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 0, 100, errors)
     web = _check_keys(top["WEB"], WEB_KEYS, "WEB", errors)
-    if web and web.get("auth") not in ("local", "remote-user"):
-        errors.append(f"WEB.auth must be \"local\" or \"remote-user\"; got {web.get('auth')!r}")
+    if web and web.get("auth") not in ("local", "remote-user", "ldap"):
+        errors.append(f"WEB.auth must be \"local\", \"remote-user\" or \"ldap\"; "
+                      f"got {web.get('auth')!r}")
     if web:
         _int(web.get("port"), "WEB.port", 1, 65535, errors)
         _web_security(web, errors)

@@ -237,7 +237,8 @@ def test_defaults(tmp_path):
     assert cfg.destinations == {"research": {"type": "folder", "path": "/data/research"}}
     assert cfg.sites == {} and cfg.mpps_port is None and cfg.scanner == {}
     assert cfg.web == {"host": "127.0.0.1", "port": 8080, "auth": "local", "trusted_proxies": [],
-                       "secure_cookies": False, "session_idle_minutes": 30, "session_hours": 12}
+                       "secure_cookies": False, "session_idle_minutes": 30, "session_hours": 12,
+                       "ldap": None}
 
 
 def test_relative_datadir_is_relative_to_the_config_folder(tmp_path, monkeypatch):

@@ -97,3 +97,58 @@ def test_configuration_errors_name_the_key(tmp_path: Path):
                                   "bind_dn": "cn=s", "bind_password_file": str(loose)})
     with pytest.raises(LdapConfigError, match="not a known key"):
         LdapSettings.from_config({"url": "ldaps://h", "user_dn": "uid={user}", "passwd": "x"})
+
+
+# --- the web application with WEB.auth = "ldap" ---------------------------------------------------
+def web_site(tmp_path: Path, directory):
+    from test_web_auth import Site
+
+    ldap = {"url": directory.ldaps_url, "ca_file": str(directory.ca_file), "tls_name": "localhost",
+            "user_dn": f"uid={{user}},{PEOPLE}", "group_base": "ou=groups,dc=example,dc=org",
+            "role_groups": {directory.group_dn("fiona-admins"): ["admin"],
+                            directory.group_dn("proj-assigners"): ["project:PROJ1:assign"]}}
+    return Site(tmp_path, {"auth": "ldap", "ldap": ldap})
+
+
+def test_directory_users_log_in_with_roles_from_their_groups(slapd, tmp_path: Path):
+    from test_web_auth import PASSWORD, change_password, login
+
+    site = web_site(tmp_path, slapd)
+    bob = site.client("bob", USERS["bob"][0])
+    assert bob.get("/api/session").json()["roles"] == ["project:PROJ1:assign"]
+    assert bob.get("/status").status_code == 200
+    # the directory keeps bob's password, not FIONA
+    r = change_password(bob, USERS["bob"][0], "a brand new passphrase for bob")
+    assert r.status_code == 403
+    # local accounts still work, and win over a directory entry of the same name
+    assert site.client("admin", PASSWORD).get("/api/session").json()["roles"] == ["admin"]
+    site.users.add("alice", "local alice passphrase", ["project:X:review"])
+    c = site.client()
+    assert login(c, "alice", USERS["alice"][0]).status_code == 401
+    # wrong directory passwords are refused and audited, and the login is audited with its roles
+    assert login(site.client(), "carol", "not carols password").status_code == 401
+    assert any(e["user"] == "carol" for e in site.audit("login failed"))
+    assert [e["details"].get("source") for e in site.audit("login")
+            if e["user"] == "bob"] == ["ldap"]
+
+
+def test_directory_down_refuses_directory_users_but_not_local_admins(slapd, tmp_path: Path):
+    from test_web_auth import PASSWORD, login
+
+    site = web_site(tmp_path, slapd)
+    slapd.proc.terminate()
+    slapd.proc.wait(20)
+    r = login(site.client(), "bob", USERS["bob"][0])
+    assert r.status_code == 503 and "directory cannot be reached" in r.text
+    assert site.client("admin", PASSWORD).get("/api/session").status_code == 200
+
+
+def test_ldap_configuration_is_checked_with_the_rest(tmp_path: Path):
+    from fiona.config import ConfigError
+    from helpers import Gateway, free_port
+
+    with pytest.raises(ConfigError, match="needs WEB.ldap"):
+        Gateway(tmp_path / "data", free_port(), {"WEB": {"auth": "ldap"}})
+    with pytest.raises(ConfigError, match="start_tls"):
+        Gateway(tmp_path / "d2", free_port(), {"WEB": {"auth": "ldap", "ldap": {
+            "url": "ldap://h", "user_dn": "uid={user},o=x"}}})

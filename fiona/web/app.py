@@ -31,6 +31,7 @@ from ..config import Config
 from . import csrf
 from .context import TEMPLATES, Ctx, client_address, current_user, peer_address, render
 from .headers import STATIC_PREFIX, add_security_headers
+from .login import DirectoryDown
 from .sessions import Session
 from .users import User, UserError
 
@@ -75,7 +76,7 @@ def _resolve_user(request: Request, c: Ctx, session: Session | None) -> User | N
             return None
         name = request.headers.get("REMOTE_USER", "")
         return c.users.get(name) if name else None
-    return c.users.get(session.user) if session else None
+    return c.login.session_user(session.user, session.values) if session else None
 
 
 def create_app(config: Config, site: str | None = None, secure_cookies: bool = False,
@@ -114,7 +115,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
                 here = path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?expired=1&next={quote(safe_next(here))}", 303)
             return RedirectResponse("/login", status_code=303)
-        if user is not None and user.one_time and c.auth == "local" and \
+        if user is not None and user.one_time and c.login.password_form and \
                 path not in ("/password", "/logout", "/login") and \
                 not path.startswith(STATIC_PREFIX):
             if path.startswith("/api/"):
@@ -179,7 +180,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     def login(request: Request, username: str = Form(""), password: str = Form(""),
               next: str = Form("/")):
         name, address, back = username[:MAX_NAME], client_address(request), safe_next(next)
-        if c.auth != "local":
+        if not c.login.password_form:
             return render(request, "message.html", 403, title="Login",
                           message="Log in through the hospital's login page.")
         wait = c.throttle.wait(name, address)
@@ -191,7 +192,13 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
                               error=f"Too many failed logins; try again in {seconds} seconds.")
             response.headers["Retry-After"] = str(seconds)
             return response
-        user = c.users.check(name, password)
+        try:
+            user, values = c.login.check(name, password)
+        except DirectoryDown:
+            c.audit(name, "login failed", address=address, reason="directory unreachable")
+            return render(request, "login.html", 503, username=name, next=back,
+                          error="The hospital directory cannot be reached. Try again later; "
+                          "if it persists, tell the FIONA admin.")
         if user is None:
             locked = c.throttle.failed(name, address)
             c.audit(name, "login failed", address=address,
@@ -199,8 +206,9 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
             return render(request, "login.html", 401, error="Wrong user name or password.",
                           username=name, next=back)
         c.throttle.succeeded(name)
-        request.state.session = c.sessions.create(user.name, csrf.fresh())
-        c.audit(user.name, "login", address=address)
+        request.state.session = c.sessions.create(user.name, {**csrf.fresh(), **values})
+        c.audit(user.name, "login", address=address,
+                **({"source": "ldap", "roles": user.roles} if values else {}))
         return RedirectResponse("/password" if user.one_time else back, status_code=303)
 
     @app.post("/logout", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
@@ -218,7 +226,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     @app.post("/password", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
     def password_change(request: Request, current: str = Form(""), password: str = Form(""),
                         password2: str = Form(""), user: User = Depends(current_user)):
-        if c.auth != "local":
+        if not c.login.is_local(user.name):
             return render(request, "password.html", 403,
                           error="Passwords are managed by the hospital's login, not here.")
         address = client_address(request)

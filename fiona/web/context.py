@@ -20,6 +20,7 @@ from ..config import Config, read_secret
 from ..control import open_control_plane
 from ..control.keyed import Keyed
 from . import csrf
+from .login import Login
 from .proxies import TrustedProxies
 from .sessions import SessionStore, sessions_path
 from .throttle import LoginThrottle
@@ -38,6 +39,7 @@ class Ctx:
         self.datadir = self.site.datadir
         self.control = open_control_plane(config, self.site)
         self.users = UserStore(self.datadir)
+        self.login = Login(self.users, {**config.web, "auth": auth})
         self.key = read_secret(self.datadir / "config" / "secret.key")
         self.keyed = Keyed.from_datadir(self.datadir)
         self.auth = auth
