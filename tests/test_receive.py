@@ -13,8 +13,8 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from helpers import Gateway, dcmtk, raw_c_store, wait_for
 from dicomgen import make_study
+from helpers import Gateway, dcmtk, raw_c_store, wait_for
 
 # pydicom's compressed samples: JPEG baseline and lossless, JPEG-LS, JPEG 2000, RLE, deflated,
 # big endian
@@ -83,7 +83,7 @@ def test_multiseries_study_and_compressed_files(gateway: Gateway, tmp_path: Path
         if src.file_meta.TransferSyntaxUID.is_encapsulated:
             assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID, name
         assert got.PixelData == src.PixelData, name
-        wait_for(lambda: gateway.series_json(src.StudyInstanceUID, src.SeriesInstanceUID),
+        wait_for(lambda ds=src: gateway.series_json(ds.StudyInstanceUID, ds.SeriesInstanceUID),
                  60, f"series JSON of {name}")
 
     # participants/ and the arrival touch files
@@ -95,7 +95,7 @@ def test_multiseries_study_and_compressed_files(gateway: Gateway, tmp_path: Path
 
     # one log line per association with peer, AE titles, counts and bytes
     log = (gateway.tree.logs / "storescpd.log").read_text()
-    line = next(l for l in log.splitlines() if "association STORESCU -> FIONA" in l)
+    line = next(ln for ln in log.splitlines() if "association STORESCU -> FIONA" in ln)
     assert "210 stored, 0 failed" in line and "127.0.0.1" in line
     assert f"DCMSEND -> FIONA from 127.0.0.1: {len(COMPRESSED)} stored" in log
 
@@ -222,7 +222,8 @@ def test_disk_above_watermark_answers_out_of_resources(make_gateway, tmp_path: P
     gw = make_gateway(DISK={"refuse_store_percent": 1, "cleanup_percent": 0.5})
     gw.start("storescp")
     res = gw.storescu(_testdata("CT_small.dcm"))
-    assert "OutOfResources" in res.stderr + res.stdout or "a700" in (res.stderr + res.stdout).lower()
+    out = res.stderr + res.stdout
+    assert "OutOfResources" in out or "a700" in out.lower()
     assert gw.archive_files() == []
     assert "DISK.refuse_store_percent" in (gw.tree.logs / "storescpd.log").read_text()
     # and it keeps running: an echo still works
@@ -271,9 +272,10 @@ def test_journal_lines_name_the_archived_files(gateway: Gateway, tmp_path: Path)
     gateway.start("storescp")
     assert gateway.storescu(tmp_path / "s").returncode == 0
     lines = "".join(p.read_text() for p in gateway.tree.journal.glob("received.*.log"))
-    entries = [l.split(",") for l in lines.splitlines()]
+    entries = [ln.split(",") for ln in lines.splitlines()]
     assert len(entries) == 3
     for caller, called, ip, folder, name in entries:
         assert (caller, called, ip) == ("STORESCU", "FIONA", "127.0.0.1")
         assert (Path(folder) / name).is_file()
-    assert json.loads((gateway.tree.config / "config.json").read_text())["DICOMPORT"] == gateway.port
+    config = json.loads((gateway.tree.config / "config.json").read_text())
+    assert config["DICOMPORT"] == gateway.port

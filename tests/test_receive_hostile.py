@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +235,7 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 
 def outcome(lines, fragment: str) -> str:
     """Wait for the one log line that tells how the connection ended, and return it."""
-    return wait_for(lambda: next((l for l in lines() if fragment in l), None), PEER_TIMEOUT,
+    return wait_for(lambda: next((ln for ln in lines() if fragment in ln), None), PEER_TIMEOUT,
                     f"a log line with {fragment!r}")
 
 
@@ -263,7 +262,7 @@ def test_malformed_request_above_the_limit_does_not_kill_the_accept_loop(receive
         assert read_pdu(holder)[0] == 0x06
     assert rx.thread.is_alive()
     wait_for(lambda: echo_works(rx.port), 30, "an echo once the slot is free")
-    assert any("unrecognized type 0x77" in l for l in lines())
+    assert any("unrecognized type 0x77" in ln for ln in lines())
 
 
 # ------------------------------------------------------------------ 2: idle and slow peers
@@ -386,7 +385,7 @@ def test_malformed_request_gets_abort_or_reject_and_one_log_line(receiver, lines
     line = outcome(lines, f":{port} ")
     assert fragment in line
     wait_for(lambda: not rx.server._threads, PEER_TIMEOUT, "the worker to finish")
-    assert len([l for l in lines() if f":{port} " in l]) == 1, lines()
+    assert len([ln for ln in lines() if f":{port} " in ln]) == 1, lines()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and not r.name.startswith("fiona")], "pynetdicom or pydicom logged"
     assert rx.thread.is_alive()
@@ -431,9 +430,9 @@ def test_malformed_p_data_is_aborted_with_one_log_line(receiver, lines, name):
         sock.sendall(payload)
         assert expect_abort(sock) == reason
     line = outcome(lines, "association HOSTILE -> FIONA")
-    assert f"aborted: " in line and fragment in line, line
+    assert "aborted: " in line and fragment in line, line
     wait_for(lambda: not rx.server._threads, PEER_TIMEOUT, "the worker to finish")
-    assert [l for l in lines() if "association" in l] == [line]
+    assert [ln for ln in lines() if "association" in ln] == [line]
 
 
 def test_new_command_before_the_data_set_is_complete_stores_nothing(receiver, lines):
@@ -537,7 +536,7 @@ def test_hostile_ae_titles_reach_the_log_escaped(receiver, lines):
         assert read_pdu(sock)[0] == 0x06
     line = outcome(lines, "association EVIL")
     assert "EVIL\\x00\\x0aFAKE\\xff -> \\x1b[31mX" in line
-    assert not any(c in l for l in lines() for c in "\x00\n\x1b\xff")
+    assert not any(c in ln for ln in lines() for c in "\x00\n\x1b\xff")
 
 
 # ------------------------------------------------------------------ valid senders still work

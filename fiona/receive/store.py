@@ -21,11 +21,22 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from .. import quarantine
 from ..journal import JournalWriter, WakeupSender
-from ..tree import (DurableCreator, InvalidValue, Tree, ensure_dir, fsync_dir,
-                    metadata_journaled_together, modality_prefix, safe_name, touch, valid_uid)
+from ..tree import (
+    DurableCreator,
+    InvalidValue,
+    Tree,
+    ensure_dir,
+    fsync_dir,
+    metadata_journaled_together,
+    modality_prefix,
+    safe_name,
+    touch,
+    valid_uid,
+)
 from .structure import Malformed, scan
 from .ul import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Association, StoreRequest
 
@@ -68,10 +79,10 @@ def _meta_prefix(sop_class: str, transfer_syntax: str, source_ae: str) -> tuple[
     """The file meta header split around the SOP Instance UID, cached per class and sender."""
     marker = "9" * 64
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = marker
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(marker)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     meta.SourceApplicationEntityTitle = source_ae
     fp = DicomBytesIO()
@@ -169,8 +180,8 @@ class StoreHandler:
         percent = 100.0 * usage.used / usage.total if usage.total else 0.0
         if percent >= self.refuse_store_percent:
             log.error("refusing to store: disk at %.1f%% >= DISK.refuse_store_percent %.0f%% "
-                      "under %s; free disk space there (or raise the watermark in config.json)", percent,
-                      self.refuse_store_percent, self.tree.site)
+                      "under %s; free disk space there (or raise the watermark in config.json)",
+                      percent, self.refuse_store_percent, self.tree.site)
             return True
         return False
 

@@ -22,8 +22,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -140,12 +141,12 @@ class PeerClosed(ConnectionError):
         self.got = got
 
 
-def printable(raw: bytes) -> str:
+def printable(raw: bytes | bytearray) -> str:
     """Bytes from the network (an AE title, a UID) as text that is safe to log and record:
     surrounding spaces dropped (they are padding), every byte outside printable ASCII and the
     backslash (which AE titles and UIDs may not hold) written as \\xNN, so a peer can neither
     forge log lines nor put NULs or terminal controls into them. Valid values pass unchanged."""
-    return _UNPRINTABLE.sub(lambda m: b"\\x%02x" % m[0][0], raw.strip(b" ")).decode("ascii")
+    return _UNPRINTABLE.sub(lambda m: b"\\x%02x" % m[0][0], bytes(raw).strip(b" ")).decode("ascii")
 
 
 @dataclass
@@ -474,7 +475,7 @@ class AssociationHandler:
         try:
             rq.decode(struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(raw)) + raw)
             prim = rq.to_primitive()
-            ids = [int(cx.context_id) for cx in prim.presentation_context_definition_list]
+            ids = [cx.context_id for cx in prim.presentation_context_definition_list]
         except Exception as exc:
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: "
                                 f"{str(exc)[:200]!r})") from None
@@ -504,7 +505,7 @@ class AssociationHandler:
             return out
         out.transfer_syntax = [usable[0]]
         out.result = 0x00
-        self.contexts[int(rq.context_id)] = (abstract, usable[0])
+        self.contexts[rq.context_id or 0] = (abstract, usable[0])  # decoded: never None
         return out
 
     def _refuse(self, refusal: Refusal) -> None:
