@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,16 @@ from pathlib import Path
 from .tree import Tree, atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
+
+#: a quoted value inside a reason: it came from the object (a hostile UID can carry a name or an
+#: ID), so it stays in reason.json and the log line shows only that there was one
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def loggable(reason: str) -> str:
+    """`reason` with every quoted value replaced by '…', for log lines."""
+    masked = _QUOTED.sub("'…'", reason)
+    return masked if masked == reason else masked + " (the values are in its reason.json)"
 
 
 def hold(tree: Tree, stage: str, reason: str, files: dict[str, bytes], context: dict,
@@ -28,5 +39,5 @@ def hold(tree: Tree, stage: str, reason: str, files: dict[str, bytes], context: 
     record = {"stage": stage, "reason": reason, "advice": advice,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **context}
     atomic_write(folder / "reason.json", (json.dumps(record, indent=1) + "\n").encode())
-    log.warning("%s: quarantined %s: %s. %s", stage, folder, reason, advice)
+    log.warning("%s: quarantined %s: %s. %s", stage, folder, loggable(reason), advice)
     return folder
