@@ -450,6 +450,20 @@ def test_new_command_before_the_data_set_is_complete_stores_nothing(receiver, li
         not list((rx.tree.quarantine / "receive").iterdir())
 
 
+def test_release_in_the_middle_of_a_message_stores_nothing(receiver, caplog):
+    rx = receiver()
+    sop = "1.2.826.0.1.3680043.8.498.5"
+    with closing(established(rx.port)) as sock:
+        sock.sendall(p_data(pdv(3, 3, c_store_rq(sop)), pdv(3, 0, dataset(sop)[:40])))
+        sock.sendall(pdu(0x05, bytes(4)))
+        assert read_pdu(sock)[0] == 0x06
+    [record] = wait_for(lambda: [r for r in caplog.records if "association HOSTILE" in
+                                 r.getMessage()], PEER_TIMEOUT, "the association line")
+    assert record.levelno == logging.WARNING
+    assert "released with a message incomplete" in record.getMessage()
+    assert rx.stored() == [] and rx.journal() == ""
+
+
 def test_oversized_command_set_is_aborted(receiver, lines):
     rx = receiver()
     with closing(established(rx.port)) as sock:

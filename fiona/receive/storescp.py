@@ -32,7 +32,7 @@ class Receiver(StoreHandler):
 
     def on_closed(self, association: Association, how: str) -> None:
         seconds = time.monotonic() - association.started
-        level = logging.INFO if how.startswith("released") else logging.WARNING
+        level = logging.INFO if how == "released" else logging.WARNING
         log.log(level, "association %s -> %s from %s: %d stored, %d failed, %d bytes, %.2f s, %s",
                 association.calling_ae, association.called_ae, association.peer_ip,
                 association.stored, association.failed, association.bytes, seconds, how)
