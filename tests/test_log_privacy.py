@@ -93,3 +93,16 @@ def test_no_identifier_reaches_any_log(tmp_path: Path):
     assert leaks == []
     # the quarantine reason may say what was refused: it stays inside quarantine
     assert gw.quarantined()
+
+
+def test_the_web_access_log_leaves_out_query_strings():
+    import logging
+
+    from fiona.web.server import PathOnlyAccessLog
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", f"/assign?q={PID}&from=2025-01-01",
+                                "1.1", 200), None)
+    assert PathOnlyAccessLog().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /assign HTTP/1.1" 200'

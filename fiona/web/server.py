@@ -6,11 +6,24 @@ Plain HTTP on loopback; for other machines put an HTTPS reverse proxy in front (
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from ..config import Config
 from ..daemon import running
 from .users import UserStore
+
+
+class PathOnlyAccessLog(logging.Filter):
+    """uvicorn's access line without the query string (shown with `-v`): Assign's search box puts
+    names and IDs into the URL, and no identifier may reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, path, ...
+            args = list(record.args)
+            args[2] = str(args[2]).split("?", 1)[0]
+            record.args = tuple(args)
+        return True
 
 
 def bootstrap_admin(config: Config, site: str | None = None, port: int | None = None) -> None:
@@ -34,6 +47,7 @@ def run(config: Config, site: str | None = None, verbose: bool = False,
 
     bootstrap_admin(config, site, port)
     with running(config.site(site), "web", verbose) as stop:
+        logging.getLogger("uvicorn.access").addFilter(PathOnlyAccessLog())
         app = create_app(config, site, secure_cookies=secure_cookies)
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.web.get("host", "127.0.0.1"),
