@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
+from .ops import commands as ops
 from .daemon import DaemonError
 
 EPILOG = """Configuration: --config PATH, else $FIONA_CONFIG, else /data/config/config.json.
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _site_arg(p)
 
     jobs.add_parsers(sub, _site_arg)
+    ops.add_parsers(sub, _site_arg)
 
     p = sub.add_parser("anonymize", help="de-identify a folder of DICOM files into another",
                        description="De-identify every DICOM file under IN_DIR (PS3.15 Annex E "
@@ -175,6 +177,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
                 init(args.data, args.port)
         return up.run(load(explicit))
+    if cmd == ops.RESTORE:
+        return ops.restore(args)
     config = load(args.config)
     if cmd == "config":
         print(json.dumps(config.effective(), indent=2))
@@ -219,6 +223,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .send import forward
 
         return forward.run(config, args.site, args.verbose)
+    if cmd in ops.COMMANDS:
+        return ops.run(config, args)
     return jobs.run(config, args)
 
 

@@ -41,6 +41,7 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
              {"refuse_store_percent": 95, "cleanup_percent": 80}),
     "WEB": ({"host": "127.0.0.1", "port": 8080, "auth": "local"},
             {"host": "127.0.0.1", "port": 8080, "auth": "local"}),
+    "RETENTION_DAYS_UNASSIGNED": (30, 30),
 }
 
 SITE_KEYS: dict[str, tuple[Any, Any]] = {
@@ -67,7 +68,8 @@ CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
                "tokens": ("/data/config/tokens.json", REQUIRED), "verify_tls": (True, True)},
 }
 
-DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80)}
+DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80),
+             "cleanup_unassigned": (True, False)}
 WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local"),
             "trusted_proxies": (["127.0.0.1"], []), "secure_cookies": (True, False),
             "session_idle_minutes": (30, 30), "session_hours": (12, 12),
@@ -128,6 +130,8 @@ class Config:
     scanner: dict[str, Any] = field(default_factory=dict)
     mpps_port: int | None = None
     workflows: list[dict[str, Any]] = field(default_factory=list)
+    retention_days_unassigned: float = 30.0   # clear-old-files: unassigned studies kept this long
+    cleanup_unassigned: bool = False          # clear-old-files may remove unassigned studies
 
     def site(self, name: str | None = None) -> Site:
         """The site called `name` (None or "" is the main receiver)."""
@@ -364,6 +368,11 @@ def parse(raw: Any, path: Path) -> Config:
     disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
     refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
     cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 0, 100, errors)
+    cleanup_unassigned = disk.get("cleanup_unassigned", False)
+    if not isinstance(cleanup_unassigned, bool):
+        errors.append(f"DISK.cleanup_unassigned must be true or false; got {cleanup_unassigned!r}")
+    retention = _number(top["RETENTION_DAYS_UNASSIGNED"], "RETENTION_DAYS_UNASSIGNED", 1,
+                        36500, errors)
     web = _check_keys(top["WEB"], WEB_KEYS, "WEB", errors)
     if web and web.get("auth") not in ("local", "remote-user", "ldap"):
         errors.append(f"WEB.auth must be \"local\", \"remote-user\" or \"ldap\"; "
@@ -392,7 +401,8 @@ def parse(raw: Any, path: Path) -> Config:
         processing_user=str(top["PROCESSING_USER"]), timezone=top["LOCALTIMEZONE"], sites=sites,
         control_plane=control_plane, destinations=destinations, study_quiet_seconds=quiet,
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
-        mpps_port=mpps, workflows=workflows,
+        mpps_port=mpps, workflows=workflows, retention_days_unassigned=retention,
+        cleanup_unassigned=cleanup_unassigned is True,
     )
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DIR_MODE = 0o750
+#: archive/<ARCHIVE_PREFIX><StudyInstanceUID>: one folder per study, as the original named it
+ARCHIVE_PREFIX = "scp_"
 FILE_MODE = 0o640
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -339,7 +341,28 @@ class Tree:
         return self.site / "run"
 
     def study_archive(self, study: str) -> Path:
-        return self.archive / f"scp_{study}"
+        return self.archive / f"{ARCHIVE_PREFIX}{study}"
+
+    def archived_studies(self) -> list[str]:
+        """The StudyInstanceUIDs with a folder in archive/ (folders whose name is not a valid
+        `scp_<UID>` are left out: nothing is ever derived from them)."""
+        out = []
+        for entry in os.scandir(self.archive):
+            name = entry.name
+            if entry.is_dir(follow_symlinks=False) and name.startswith(ARCHIVE_PREFIX):
+                try:
+                    out.append(valid_uid(name[len(ARCHIVE_PREFIX):]))
+                except InvalidValue:
+                    continue
+        return sorted(out)
+
+    def study_raw(self, study: str) -> Path:
+        """raw/<Study>: one folder of instance links per series, and the series JSONs."""
+        return self.raw / study
+
+    def srs_study(self, manufacturer: str, study: str) -> Path:
+        """srs/<Manufacturer>/<Study>: links to a study's structured reports."""
+        return self.srs / manufacturer / study
 
     def archive_file(self, study: str, modality: str, sop: str) -> Path:
         return self.study_archive(study) / f"{modality}.{sop}"

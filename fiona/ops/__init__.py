@@ -1,0 +1,1 @@
+"""Operations: the periodic jobs that keep a gateway's disk in order, and backup/restore."""
