@@ -137,7 +137,8 @@ def quarantine_counts(datadir: Path) -> dict[str, int]:
     """Objects held in quarantine per stage (receive, index, deidentify, ...)."""
     root = Tree(datadir).quarantine
     try:
-        stages = sorted(e for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+        stages = sorted((e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)),
+                        key=lambda e: e.name)
     except FileNotFoundError:
         return {}
     return {stage.name: sum(1 for e in os.scandir(stage.path) if e.is_dir())
