@@ -21,13 +21,16 @@ from fiona.config import load
 from fiona.control.base import Study, TransferRequest
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
+from fiona.index.indexer import JOURNAL
+from fiona.journal import JournalWriter
 from fiona.ops.cleanup import Cleanup, CleanupError
 from fiona.ops.links import StaleLinks
 from fiona.tree import Tree, ensure_dir, symlink, touch
 from helpers import Gateway, free_port
 from redcap_emulator import RedcapEmulator
 
-NOW = datetime(2026, 6, 1, 12, 0, 0)
+#: the job runs two days from now: files laid out by a test are not "just received"
+NOW = datetime.now().replace(microsecond=0) + timedelta(days=2)
 FILE_BYTES = 1000
 TOTAL = 100_000
 TOKENS = {"Incoming": "A" * 32, "Routing": "B" * 32, "CouplingList": "C" * 32,
@@ -103,7 +106,8 @@ def mix(site):
     tree = gw.tree
     studies = {name: uid(n) for n, name in enumerate(
         ["delivered_old", "pending", "failed", "held", "unassigned_old", "unassigned_young",
-         "resent", "delivered_masked", "half_delivered", "arriving", "unregistered"], 1)}
+         "resent", "delivered_masked", "half_delivered", "arriving", "unindexed",
+         "just_received", "unregistered"], 1)}
     for n, (name, study) in enumerate(studies.items()):
         lay_out(tree, study, sr=(name == "delivered_old"))
         if name != "unregistered":
@@ -121,6 +125,17 @@ def mix(site):
     cp.add_request(request(studies["half_delivered"], project="OTHER"))
     deliver(cp, request(studies["arriving"]))
     touch(tree.arrived / f"SCU FIONA 127.0.0.1 {studies['arriving']} {studies['arriving']}.2")
+    # a file received but not indexed yet: the receiver's journal line is past the indexer's
+    deliver(cp, request(studies["unindexed"]))
+    late = tree.archive_file(studies["unindexed"], "MR", studies["unindexed"] + ".2.1")
+    late.write_bytes(b"x" * FILE_BYTES)
+    journal = JournalWriter(tree.journal, JOURNAL)
+    journal.append(f"SCU,FIONA,127.0.0.1,{late.parent},{late.name}")
+    journal.close()
+    # a file stored a moment ago, before its journal line
+    deliver(cp, request(studies["just_received"]))
+    moment = (NOW - timedelta(minutes=10)).timestamp()
+    os.utime(tree.study_archive(studies["just_received"]), (moment, moment))
     return gw, config, cp, studies
 
 
@@ -144,7 +159,7 @@ def test_only_delivered_studies_go_and_every_trace_of_them(mix, caplog):
     for name, study in studies.items():
         assert on_disk(gw.tree, study) == (study not in gone), name
     assert report.kept == {"pending": 3, "failed": 1, "held": 1, "unassigned": 2,
-                           "still arriving": 1, "not registered in the control plane": 1}
+                           "still arriving": 3, "not registered in the control plane": 1}
     old = studies["delivered_old"]
     assert not list(gw.tree.participants.glob("*/*")) or all(
         os.readlink(p) != f"../../raw/{old}" for p in gw.tree.participants.glob("*/*"))
@@ -221,6 +236,9 @@ def test_cli_dry_run(mix):
     raw = json.loads(gw.config.read_text())
     raw["DISK"] = {"refuse_store_percent": 95, "cleanup_percent": 0}
     gw.config.write_text(json.dumps(raw))
+    hours_ago = (datetime.now() - timedelta(hours=2)).timestamp()  # the real clock, here
+    for folder in gw.tree.archive.iterdir():
+        os.utime(folder, (hours_ago, hours_ago))
     res = gw.run("clear-old-files", "--dry-run")
     assert f"would remove study {studies['delivered_old']}" in res.stdout
     assert studies["pending"] not in res.stdout

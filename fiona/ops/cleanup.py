@@ -5,7 +5,9 @@ The original deleted the oldest studies whatever their state. Here a study goes 
 one of its transfer requests is delivered (complete and verified, for the revision last asked
 for: `fiona.status.request_state`), oldest arrival first, until the disk is below
 `DISK.cleanup_percent`. A study with a pending, held or failed request stays, and so does one
-whose series are still arriving (touch files in `.arrived/`). An unassigned study (no request)
+that is still arriving: touch files in `.arrived/`, received files the indexer has not taken in
+yet, or an archive folder changed within the last hour (a file is stored a moment before it is
+journaled). An unassigned study (no request)
 goes only when the admin allows it (`--include-unassigned` or `DISK.cleanup_unassigned`) and it
 arrived more than `RETENTION_DAYS_UNASSIGNED` days ago. A study on disk that the control plane
 does not know is never removed.
@@ -33,10 +35,12 @@ from ..config import Config, ConfigError, Site
 from ..control.base import ControlPlane, ControlPlaneError, Study, TransferRequest
 from ..status import DELIVERED, request_state
 from ..tree import Tree
-from .study_files import StudyFiles, arrival_files
+from .study_files import StudyFiles, arrival_files, unindexed_studies
 
 log = logging.getLogger("fiona.cleanup")
 
+#: a study whose archive folder changed this recently is still arriving
+RECENT_SECONDS = 3600
 #: (used, total) bytes of the file system holding a path
 DiskUsage = Callable[[Path], tuple[int, int]]
 
@@ -100,8 +104,10 @@ class Cleanup:
         for req in requests:
             by_study.setdefault(req.study_uid, []).append(req)
         out, kept = [], Counter()
+        unindexed = unindexed_studies(self.tree)
         for uid in self.tree.archived_studies():
-            why = self._may_go(uid, by_study.get(uid, []), studies.get(uid))
+            why = self._arriving(uid, unindexed) or \
+                self._may_go(uid, by_study.get(uid, []), studies.get(uid))
             if why.startswith("keep: "):
                 kept[why[6:]] += 1
                 continue
@@ -111,10 +117,19 @@ class Cleanup:
         out.sort(key=lambda c: (c.arrival, c.study))
         return out, kept
 
+    def _arriving(self, uid: str, unindexed: set[str]) -> str:
+        """"keep: still arriving" while files of the study may be on their way, else ""."""
+        try:
+            changed = self.tree.study_archive(uid).stat().st_mtime
+        except FileNotFoundError:
+            return "keep: gone meanwhile"
+        if uid in unindexed or arrival_files(self.tree, uid) or \
+                self.clock.time() - changed < RECENT_SECONDS:
+            return "keep: still arriving"
+        return ""
+
     def _may_go(self, uid: str, requests: list[TransferRequest], study: Study | None) -> str:
         """"delivered" or "unassigned since ..." when the study may go, else "keep: <why>"."""
-        if arrival_files(self.tree, uid):
-            return "keep: still arriving"
         if requests:
             states = {request_state(r) for r in requests}
             if states != {DELIVERED}:
@@ -133,7 +148,9 @@ class Cleanup:
         return f"unassigned since {study.arrival}"
 
     def _still_may_go(self, candidate: Candidate) -> bool:
-        """Read the study's requests again just before removing it."""
+        """Look at the study's files and requests again just before removing it."""
+        if self._arriving(candidate.study, unindexed_studies(self.tree)):
+            return False
         try:
             requests = self.control.requests(candidate.study)
         except ControlPlaneError as exc:
@@ -148,7 +165,8 @@ class Cleanup:
         """Remove candidates, oldest first, until the disk is below the watermark (dry run:
         what would go, the usage estimated from the archived files' sizes)."""
         watermark = self.config.cleanup_percent
-        report = Report(self.percent(), self.percent(), watermark)
+        before = self.percent()
+        report = Report(before, before, watermark)
         if report.percent_before <= watermark:
             return report
         candidates, report.kept = self.candidates()

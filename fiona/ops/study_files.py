@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arrive.detector import TouchFile
-from ..tree import InvalidValue, Tree
+from ..journal import JournalReader
+from ..tree import ARCHIVE_PREFIX, InvalidValue, Tree
 
 
 def points_to(link: Path, target: Path) -> bool:
@@ -40,6 +41,22 @@ def arrival_files(tree: Tree, study: str) -> list[Path]:
                 out.append(Path(entry.path))
         except (InvalidValue, FileNotFoundError):
             continue
+    return out
+
+
+def unindexed_studies(tree: Tree) -> set[str]:
+    """Studies named by received files that the indexer has not taken in yet (journal lines
+    after its committed position): they are still arriving, whatever their requests say."""
+    from ..index.indexer import CONSUMER, JOURNAL, FileEvent
+
+    out = set()
+    for line, _pos in JournalReader(tree.journal, JOURNAL, CONSUMER).read(limit=1 << 40):
+        try:
+            folder = FileEvent.parse(line).study_dir.name
+        except InvalidValue:
+            continue
+        if folder.startswith(ARCHIVE_PREFIX):
+            out.add(folder[len(ARCHIVE_PREFIX):])
     return out
 
 
