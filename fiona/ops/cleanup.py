@@ -69,7 +69,7 @@ class Report:
     percent_after: float
     watermark: float
     removed: list[Candidate] = field(default_factory=list)
-    kept: Counter = field(default_factory=Counter)   # reason -> studies kept for it
+    kept: Counter[str] = field(default_factory=Counter)   # reason -> studies kept for it
 
 
 class Cleanup:
@@ -103,7 +103,8 @@ class Cleanup:
         by_study: dict[str, list[TransferRequest]] = {}
         for req in requests:
             by_study.setdefault(req.study_uid, []).append(req)
-        out, kept = [], Counter()
+        out: list[Candidate] = []
+        kept: Counter[str] = Counter()
         unindexed = unindexed_studies(self.tree)
         for uid in self.tree.archived_studies():
             why = self._arriving(uid, unindexed) or \

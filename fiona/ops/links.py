@@ -42,7 +42,7 @@ class StaleLinks:
         self.gone: set[Path] = set()   # removed, or (dry run) would be
 
     def _arriving(self) -> set[str]:
-        studies = set()
+        studies: set[str] = set()
         try:
             entries = list(os.scandir(self.tree.arrived))
         except FileNotFoundError:

@@ -75,7 +75,7 @@ class StudyFiles:
     def find(cls, tree: Tree, study: str) -> StudyFiles:
         raw = tree.study_raw(study)
         links = [Path(e.path) for d in _subdirs(tree.participants)
-                 for e in os.scandir(d) if e.is_symlink() and points_to(Path(e.path), raw)]
+                 for e in os.scandir(d.path) if e.is_symlink() and points_to(Path(e.path), raw)]
         srs = [tree.srs_study(maker.name, study) for maker in _subdirs(tree.srs)
                if tree.srs_study(maker.name, study).is_dir()]
         return cls(study, tree.study_archive(study), raw, links, srs, arrival_files(tree, study))
