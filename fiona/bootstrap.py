@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 from pathlib import Path
 
 from .config import ConfigError, load
+from .index.classify import SHIPPED_RULES
 from .tree import FILE_MODE, Tree, atomic_write
-
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "config"
 
 
 def init(datadir: Path, port: int = 11112, aetitle: str = "FIONA", ip: str = "0.0.0.0",
@@ -36,7 +33,6 @@ def init(datadir: Path, port: int = 11112, aetitle: str = "FIONA", ip: str = "0.
         atomic_write(key, secrets.token_hex(32).encode() + b"\n", mode=0o600)
     rules = tree.config / "classifyRules.json"
     if not rules.exists() or force:
-        shutil.copyfile(REPO_CONFIG / "classifyRules.json", rules)
-        os.chmod(rules, FILE_MODE)
+        atomic_write(rules, SHIPPED_RULES.read_bytes(), mode=FILE_MODE)
     load(str(cfg_path))  # what we wrote must pass our own validation
     return cfg_path

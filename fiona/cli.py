@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pseudonym written to PatientID and PatientName")
     p.add_argument("--event", default="", metavar="E", help="event name (ClinicalTrialTimePoint)")
     p.add_argument("--profile", default="default", metavar="NAME",
-                   help="config/profiles/NAME.json (default: default)")
+                   help="DATADIR/config/profiles/NAME.json, else the shipped profile NAME "
+                   "(default: default)")
     p.add_argument("in_dir", type=Path, metavar="IN_DIR")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
 

@@ -1,7 +1,7 @@
 """De-identify a folder of DICOM files into another folder (`fiona anonymize`).
 
 `anonymize_folder(in_dir, out_dir, settings, profile)` walks `in_dir` (sorted, recursively),
-de-identifies every DICOM file with one `Deidentifier`, runs the verification gate on the exact
+de-identifies every DICOM file through one `Pipeline` (the forwarder's), which gates the exact
 bytes of each result, and writes `<out>/<mapped SeriesInstanceUID>/<mapped SOPInstanceUID>.dcm`
 (atomically: a temporary name, then a rename). Files that are not DICOM, DICOMDIRs and objects
 without SOP/Series Instance UID are skipped with a note; a file that fails to de-identify is
@@ -18,17 +18,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
-from .engine import Deidentifier, Settings, load_profile, with_profile
-from .gate import GateError, check
-from .identifiers import Identifiers
-
-DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+from .engine import Settings, site_profile, with_profile
+from .gate import GateError
+from .pipeline import Pipeline, Unreadable, read
 
 
 @dataclass
@@ -61,16 +55,6 @@ def _files(root: Path):
             yield Path(dirpath) / name
 
 
-def _text(ds, tag: int) -> str:
-    elem = ds._dict.get(tag)
-    if elem is None:
-        return ""
-    value = elem.value
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip("\x00 ")
-
-
 def anonymize_folder(in_dir: str | Path, out_dir: str | Path, settings: Settings,
                      profile: dict | str | None = None) -> Report:
     """De-identify every DICOM file under `in_dir` into `out_dir` (see the module doc)."""
@@ -78,10 +62,7 @@ def anonymize_folder(in_dir: str | Path, out_dir: str | Path, settings: Settings
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FileNotFoundError(f"input folder {in_dir} does not exist")
-    settings = with_profile(settings, profile)
-    engine = Deidentifier(settings)
-    allowed = engine.authored_values()
-    uids = "rtnUIDsOpt" not in settings.options
+    pipeline = Pipeline(with_profile(settings, profile))
     report = Report(out_dir)
     created_dirs: list[Path] = []
     written: list[Path] = []
@@ -93,31 +74,17 @@ def anonymize_folder(in_dir: str | Path, out_dir: str | Path, settings: Settings
         for path in _files(in_dir):
             rel = str(path.relative_to(in_dir))
             try:
-                ds = pydicom.dcmread(path)
-            except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-                    AttributeError, NotImplementedError) as exc:
-                report.skipped.append((rel, f"not readable as DICOM ({type(exc).__name__})"))
+                result = pipeline.process(read(path))
+                series, sop = result.series_uid, result.sop_uid
+            except Unreadable as exc:
+                report.skipped.append((rel, str(exc)))
                 continue
-            meta = getattr(ds, "file_meta", None)
-            if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS:
-                report.skipped.append((rel, "a DICOMDIR (directory records are not copied)"))
-                continue
-            if not _text(ds, 0x00080018) or not _text(ds, 0x0020000E):
-                report.skipped.append((rel, "no SOPInstanceUID or SeriesInstanceUID"))
-                continue
-            try:
-                ids = Identifiers.from_dataset(ds, uids=uids)
-                engine.apply(ds, ids)
-                buffer = BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                encoded = buffer.getvalue()
             except GateError:
                 raise
             except Exception as exc:  # one bad object must not stop the folder
                 report.failed.append((rel, type(exc).__name__))
                 continue
-            check(ds, encoded, ids, allowed)
-            series, sop = _text(ds, 0x0020000E), _text(ds, 0x00080018)
+            encoded = result.encoded
             target_dir = out_dir / series
             target = target_dir / f"{sop}.dcm"
             if target in seen:
@@ -155,12 +122,8 @@ def cli_anonymize(config, args) -> int:
     from ..config import read_secret
 
     key = read_secret(Path(config.datadir) / "config" / "secret.key")
-    name = args.profile or "default"
-    site_profiles = Path(config.datadir) / "config" / "profiles"
     try:
-        # a site's own DATADIR/config/profiles/NAME.json comes before the shipped one
-        profile = load_profile(name, site_profiles if (site_profiles / f"{name}.json").is_file()
-                               else None)
+        profile = site_profile(args.profile or "default", config.datadir)
         settings = Settings(project=args.project, participant=args.participant, key=key,
                             event=args.event or "")
         report = anonymize_folder(args.in_dir, args.out_dir, settings, profile)

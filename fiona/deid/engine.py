@@ -89,6 +89,8 @@ import hmac
 import json
 import re
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +104,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from .clean import (CODE_KEYWORDS, RULE_VRS, Rule, clean_text, clean_value, rule_for,
-                    shift_values)
+from .clean import CODE_KEYWORDS, RULE_VRS, Rule, clean_text, clean_value, rule_for, shift_values
 from .identifiers import Identifiers, is_class_like_uid, is_well_known_uid
 from .table import Table, default_table
 
@@ -149,7 +150,9 @@ KEEP, DEL, EMPTY, DUMMY, UID, DATE, DATETIME, RECURSE, EMPTY_SQ, DUMMY_SQ, SCRUB
     RECURSE_CLEAN, SCRUB_CODE, CLEAN = range(15)
 
 _UID_PREFIX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
+#: the shipped profiles, package data (so a plain `pip install .` has them); a site's own
+#: `DATADIR/config/profiles/NAME.json` comes first where callers pass that folder
+SHIPPED_PROFILES = resources.files("fiona.deid") / "profiles"
 PROFILE_KEYS = {"name", "description", "options", "date_shift_days", "keep", "remove", "replace",
                 "uid_prefix", "shift_range"}
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -792,18 +795,34 @@ def _code_item(value: str, meaning: str) -> Dataset:
 
 # --- profiles ----------------------------------------------------------------------------------
 def load_profile(name: str, directory: str | Path | None = None) -> dict:
-    """The profile `config/profiles/NAME.json`, validated, with defaults filled in."""
+    """The profile NAME.json in `directory` (default: the shipped profiles), validated, with
+    defaults filled in."""
     if not _PROFILE_NAME.match(name or ""):
         raise ValueError(f"profile name {name!r} must be letters, digits, '_', '.', '-'")
-    path = Path(directory or PROFILE_DIR) / f"{name}.json"
+    folder = Path(directory) if directory else SHIPPED_PROFILES
+    path = folder / f"{name}.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in Path(directory or PROFILE_DIR).glob("*.json")))
+        known = ", ".join(profile_names(folder))
         raise ValueError(f"no de-identification profile {name!r} (known: {known})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"profile {path} is not valid JSON: {exc}") from None
     return validate_profile(data, str(path))
+
+
+def profile_names(folder: Path | Traversable = SHIPPED_PROFILES) -> list[str]:
+    """The names of the profiles in `folder` (default: the shipped ones), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def site_profile(name: str, datadir: str | Path) -> dict:
+    """Profile NAME as a site uses it: its own `DATADIR/config/profiles/NAME.json` where it has
+    one, else the shipped profile."""
+    site = Path(datadir) / "config" / "profiles"
+    return load_profile(name, site if (site / f"{name}.json").is_file() else None)
 
 
 def validate_profile(data: dict, where: str = "profile") -> dict:

@@ -42,7 +42,7 @@ from __future__ import annotations
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
-from .engine import _DUMMY_TEXT, FIONA_VERSION, PROFILE_DIR, method_prefix
+from .engine import _DUMMY_TEXT, FIONA_VERSION, method_prefix, profile_names
 from .identifiers import Identifiers, Needle, values_of
 from .table import BASIC_PROFILE, STANDARD_OPTIONS, default_table
 
@@ -64,8 +64,8 @@ def _authored() -> frozenset[str]:
         out.add(method_prefix(default_table().edition))
     except Exception:  # no table: the engine cannot run either
         pass
-    for p in sorted(PROFILE_DIR.glob("*.json")):
-        out.add(f"FIONA profile {p.stem}"[:64])
+    for name in profile_names():
+        out.add(f"FIONA profile {name}"[:64])
     return frozenset(v.casefold() for v in out)
 
 

@@ -40,12 +40,18 @@ import math
 import re
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.tag import BaseTag, Tag
+
+#: the default rule set, package data (so a plain `pip install .` has it); `fiona init` copies it
+#: to DATADIR/config/classifyRules.json for a site to edit
+SHIPPED_RULES = resources.files("fiona.index") / "classifyRules.json"
 
 SERIES_LEVEL = "SeriesLevel"
 DEFAULT_APPROX_LEVEL = 1e-4
@@ -495,15 +501,21 @@ class RuleSet:
         self.series_level: frozenset[str] = frozenset(r.type for r in rules if r.series_level)
 
     @classmethod
-    def load(cls, path: Path) -> RuleSet:
+    def load(cls, path: Path | Traversable) -> RuleSet:
         """The rules in the JSON file at `path`; RuleError if the file is unreadable or wrong."""
         try:
-            rules = json.loads(Path(path).read_text(encoding="utf-8"))
+            source = Path(path) if isinstance(path, str) else path
+            rules = json.loads(source.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RuleError(f"{path}: cannot read rules: {err}") from err
         if not isinstance(rules, list):
             raise RuleError(f"{path}: the rule file must be a JSON array of rules")
         return cls.from_rules(rules, source=str(path))
+
+    @classmethod
+    def shipped(cls) -> RuleSet:
+        """The default rules shipped with FIONA (package data, see SHIPPED_RULES)."""
+        return cls.load(SHIPPED_RULES)
 
     @classmethod
     def from_rules(cls, rules: list[dict], source: str = "<rules>") -> RuleSet:

@@ -213,9 +213,7 @@ class Indexer:
 def load_rules(site: Site) -> RuleSet:
     """The site's classifyRules.json, else the shipped default."""
     path = Tree(site.datadir).config / "classifyRules.json"
-    if not path.exists():
-        path = Path(__file__).resolve().parents[2] / "config" / "classifyRules.json"
-    return RuleSet.load(path)
+    return RuleSet.load(path) if path.exists() else RuleSet.shipped()
 
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:

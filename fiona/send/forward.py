@@ -28,9 +28,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import pydicom
-
-from .. import quarantine
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site, read_secret
 from ..control import open_control_plane
@@ -43,10 +40,15 @@ from ..control.base import (
     now_iso,
 )
 from ..daemon import FILE_NAMES, PIPE_FORWARDER, pipe_path, running
-from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
-from ..deid.gate import GateError, check
-from ..deid.identifiers import Identifiers
-from ..deid.pixels import PixelMaskingError, mask_burned_in_text, needs_masking
+from ..deid.gate import GateError
+from ..deid.pipeline import (
+    MaskingFailed,
+    Pipeline,
+    ProjectRules,
+    quarantine_gate_failure,
+    read,
+    settings_for,
+)
 from ..journal import WakeupListener
 from ..tree import Tree, atomic_write, ensure_dir
 from .destinations import DestinationError, DestinationUnavailable, open_destination
@@ -60,8 +62,6 @@ BACKOFF_SECONDS = (5, 15, 60, 300)
 #: a held request (project closed) is looked at again after this long
 HOLD_SECONDS = 60
 ERROR_DEID, ERROR_SEND, MASKED = 1, 2, 3
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11."
 
 
 class PermanentFailure(Exception):
@@ -192,67 +192,32 @@ class Forwarder:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _settings(self, req: TransferRequest, project: Project) -> Settings:
-        """The engine settings for a request: the project's values and the default profile
-        (DATADIR/config/profiles/default.json where a site has its own)."""
-        extra = {}
-        if project.import_rule_tag and project.import_rule_regexp:
-            extra["import_rule"] = {"tag": project.import_rule_tag,
-                                    "regexp": project.import_rule_regexp}
-        settings = Settings(project=req.project, participant=req.participant, key=self.key,
-                            event=req.event, extra=extra)
-        return with_profile(settings, load_profile("default", self._profiles()))
-
-    def _profiles(self) -> Path | None:
-        site_profiles = self.tree.config / "profiles"
-        return site_profiles if (site_profiles / "default.json").exists() else None
-
     def _deidentify(self, req: TransferRequest, project: Project, study_dir: Path,
                     work: Path) -> Outcome:
-        engine = Deidentifier(self._settings(req, project))
-        outcome = Outcome(mapped_study=engine.uid(req.study_uid))
         study = self.control.study(req.study_uid)
         labels = {s.uid: s.classify_types for s in study.series} if study else {}
+        pipeline = Pipeline(settings_for(project, req.participant, req.event, self.key,
+                                         self.site.datadir), ProjectRules.of(project, labels))
+        outcome = Outcome(mapped_study=pipeline.mapped_uid(req.study_uid))
         for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
             for link in sorted(series_dir.iterdir()):
-                ds = pydicom.dcmread(link)
-                sop_class = str(ds.get("SOPClassUID", ""))
-                if (0 in project.features and (sop_class.startswith(PRESENTATION_STATE) or
-                                               ds.get("Modality") == "PR")) or \
-                        (2 in project.features and sop_class.startswith(SECONDARY_CAPTURE)):
+                try:
+                    result = pipeline.process(read(link))
+                except MaskingFailed as exc:
+                    raise PermanentFailure(ERROR_DEID, f"{exc}; the study is held, not "
+                                                       f"sent") from None
+                except GateError as exc:
+                    quarantine_gate_failure(self.tree, exc, f"{req.key()}\n{link}\n",
+                                            {"study_uid": req.study_uid, "project": req.project})
+                    raise PermanentFailure(ERROR_DEID, f"verification gate: {exc}") from None
+                if result.dropped:
                     outcome.dropped += 1
                     continue
-                ids = Identifiers.from_dataset(ds)
-                if needs_masking(labels.get(series_dir.name, []), project.features,
-                                 project.pixel_exclusions, ds):
-                    try:
-                        mask_burned_in_text(ds, min_confidence=10)  # err towards masking
-                    except PixelMaskingError as exc:
-                        raise PermanentFailure(ERROR_DEID, (
-                            f"series {series_dir.name} needs its burned-in text masked, which "
-                            f"failed ({exc}); the study is held, not sent")) from None
-                    outcome.masked += 1
-                engine.apply(ds, ids)
-                out = work / f"{ds.SOPInstanceUID}.dcm"
-                buffer = pydicom.filebase.DicomBytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
-                encoded = buffer.getvalue()
-                try:
-                    check(ds, encoded, ids, allowed={req.participant})
-                except GateError as exc:
-                    self._quarantine(req, link, exc)
-                    raise PermanentFailure(ERROR_DEID, f"verification gate: {exc}") from None
-                atomic_write(out, encoded, durable=False)
+                outcome.masked += result.masked
+                atomic_write(work / f"{result.sop_uid}.dcm", result.encoded, durable=False)
                 outcome.files += 1
-                series = str(ds.SeriesInstanceUID)
-                outcome.series[series] = outcome.series.get(series, 0) + 1
+                outcome.series[result.series_uid] = outcome.series.get(result.series_uid, 0) + 1
         return outcome
-
-    def _quarantine(self, req: TransferRequest, source: Path, exc: GateError) -> None:
-        quarantine.hold(self.tree, "deidentify", f"verification gate: {exc}",
-                        {"request.txt": f"{req.key()}\n{source}\n".encode()},
-                        {"study_uid": req.study_uid, "project": req.project},
-                        "nothing was sent; fix the project's profile or options, then resend")
 
     def _send(self, req: TransferRequest, project: Project, work: Path, outcome: Outcome) -> None:
         try:

@@ -206,7 +206,8 @@ def assign_confirm(request: Request, study_uid: str, project: str = Form(""),
         if image is None:
             preview_error = "no image of this study is on disk (raw/) to preview"
         else:
-            rows = preview(c.datadir, c.key, proj, participant, event, image)
+            rows = preview(c.datadir, c.key, proj, participant, event, image,
+                           {s.uid: s.classify_types for s in study.series})
     except Exception as exc:  # the preview must not block an assignment
         log.error("study %s: preview failed: %s", study.uid, type(exc).__name__)
         preview_error = f"preview failed: {exc}" if user.admin else "the preview failed"

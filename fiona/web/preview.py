@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 
 from ..control.base import Project
-from ..deid.engine import Deidentifier, Settings, load_profile, with_profile
-from ..deid.identifiers import Identifiers
+from ..deid.pipeline import Pipeline, ProjectRules, settings_for
 from ..tree import Tree, valid_uid
+
+PIXEL_DATA = 0x7FE00010
 
 
 def first_image(datadir: Path, study_uid: str, series_uids: list[str]) -> Path | None:
@@ -36,22 +39,21 @@ def _show(elem) -> str:
 
 
 def preview(datadir: Path, key: bytes, project: Project, participant: str, event: str,
-            path: Path) -> list[dict]:
-    """Rows {tag, name, before, after} for every top-level element but pixel data."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+            path: Path, labels: Mapping[str, list[str]] | None = None) -> list[dict]:
+    """Rows {tag, name, before, after} for every top-level element but pixel data, "after"
+    from the forwarder's own pipeline (`fiona.deid.pipeline`), so it cannot drift from what
+    is sent: the same drop rules, masking, engine and gate. `labels` are the study's series
+    labels (original series UID -> classification labels), which decide the masking."""
+    ds = pydicom.dcmread(path)  # not pipeline.read: an admin sees pydicom's own reason
     before = copy.deepcopy(ds)
-    extra = {}
-    if project.import_rule_tag and project.import_rule_regexp:
-        extra["import_rule"] = {"tag": project.import_rule_tag,
-                                "regexp": project.import_rule_regexp}
-    site_profiles = Tree(datadir).config / "profiles"
-    settings = Settings(project=project.name, participant=participant, key=key, event=event,
-                        extra=extra)
-    settings = with_profile(settings, load_profile(
-        "default", site_profiles if (site_profiles / "default.json").exists() else None))
-    Deidentifier(settings).apply(ds, Identifiers.from_dataset(before))
+    pipeline = Pipeline(settings_for(project, participant, event, key, datadir),
+                        ProjectRules.of(project, labels))
+    result = pipeline.process(ds)
+    if result.dropped:
+        raise ValueError(f"this object is not sent: {result.dropped}")
+    ds = pydicom.dcmread(BytesIO(result.encoded))  # the bytes that would be sent, as sent
     rows = []
-    tags = sorted(set(before.keys()) | set(ds.keys()))
+    tags = sorted((set(before.keys()) | set(ds.keys())) - {PIXEL_DATA})
     for tag in tags:
         old, new = before.get(tag), ds.get(tag)
         elem = old if old is not None else new
