@@ -41,6 +41,7 @@ PRE_MAX_AGE = 12 * 3600
 PUBLIC = ("/login",)
 MACHINE_PATHS = ("/docs", "/openapi.json")
 MAX_NAME = 128
+POLL_HEADER = "X-Fiona-Poll"
 STATIC = Path(__file__).parent / "static"
 #: Swagger UI 5 (OpenAPI 3.1, which FastAPI writes) as shipped by the fastapi-offline package;
 #: `swagger-ui-bundle` carries Swagger UI 4, which shows FastAPI's schema as a blank error page
@@ -146,7 +147,8 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     @app.middleware("http")
     async def sessions_login_headers(request: Request, call_next):
         sid = request.cookies.get(SESSION_COOKIE, "")
-        session = c.sessions.get(sid) if sid else None
+        poll = request.headers.get(POLL_HEADER) == "1"  # static/fiona.js refreshing a status
+        session = c.sessions.get(sid, touch=not poll) if sid else None
         expired = bool(sid) and session is None
         values = session.values if session else read_pre(request)
         before = dict(values)

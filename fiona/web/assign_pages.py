@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict
 from math import ceil
 
-from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse
 
 from .. import audit
@@ -81,27 +81,63 @@ def study_row(study: Study, requested: bool, identified: bool = True) -> dict:
     return row
 
 
+def _status(req) -> str:
+    return "failed" if req.error_flags else "pending" if req.pending else "complete"
+
+
+def _day(value: str) -> str:
+    """`YYYY-MM-DD` or `YYYYMMDD` as `YYYYMMDD` (for comparing days); "" when neither."""
+    text = value.strip().replace("-", "")
+    return text if len(text) == 8 and text.isdigit() else ""
+
+
+def in_range(study: Study, since: str, until: str) -> bool:
+    """Whether the study's date, or the day it arrived, lies in [since, until] (either end
+    may be open)."""
+    since, until = _day(since), _day(until)
+    days = [d for d in (study.date, _day(study.arrival[:10])) if d]
+    return any((not since or d >= since) and (not until or d <= until) for d in days)
+
+
+#: the Assign list's sortable columns: the key each sorts by
+SORT_KEYS = {
+    "arrival": lambda r: r["arrival"], "date": lambda r: (r["date"], r["time"]),
+    "description": lambda r: r["description"].lower(), "accession": lambda r: r["accession"],
+    "modalities": lambda r: r["modalities"], "series": lambda r: r["series"],
+    "images": lambda r: r["images"], "sender": lambda r: r["sender"],
+    "status": lambda r: [(x["project"], x["status"]) for x in r["requests"]]}
+
+
 def studies(c: Ctx, user: User, q: str = "", date: str = "", waiting_only: bool = False,
-            project: str = "") -> list[dict]:
-    """The studies `user` may see (`fiona.access`), newest first; identified fields blanked
-    where the user may not see them. `project` keeps the studies requested for it."""
-    projects_of: dict[str, set[str]] = {}
+            project: str = "", since: str = "", until: str = "", sort: str = "arrival",
+            descending: bool = True) -> list[dict]:
+    """The studies `user` may see (`fiona.access`), sorted (newest arrival first by default);
+    identified fields blanked where the user may not see them. `project` keeps the studies
+    requested for it; `date` is one day, `since`/`until` a range of study or arrival days.
+    Each row names the requests of the projects the user has a role in, with their status."""
+    requests_of: dict[str, list] = {}
     for r in c.control.requests():
-        projects_of.setdefault(r.study_uid, set()).add(r.project)
+        requests_of.setdefault(r.study_uid, []).append(r)
+    if date:
+        since = until = date
     rows = []
     for s in c.control.studies():
-        projects = projects_of.get(s.uid, set())
+        reqs = requests_of.get(s.uid, [])
+        projects = {r.project for r in reqs}
         if not may_see(user, projects) or (project and project not in projects):
             continue
+        if waiting_only and projects:
+            continue
+        if (since or until) and not in_range(s, since, until):
+            continue
         row = study_row(s, bool(projects), may_see_identified(user, projects))
-        if waiting_only and row["requested"]:
-            continue
-        if date and date.replace("-", "") not in (s.date, s.arrival[:10].replace("-", "")):
-            continue
         if q and q.lower() not in " ".join(str(v) for v in row.values()).lower():
             continue
+        row["requests"] = sorted(({"project": r.project, "status": _status(r)}
+                                  for r in reqs if user.can(r.project)),
+                                 key=lambda x: (x["project"], x["status"]))
         rows.append(row)
-    rows.sort(key=lambda r: r["arrival"], reverse=True)
+    rows.sort(key=SORT_KEYS.get(sort, SORT_KEYS["arrival"]), reverse=descending)
     return rows
 
 
@@ -120,7 +156,7 @@ def _history(c: Ctx, user: User, uid: str) -> list[dict]:
             continue
         d = asdict(r)
         d["error_flags"] = sorted(r.error_flags)
-        d["status"] = ("failed" if r.error_flags else "pending" if r.pending else "complete")
+        d["status"] = _status(r)
         out.append(d)
     return sorted(out, key=lambda d: d["requested"], reverse=True)
 
@@ -156,14 +192,27 @@ def _refused(request: Request, c: Ctx, user: User, study: Study, exc: Exception,
 
 # --- pages ------------------------------------------------------------------------------------
 @router.get("/assign", include_in_schema=False)
-def assign_list(request: Request, q: str = "", date: str = "", all: int = 0, page: int = 1,
+def assign_list(request: Request, q: str = "", date: str = "",
+                since: str = Query("", alias="from"), until: str = Query("", alias="to"),
+                all: int = 0, sort: str = "arrival", order: str = "desc", page: int = 1,
                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
-    rows = studies(c, user, q, date, waiting_only=not all)
+    sort = sort if sort in SORT_KEYS else "arrival"
+    order = "asc" if order == "asc" else "desc"
+    if date:
+        since = until = date
+    rows = studies(c, user, q, waiting_only=not all, since=since, until=until, sort=sort,
+                   descending=order == "desc")
     pages = max(ceil(len(rows) / PAGE_SIZE), 1)
     page = min(max(page, 1), pages)
+    filtered = bool(q or since or until)
+    # an empty list says why: nothing waiting at all, or nothing that matches the filter
+    anything = bool(rows) or (filtered and bool(studies(c, user, waiting_only=not all)))
+    query = {"q": q, "from": since, "to": until, "all": all, "sort": sort, "order": order}
     return render(request, "assign.html", rows=_page(c, user, rows, page, "assign list"),
-                  total=len(rows), page=page, pages=pages, q=q, date=date, all=all)
+                  total=len(rows), page=page, pages=pages, q=q, since=since, until=until,
+                  all=all, sort=sort, order=order, query=query, filtered=filtered,
+                  anything=anything)
 
 
 def _message(c: Ctx, user: User, study_uid: str, done: str, instance: int) -> str:
@@ -230,6 +279,23 @@ def assign_send(request: Request, study_uid: str, project: str = Form(""),
     except (ActionError, ControlPlaneError) as exc:
         return _refused(request, c, user, study, exc, project, participant, event)
     return _done(study, result.code, result.request.instance if result.request else None)
+
+
+@router.get("/assign/{study_uid}/resend", include_in_schema=False)
+def assign_resend_confirm(request: Request, study_uid: str, project: str = "",
+                          user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    """The confirmation page for browsers without JavaScript (static/fiona.js asks in a
+    dialog and posts directly)."""
+    if not user.admin:
+        raise HTTPException(403, "only admins can resend")
+    study = _study(c, user, study_uid)
+    if project not in actions(c).projects_of(study.uid):
+        raise HTTPException(404, f"study {study.uid} has no request in project {project!r}")
+    return render(request, "confirm_action.html", title="Resend",
+                  question=f"Send study {study.uid} to {project} again? It is de-identified "
+                  "again and replaces the copy at the destination.",
+                  action=f"/assign/{study.uid}/resend", fields={"project": project},
+                  label="Resend", back=f"/assign/{study.uid}")
 
 
 @router.post("/assign/{study_uid}/resend", include_in_schema=False,
@@ -348,7 +414,7 @@ def api_requests(study_uid: str = "", project: str = "", user: User = Depends(cu
         if user.can(r.project) and (not project or r.project == project):
             d = asdict(r)
             d["error_flags"] = sorted(r.error_flags)
-            d["status"] = "failed" if r.error_flags else "pending" if r.pending else "complete"
+            d["status"] = _status(r)
             out.append(d)
     return out
 

@@ -7,6 +7,7 @@ routers, without an import cycle between them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,26 @@ from .throttle import LoginThrottle
 from .users import User, UserStore
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+_ISO = re.compile(r"^(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d)")
+_DICOM_DATE = re.compile(r"^(\d{4})(\d\d)(\d\d)$")
+_DICOM_TIME = re.compile(r"^(\d\d)(\d\d)")
+
+
+def when(value: Any, time: Any = "") -> str:
+    """One way to show a moment on every page: `2025-06-14 05:30`. Takes the control plane's
+    ISO timestamps (`2025-06-14 05:30:12`, `...T05:30:12+02:00`) and DICOM dates and times
+    (`20250614`, `053012.5`); anything else is shown as it is."""
+    text = str(value or "").strip()
+    if m := _ISO.match(text):
+        return f"{m.group(1)} {m.group(2)}"
+    if m := _DICOM_DATE.match(text):
+        text = f"{m.group(1)}-{m.group(2)}-{m.group(3)}"
+        if t := _DICOM_TIME.match(str(time or "").strip()):
+            text += f" {t.group(1)}:{t.group(2)}"
+    return text
+
+
+TEMPLATES.env.filters["when"] = when
 
 
 class Ctx:

@@ -76,9 +76,10 @@ class SessionStore:
                   (_key(session.id), user, now, now, json.dumps(session.values)))
         return session
 
-    def get(self, session_id: str) -> Session | None:
-        """The live session with this id, its idle time restarted; None when unknown or expired
-        (an expired one is deleted)."""
+    def get(self, session_id: str, touch: bool = True) -> Session | None:
+        """The live session with this id, its idle time restarted (unless `touch` is False: a
+        page polling for status is not a person at work); None when unknown or expired (an
+        expired one is deleted)."""
         if not session_id:
             return None
         key, now = _key(session_id), self.clock.time()
@@ -89,7 +90,8 @@ class SessionStore:
         if now - seen > self.idle or now - created > self.lifetime:
             self._sql("DELETE FROM sessions WHERE key = ?", (key,))
             return None
-        self._sql("UPDATE sessions SET seen = ? WHERE key = ?", (now, key))
+        if touch:
+            self._sql("UPDATE sessions SET seen = ? WHERE key = ?", (now, key))
         return Session(session_id, user, created, json.loads(data))
 
     def save(self, session: Session) -> None:
