@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -202,7 +203,12 @@ def read_manifest(source: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{source / MANIFEST} is not a {FORMAT} manifest")
     problems = []
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(r, dict) and re.fullmatch(r"0[0-7]{3}", str(r.get("mode")))
+            for r in files.values()):
+        raise BackupError(f"{source / MANIFEST}: \"files\" must map each path to its sha256, "
+                          f"size and mode (e.g. \"0600\")")
     for rel, rec in files.items():
         parts = PurePosixPath(rel).parts
         if PurePosixPath(rel).is_absolute() or ".." in parts or not parts:
