@@ -1,7 +1,8 @@
 """What people do to the gateway, once for the web pages and the `fiona` command alike: assign
-a study, upload a coupling list, ask for a resend, flip an `enabled` switch, and see identified
-values. Each action checks who may do it, applies the rules of `fiona.control.assign`, writes
-its audit entry and wakes the forwarder; the callers only translate arguments and results.
+a study, upload a coupling list, ask for a resend, flip an `enabled` switch, see identified
+values, and (admins) manage web users and projects. Each action checks who may do it, applies
+its rules (`fiona.control.assign`, `check_project`, the user store's), writes its audit entry
+and wakes the forwarder; the callers only translate arguments and results.
 
 The CLI acts as `OsActor` (audited as `os:<login name>`): whoever can run `fiona` on the
 server can read the data tree anyway, so the OS user holds every right.
@@ -13,8 +14,11 @@ import csv
 import getpass
 import io
 import logging
+import re
+import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
 from typing import Any
 
 from . import audit
@@ -26,6 +30,8 @@ from .control.base import ControlPlane, Project, Study, TransferRequest
 from .control.keyed import Keyed
 from .daemon import notify_forwarder
 from .tree import atomic_write
+from .web.sessions import SessionStore, sessions_path
+from .web.users import User, UserError, UserStore, check_role, project_of_role
 
 log = logging.getLogger("fiona.actions")
 
@@ -81,6 +87,44 @@ class AssignResult:
     def code(self) -> str:
         """The message code pages show (never free text in a URL)."""
         return "created" if self.created else "exists"
+
+
+#: a project's acronym: the key in coupling lists, REDCap and the roles `project:P:right`
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+EVENT_NAME = re.compile(r"^[A-Za-z0-9_. -]{1,100}$")
+
+
+def check_project(project: Project) -> None:
+    """The rules a project must meet before it is saved, for the web and `fiona project add`:
+    a usable name, a participant-ID rule that is a valid regular expression, at least one
+    event, and an ethics period of real dates in order."""
+    if not PROJECT_NAME.match(project.name):
+        raise Invalid(f"project name {project.name!r}: 1 to 64 letters, digits and _.- only")
+    if not project.naming.strip():
+        raise Invalid("the participant-ID rule must not be empty")
+    try:
+        re.compile(project.naming)
+    except re.error as exc:
+        raise Invalid(f"participant-ID rule {project.naming!r} is not a valid regular "
+                      f"expression: {exc}") from None
+    if not project.events:
+        raise Invalid("a project needs at least one event, e.g. baseline")
+    for event in project.events:
+        if not EVENT_NAME.match(event):
+            raise Invalid(f"event {event!r}: letters, digits, spaces and _.- only")
+    if not set(project.features) <= {0, 1, 2}:
+        raise Invalid("features are 0 (drop PR), 1 (never pixel-mask), "
+                      "2 (drop secondary captures)")
+    ends = []
+    for which, text in (("start", project.rec_start), ("end", project.rec_end)):
+        try:
+            ends.append(date.fromisoformat(text) if text else None)
+            if text and not re.fullmatch(r"\d{4}-\d\d-\d\d", text):
+                raise ValueError(text)
+        except ValueError:
+            raise Invalid(f"ethics approval {which} {text!r} is not a date YYYY-MM-DD") from None
+    if ends[0] and ends[1] and ends[0] > ends[1]:
+        raise Invalid(f"the ethics approval ends ({ends[1]}) before it starts ({ends[0]})")
 
 
 def _coupling_projects(text: str) -> set[str]:
@@ -245,3 +289,128 @@ class Actions:
         atomic_write(path, ("".join(chars) + "\n").encode())
         self.audit(actor, "switch", part=part, before=before, after=chars[i])
         return before != chars[i]
+
+    # --- administration (admins only) ----------------------------------------------------------
+    def need_admin(self, actor: Actor, what: str) -> None:
+        """Admins only: anyone else is refused, and the attempt is audited."""
+        if not actor.admin:
+            self.audit(actor, "admin refused", what=what)
+            raise Forbidden(f"only admins can {what}")
+
+    def _users(self) -> UserStore:
+        return UserStore(self.datadir)
+
+    def _end_sessions(self, name: str) -> int:
+        return SessionStore(sessions_path(self.datadir)).end_user(name)
+
+    def users(self, actor: Actor) -> list[User]:
+        """The local web users (directory users are managed in the directory)."""
+        self.need_admin(actor, "manage users")
+        store = self._users()
+        return [u for u in (store.get(n) for n in store.names()) if u is not None]
+
+    def _checked_roles(self, roles: Iterable[str]) -> list[str]:
+        known = set(self._project_names())
+        out = []
+        for role in dict.fromkeys(r.strip() for r in roles if r.strip()):
+            try:
+                check_role(role)
+            except UserError as exc:
+                raise Invalid(str(exc)) from None
+            project = project_of_role(role)
+            if project is not None and project not in known:
+                raise Invalid(f"role {role!r} names no known project")
+            out.append(role)
+        return out
+
+    def _keep_an_admin(self, name: str, roles: list[str]) -> None:
+        """Refuse a change that would leave no local admin (nobody could manage users)."""
+        store = self._users()
+        others = [n for n in store.names() if n != name and (u := store.get(n)) and u.admin]
+        if "admin" not in roles and not others:
+            raise Invalid(f"{name} is the last admin; make another user admin first")
+
+    def save_user(self, actor: Actor, name: str, roles: Iterable[str],
+                  password: str | None = None, new: bool = True) -> str | None:
+        """Add a user (`new`: refused when the name exists) or, for `fiona user add`, add or
+        update one. Without `password` the user gets a one-time password, returned here once
+        and never stored in clear, to be changed at the first login."""
+        self.need_admin(actor, "manage users")
+        store = self._users()
+        exists = store.get(name) is not None
+        if new and exists:
+            raise Invalid(f"user {name!r} exists already")
+        roles = self._checked_roles(roles)
+        if not roles:
+            raise Invalid("give the user at least one role")
+        if exists:
+            self._keep_an_admin(name, roles)
+        one_time = secrets.token_urlsafe(12) if password is None else None
+        try:
+            store.add(name, password or one_time, roles, one_time=one_time is not None)
+        except UserError as exc:
+            raise Invalid(str(exc)) from None
+        ended = self._end_sessions(name) if exists and password is not None else 0
+        self.audit(actor, "user updated" if exists else "user added", user=name, roles=roles,
+                   one_time_password=one_time is not None,
+                   **({"sessions_ended": ended} if ended else {}))
+        return one_time
+
+    def _existing_user(self, name: str) -> User:
+        user = self._users().get(name)
+        if user is None:
+            raise NotFound(f"no user {name!r}")
+        return user
+
+    def set_roles(self, actor: Actor, name: str, roles: Iterable[str]) -> None:
+        """Give a user other roles; they apply from the user's next request."""
+        self.need_admin(actor, "manage users")
+        user = self._existing_user(name)
+        roles = self._checked_roles(roles)
+        if not roles:
+            raise Invalid("give the user at least one role, or remove the user")
+        self._keep_an_admin(name, roles)
+        self._users().add(name, None, roles, one_time=user.one_time)
+        self.audit(actor, "user roles set", user=name, before=user.roles, after=roles)
+
+    def reset_password(self, actor: Actor, name: str) -> str:
+        """A new one-time password for `name` (returned once), ending all its sessions."""
+        self.need_admin(actor, "manage users")
+        user = self._existing_user(name)
+        password = secrets.token_urlsafe(12)
+        self._users().add(name, password, user.roles, one_time=True)
+        ended = self._end_sessions(name)
+        self.audit(actor, "user password reset", user=name, sessions_ended=ended)
+        return password
+
+    def remove_user(self, actor: Actor, name: str) -> None:
+        """Remove a user and end its sessions; never oneself, never the last admin."""
+        self.need_admin(actor, "manage users")
+        self._existing_user(name)
+        if name == actor.name:
+            raise Invalid("you cannot remove yourself; another admin can")
+        self._keep_an_admin(name, [])
+        self._users().remove(name)
+        ended = self._end_sessions(name)
+        self.audit(actor, "user removed", user=name, sessions_ended=ended)
+
+    def save_project(self, actor: Actor, project: Project, new: bool | None = None) -> Project:
+        """Add (`new` True), change (`new` False) or add-or-change (None, `fiona project add`)
+        a project, after `check_project`."""
+        self.need_admin(actor, "manage projects")
+        exists = project.name in self._project_names()
+        if new is True and exists:
+            raise Invalid(f"project {project.name} exists already")
+        if new is False and not exists:
+            raise NotFound(f"no project {project.name!r}")
+        check_project(project)
+        self.control.save_project(project)
+        self.audit(actor, "project changed" if exists else "project added", project=project.name,
+                   naming=project.naming, events=project.events, active=project.active,
+                   rec_start=project.rec_start, rec_end=project.rec_end)
+        return project
+
+    def edited_project(self, name: str, **fields: Any) -> Project:
+        """The project `name` with `fields` changed (everything else kept), or a new one."""
+        existing = next((p for p in self.control.projects() if p.name == name), None)
+        return replace(existing or Project(name=name), **fields)

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config
 from . import open_control_plane
 from .assign import Assigner
-from .base import ControlPlane, ControlPlaneError, Project, RoutingRule
+from .base import ControlPlane, ControlPlaneError, RoutingRule
 from .keyed import Keyed
 
 
@@ -106,27 +106,34 @@ def run(config: Config, args: argparse.Namespace) -> int:
     site = config.site(getattr(args, "site", None))
     control = open_control_plane(config, site)
     assigner = Assigner(control, Keyed.from_datadir(site.datadir))
-    handler = HANDLERS[(args.command, getattr(args, "action", None))]
+    from ..actions import ActionError, Actions
+
+    key = (args.command, getattr(args, "action", None))
     try:
-        status = handler(control, assigner, args)
-    except ControlPlaneError as exc:
+        if key == ("project", "add"):
+            return _project_add(Actions(site, control, assigner.keyed), args)
+        status = HANDLERS[key](control, assigner, args)
+    except (ActionError, ControlPlaneError) as exc:
         print(f"fiona {args.command}: {exc}", file=sys.stderr)
         return 1
     return status
 
 
-def _project_add(control: ControlPlane, assigner: Assigner, args) -> int:
+def _project_add(acts, args) -> int:
+    """Through `fiona.actions` as the OS user, like the admin page (same rules and audit)."""
+    from ..actions import OsActor
+
     events = [e.strip() for e in args.events.split(",") if e.strip()]
-    features = {int(f) for f in args.features.split(",") if f.strip()}
-    if not features <= {0, 1, 2}:
+    try:
+        features = {int(f) for f in args.features.split(",") if f.strip()}
+    except ValueError:
         raise ControlPlaneError("--features takes 0 (drop PR), 1 (never pixel-mask), "
-                                "2 (drop secondary captures)")
-    project = Project(name=args.name, naming=args.naming, events=events,
-                      long_name=args.long_name, use_autoid=bool(args.autoid_aetitle),
-                      autoid_aetitle=args.autoid_aetitle or "", features=features,
-                      rec_start=args.rek_start, rec_end=args.rek_end)
-    _check_regex(project.naming)
-    control.save_project(project)
+                                "2 (drop secondary captures)") from None
+    project = acts.edited_project(
+        args.name, naming=args.naming, events=events, long_name=args.long_name,
+        use_autoid=bool(args.autoid_aetitle), autoid_aetitle=args.autoid_aetitle or "",
+        features=features, rec_start=args.rek_start, rec_end=args.rek_end)
+    acts.save_project(OsActor.current(), project)
     print(f"project {project.name}: participants {project.naming}, events "
           f"{', '.join(events)}" + (f", auto-ID for AE {project.autoid_aetitle}"
                                     if project.use_autoid else ""))
@@ -224,7 +231,7 @@ def _populate_projects(control: ControlPlane, assigner: Assigner, args) -> int:
 
 
 HANDLERS = {
-    ("project", "add"): _project_add, ("project", "list"): _project_list,
+    ("project", "list"): _project_list,
     ("project", "show"): _project_show, ("routing", "add"): _routing_add,
     ("routing", "list"): _routing_list, ("incoming", "list"): _incoming_list,
     ("requests", "list"): _requests_list,

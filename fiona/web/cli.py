@@ -1,12 +1,13 @@
-"""`fiona user add`."""
+"""`fiona user add`: through `fiona.actions`, like the admin pages (same rules, same audit
+entries, under the OS user `os:<login>`)."""
 
 from __future__ import annotations
 
 import getpass
 import sys
 
-from .. import audit
-from .users import UserError, UserStore
+from ..actions import ActionError, Actions, OsActor
+from .users import UserError
 
 
 def _password(args) -> str:
@@ -22,14 +23,13 @@ def _password(args) -> str:
 
 
 def user_add(config, args) -> int:
-    datadir = config.site(args.site).datadir
+    """Add or update a user with the password given (asked for, or from a file)."""
     try:
         password = _password(args)
-        UserStore(datadir).add(args.name, password, args.role)
-    except (UserError, OSError) as exc:
+        Actions.open(config, args.site).save_user(OsActor.current(), args.name, args.role,
+                                                  password, new=False)
+    except (ActionError, UserError, OSError) as exc:
         print(f"fiona user add: {exc}", file=sys.stderr)
         return 1
-    audit.append(datadir, "fiona", "user added", {"user": args.name, "roles": args.role})
     print(f"user {args.name} saved with roles {', '.join(args.role)}")
     return 0
-

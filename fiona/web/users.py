@@ -45,6 +45,12 @@ def check_role(role: str) -> str:
     raise UserError(f"role {role!r} must be admin or project:P:assign|export|review")
 
 
+def project_of_role(role: str) -> str | None:
+    """The project a `project:P:right` role names (None for `admin`)."""
+    m = _ROLE.match(role)
+    return m.group(1) if m else None
+
+
 def _prehash(password: str) -> bytes:
     return base64.b64encode(hashlib.sha256(password.encode()).digest())
 
@@ -147,6 +153,11 @@ class UserStore:
         rec["one_time"] = one_time
         users[name] = rec
         self._save(users)
+
+    def remove(self, name: str) -> None:
+        users = self._load()
+        if users.pop(name, None) is not None:
+            self._save(users)
 
     def set_password(self, name: str, password: str) -> None:
         """A password change by the user: the policy, and not the current password again."""
