@@ -63,6 +63,9 @@ SCHEMA: dict[str, tuple[str, dict[str, list[str]]]] = {
             "project_import_rule_1_tag", "project_import_rule_1_regexp", "project_features"],
         "rewritepixelexclusions": ["rewrite_ex_tag", "rewrite_ex_reg"],
     }),
+    "WhatIsInIDS7": ("record_id", {"whatisinids7": [
+        "inv_project", "inv_participant", "inv_event", "inv_study_date", "inv_series",
+        "inv_instances", "inv_modalities", "inv_first_seen", "inv_last_seen"]}),
     "ResearchProjectTemplate": ("record_id", {
         "demographics": ["first_name", "last_name", "dob", "sex", "age"],
         "imaging": ["img_study_instance_uid", "img_event_name", "img_study_description"],

@@ -179,6 +179,26 @@ class RoutingRule:
     patient_name_regex: str = ""
 
 
+@dataclass
+class InventoryEntry:
+    """One study the research PACS holds, as `fiona inventory` (the original's whatIsInIDS7)
+    found it by C-FIND. Values are the de-identified study's: `project` from InstitutionName,
+    `participant` its PatientID, `event` its ClinicalTrialTimePointID (what the
+    de-identification writes there), `study_date` its (shifted) StudyDate as YYYY-MM-DD.
+    `first_seen`/`last_seen` are when an inventory first and last found it."""
+
+    study_uid: str
+    project: str
+    participant: str = ""
+    event: str = ""
+    study_date: str = ""
+    series: int = 0
+    instances: int = 0
+    modalities: list[str] = field(default_factory=list)
+    first_seen: str = ""
+    last_seen: str = ""
+
+
 class ControlPlane(ABC):
     """What every backend provides. Methods raise Unavailable when the backend cannot be
     reached (callers keep the work and retry) and ControlPlaneError when it refuses."""
@@ -296,6 +316,31 @@ class ControlPlane(ABC):
     def imaging(self, project: str) -> list[dict]:
         """What `mirror_forwarded` recorded for a project: dicts with participant, event,
         study_uid (the mapped, de-identified one) and description."""
+
+    # --- inventory of the research PACS ------------------------------------------------------
+    @abstractmethod
+    def inventory(self, project: str | None = None) -> list[InventoryEntry]:
+        """The stored inventory of `project` (None: of every project), by study UID."""
+
+    @abstractmethod
+    def replace_inventory(self, project: str | None, entries: list[InventoryEntry]) -> None:
+        """Make the stored inventory of `project` (None: of the whole PACS) exactly `entries`:
+        entries are stored as given (an existing study UID is overwritten) and stored entries
+        of that scope that are not among them are removed, as the PACS no longer holds them.
+        An entry of another project than `project` is refused."""
+
+
+def check_inventory_scope(project: str | None, entries: list[InventoryEntry]) -> None:
+    """`replace_inventory`'s rule, for every backend: a project's inventory holds only that
+    project's studies, and a study UID at most once."""
+    if project is not None:
+        stray = sorted({e.project for e in entries if e.project != project})
+        if stray:
+            raise ControlPlaneError(f"the inventory of project {project} cannot hold studies "
+                                    f"of {', '.join(map(repr, stray))}")
+    uids = [e.study_uid for e in entries]
+    if len(uids) != len(set(uids)):
+        raise ControlPlaneError("an inventory lists each study once; a study UID repeats")
 
 
 def now_iso(clock: Clock = SYSTEM_CLOCK) -> str:

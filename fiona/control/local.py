@@ -22,11 +22,13 @@ from .base import (
     ControlPlane,
     ControlPlaneError,
     CouplingRow,
+    InventoryEntry,
     Project,
     RoutingRule,
     Series,
     Study,
     TransferRequest,
+    check_inventory_scope,
     now_iso,
 )
 
@@ -60,6 +62,12 @@ CREATE TABLE IF NOT EXISTS imaging (
     project TEXT NOT NULL, participant TEXT NOT NULL, event TEXT NOT NULL,
     study_uid TEXT NOT NULL, mapped_uid TEXT NOT NULL, description TEXT NOT NULL,
     PRIMARY KEY (project, participant, event, mapped_uid));
+CREATE TABLE IF NOT EXISTS inventory (
+    study_uid TEXT PRIMARY KEY, project TEXT NOT NULL, participant TEXT NOT NULL,
+    event TEXT NOT NULL, study_date TEXT NOT NULL, series INTEGER NOT NULL,
+    instances INTEGER NOT NULL, modalities TEXT NOT NULL, first_seen TEXT NOT NULL,
+    last_seen TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS inventory_project ON inventory (project);
 """
 
 
@@ -313,3 +321,30 @@ class LocalControlPlane(ControlPlane):
                                   "imaging WHERE project = ?", (project,)).fetchall()
         return [{"participant": r["participant"], "event": r["event"],
                  "study_uid": r["mapped_uid"], "description": r["description"]} for r in rows]
+
+    # --- inventory of the research PACS ------------------------------------------------------
+    def inventory(self, project: str | None = None) -> list[InventoryEntry]:
+        if project is None:
+            rows = self._db().execute("SELECT * FROM inventory ORDER BY study_uid").fetchall()
+        else:
+            rows = self._db().execute("SELECT * FROM inventory WHERE project = ? "
+                                      "ORDER BY study_uid", (project,)).fetchall()
+        return [InventoryEntry(
+            study_uid=r["study_uid"], project=r["project"], participant=r["participant"],
+            event=r["event"], study_date=r["study_date"], series=r["series"],
+            instances=r["instances"], modalities=[m for m in r["modalities"].split(",") if m],
+            first_seen=r["first_seen"], last_seen=r["last_seen"]) for r in rows]
+
+    def replace_inventory(self, project: str | None, entries: list[InventoryEntry]) -> None:
+        """One transaction: readers see the old inventory or the new one, never a mix."""
+        check_inventory_scope(project, entries)
+        with self._tx() as db:
+            if project is None:
+                db.execute("DELETE FROM inventory")
+            else:
+                db.execute("DELETE FROM inventory WHERE project = ?", (project,))
+            db.executemany(
+                "INSERT OR REPLACE INTO inventory VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.study_uid, e.project, e.participant, e.event, e.study_date, e.series,
+                  e.instances, ",".join(e.modalities), e.first_seen, e.last_seen)
+                 for e in entries])

@@ -39,12 +39,14 @@ from .base import (
     ControlPlane,
     ControlPlaneError,
     CouplingRow,
+    InventoryEntry,
     Project,
     RoutingRule,
     Series,
     Study,
     TransferRequest,
     Unavailable,
+    check_inventory_scope,
     now_iso,
 )
 
@@ -55,6 +57,9 @@ COUPLING = "CouplingList"
 AUTOID = "AutoID"
 PROJECTS = "DataTransferProjects"
 CONTROL_PROJECTS = (INCOMING, ROUTING, COUPLING, AUTOID, PROJECTS)
+#: the research PACS's inventory (`fiona inventory`, the original's whatIsInIDS7), one record
+#: per study; optional: only the inventory and its readers need its token
+INVENTORY = "WhatIsInIDS7"
 
 STUDY_ID = "study_instance_uid"      # record id of Incoming
 RECORD_ID = "record_id"              # record id of every other project
@@ -115,6 +120,20 @@ PROJECT_TEXT_FIELDS = {
     "import_rule_tag": "project_import_rule_1_tag",
     "import_rule_regexp": "project_import_rule_1_regexp",
 }
+
+INVENTORY_FIELDS = {  # InventoryEntry attribute -> WhatIsInIDS7 field (study_uid: record id)
+    "project": "inv_project",
+    "participant": "inv_participant",
+    "event": "inv_event",
+    "study_date": "inv_study_date",
+    "series": "inv_series",
+    "instances": "inv_instances",
+    "modalities": "inv_modalities",
+    "first_seen": "inv_first_seen",
+    "last_seen": "inv_last_seen",
+}
+#: records per import or delete call, so a PACS of many studies is not one huge request
+INVENTORY_BATCH = 500
 
 
 def redcap_event(event: str) -> str:
@@ -393,6 +412,22 @@ def coupling_row(r: CouplingRow, record_id: str) -> dict[str, str]:
 def row_coupling(row: dict) -> CouplingRow:
     return CouplingRow(id=_int(row.get(RECORD_ID, "")),
                        **{attr: row.get(name, "") for attr, name in COUPLING_FIELDS.items()})
+
+
+def inventory_row(e: InventoryEntry) -> dict[str, str]:
+    row = {RECORD_ID: e.study_uid}
+    for attr, name in INVENTORY_FIELDS.items():
+        value = getattr(e, attr)
+        row[name] = ",".join(value) if attr == "modalities" else str(value)
+    return row
+
+
+def row_inventory(row: dict) -> InventoryEntry:
+    values = {attr: row.get(name, "") for attr, name in INVENTORY_FIELDS.items()}
+    values["series"] = _int(values["series"])
+    values["instances"] = _int(values["instances"])
+    values["modalities"] = [m for m in values["modalities"].split(",") if m]
+    return InventoryEntry(study_uid=row.get(RECORD_ID, ""), **values)
 
 
 # --- the backend ------------------------------------------------------------------------------
@@ -845,6 +880,34 @@ class RedcapControlPlane(ControlPlane):
                  "description": r.get("img_study_description", "")}
                 for r in rows if r.get(REPEAT_FORM) == "imaging"
                 and r.get("img_study_instance_uid")]
+
+
+    # --- inventory of the research PACS ------------------------------------------------------
+    def _inventory_rows(self, project: str | None, fields: Iterable[str] = ()) -> list[dict]:
+        logic = f"[inv_project] = {_logic_str(project)}" if project is not None else ""
+        rows = self.export(INVENTORY, fields=fields, filter_logic=logic)
+        return [r for r in rows if r.get(RECORD_ID)
+                and (project is None or r.get("inv_project") == project)]
+
+    def inventory(self, project: str | None = None) -> list[InventoryEntry]:
+        return sorted(map(row_inventory, self._inventory_rows(project)),
+                      key=lambda e: e.study_uid)
+
+    def replace_inventory(self, project: str | None, entries: list[InventoryEntry]) -> None:
+        """Import the entries, then delete the scope's records that are not among them.
+        REDCap has no transactions: a run cut off in between leaves studies the PACS lost
+        listed until the next run, but never drops one it holds."""
+        check_inventory_scope(project, entries)
+        stored = {r[RECORD_ID] for r in self._inventory_rows(project, [RECORD_ID, "inv_project"])}
+        rows = [inventory_row(e) for e in entries]
+        for start in range(0, len(rows), INVENTORY_BATCH):
+            self.import_rows(INVENTORY, rows[start:start + INVENTORY_BATCH], overwrite=True)
+        gone = sorted(stored - {e.study_uid for e in entries})
+        for start in range(0, len(gone), INVENTORY_BATCH):
+            data = {"content": "record", "action": "delete"}
+            data.update((f"records[{i}]", uid)
+                        for i, uid in enumerate(gone[start:start + INVENTORY_BATCH]))
+            self._post(INVENTORY, data)
 
 
 def _error_text(resp: requests.Response) -> str:
