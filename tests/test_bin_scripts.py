@@ -376,7 +376,7 @@ def test_cron_file():
     jobs = {shlex.split(p)[7] for p in planned}
     assert {"heartbeat", "clear-old-files", "clear-stale-links", "clear-exports",
             "remove-old-entries", "resend", "populate-projects",
-            "get-all-patients"} <= jobs | {shlex.split(c)[1] for c in active}
+            "inventory"} <= jobs | {shlex.split(c)[1] for c in active}
     assert "enabled when the subcommand ships (see README)" in text
     heartbeat = [p for p in planned if " heartbeat" in p]
     assert heartbeat and heartbeat[0].split()[0] == "*/5"
