@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import urllib.request
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from dicomgen import make_study
+from fiona.bootstrap import init
+from fiona.cli import main
 from fiona.clock import FakeClock
 from fiona.control.base import ControlPlane, ControlPlaneError, InventoryEntry
 from fiona.control.local import LocalControlPlane
@@ -161,6 +162,16 @@ def test_a_split_covers_every_id_with_the_suffix_once() -> None:
         Pattern("01").split({"_", "A"})  # SITE_01 in a cut-off answer: cannot ask for it
     with pytest.raises(InventoryError, match="one PatientID has more studies"):
         Pattern("A001", exact=True).split(set())
+
+
+def test_without_a_dicom_destination_it_is_a_configuration_error(tmp_path, capsys) -> None:
+    config = init(tmp_path / "data", port=free_port(), ip="127.0.0.1")  # a folder destination
+    assert main(["--config", str(config), "inventory"]) == 2
+    err = capsys.readouterr().err
+    assert "DESTINATIONS has no dicom destination to take an inventory of (dicom ones: none)" \
+        in err
+    assert main(["--config", str(config), "inventory", "--destination", "research"]) == 2
+    assert "no dicom destination 'research'" in capsys.readouterr().err
 
 
 # --- storage on both backends -------------------------------------------------------------------

@@ -244,7 +244,10 @@ class Inventory:
         """Raises InventoryError or ControlPlaneError with the stored inventory unchanged."""
         started = time.monotonic()
         if project is not None:
-            matchable(project)  # no wildcard in the name: a DestinationError
+            try:
+                matchable(project)  # no wildcard in the name
+            except DestinationError as exc:
+                raise InventoryError(str(exc)) from None
         report = Report(scope=f"project {project}" if project else "every project",
                         pacs=self.pacs.label)
         old = {e.study_uid: e for e in self.control.inventory(project)}
@@ -310,11 +313,10 @@ class Inventory:
         for ident in answers:
             series = _uid(ident.get("SeriesInstanceUID"), "SeriesInstanceUID")
             number = _count(ident.get("NumberOfSeriesRelatedInstances"))
-            if not series:
-                continue
-            if number is None:
+            if not series or number is None:  # the study-level figures then
                 complete = False
-            counts[series] = number or 0
+                continue
+            counts[series] = number
             modalities.update(_values(ident, "Modality"))
         if complete:
             figures = (len(counts), sum(counts.values()), sorted(modalities))
@@ -382,9 +384,11 @@ def _date(value: str) -> str:
 
 
 def _uid(value: Any, what: str) -> str:
-    """A UID from the PACS's answer, or "" (logged) when it is not one."""
+    """A UID from the PACS's answer, or "" (logged, without the value, which may be anything)
+    when it is not one."""
     try:
         return valid_uid(value, what)
-    except InvalidValue as exc:
-        log.warning("inventory: ignoring an answer from the research PACS: %s", exc)
+    except InvalidValue:
+        log.warning("inventory: ignoring an answer from the research PACS with an invalid %s",
+                    what)
         return ""

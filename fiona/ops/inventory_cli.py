@@ -42,9 +42,10 @@ def destination(config: Config, name: str | None) -> tuple[str, dict[str, Any]]:
     if name is None:
         name = "research" if "research" in dicom else next(iter(dicom), None)
     if name is None or name not in dicom:
-        raise ConfigError([f"DESTINATIONS has no dicom destination {name or ''} to take an "
-                           f"inventory of (dicom ones: {', '.join(dicom) or 'none'}); the "
-                           f"inventory asks the research PACS by C-FIND"], config.path)
+        which = f"dicom destination {name!r}" if name else "dicom destination"
+        raise ConfigError([f"DESTINATIONS has no {which} to take an inventory of (dicom ones: "
+                           f"{', '.join(dicom) or 'none'}); the inventory asks the research "
+                           f"PACS by C-FIND"], config.path)
     return name, dicom[name]
 
 
@@ -53,7 +54,6 @@ def run(config: Config, args: argparse.Namespace) -> int:
     from ..control import open_control_plane
     from ..control.base import ControlPlaneError
     from ..daemon import setup_logging
-    from ..send.destinations import DestinationError
     from .inventory import Inventory, InventoryError, ResearchPacs, log
 
     site = config.site(args.site)
@@ -73,7 +73,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         if args.project is not None:
             control.project(args.project)  # a known project: catches typos
         report = Inventory(pacs, control, progress=progress).run(args.project)
-    except (InventoryError, DestinationError, ControlPlaneError) as exc:
+    except (InventoryError, ControlPlaneError) as exc:
         if tty:
             print(file=sys.stderr)
         log.error("inventory failed, the stored inventory is kept: %s", exc)
