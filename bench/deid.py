@@ -77,8 +77,7 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from bench.common import (count_files, make_corpus, progress,  # noqa: E402 (repo root)
-                          run_in_scratch)
+from bench.common import count_files, make_corpus, progress, run_in_scratch  # noqa: E402 (repo root)
 
 N_SERIES = 5
 WARMUP_FILES = 10
