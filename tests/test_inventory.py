@@ -262,7 +262,7 @@ def test_the_command_logs_counts_and_keeps_the_inventory_while_the_pacs_is_down(
         gw = Gateway(tmp_path / "data", free_port(), {"DESTINATIONS": {
             "research": {"type": "dicom", "aetitle": pacs.aet, "host": "127.0.0.1",
                          "port": pacs.dicom_port}}})
-        ok = gw.run("inventory")
+        ok = gw.run("-v", "inventory")  # debug logging, pynetdicom's too
         assert "22 studies (22 new, 0 gone)" in ok.stdout
         control = LocalControlPlane(tmp_path / "data" / "site" / "fiona.db")
         before = control.inventory()
@@ -279,5 +279,6 @@ def test_the_command_logs_counts_and_keeps_the_inventory_while_the_pacs_is_down(
     lines = [x for x in log.splitlines() if "[fiona.inventory]" in x]
     assert len([x for x in lines if "INFO" in x and "22 studies" in x]) == 1
     assert len([x for x in lines if "ERROR" in x and "cannot be reached" in x]) == 1
-    for m in made:  # no pseudonym (PatientID) in the log
+    assert "DEBUG" in log
+    for m in made:  # no pseudonym (PatientID) in the log, not even at debug level
         assert m.participant not in log

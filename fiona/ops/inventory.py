@@ -176,9 +176,11 @@ class ResearchPacs:
     @contextmanager
     def session(self) -> Iterator[ResearchPacs]:
         """One association for Study Root C-FIND, released (or aborted) at the end."""
-        from pynetdicom import AE, evt
+        from pynetdicom import AE, _config, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
+        # pynetdicom's debug log (`-v`) would print every query and answer, PatientIDs with them
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(CALLING_AE)
         ae.connection_timeout = self.connection_timeout
         ae.acse_timeout = self.acse_timeout
