@@ -24,6 +24,9 @@ class Clock(Protocol):
     def time(self) -> float:
         """Wall-clock seconds since the epoch (compare with file mtimes)."""
 
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` (a blocking retry's pause, see `fiona.backoff`)."""
+
 
 class SystemClock:
     """The real clocks of the machine."""
@@ -36,6 +39,9 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 class FakeClock:
@@ -62,6 +68,10 @@ class FakeClock:
 
     def time(self) -> float:
         return self.now().timestamp()
+
+    def sleep(self, seconds: float) -> None:
+        """A sleeper on a fake clock returns at once, the time having passed."""
+        self.advance(seconds)
 
     def advance(self, seconds: float) -> None:
         """Move both clocks forward; negative steps are refused (monotonic)."""

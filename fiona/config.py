@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .send import destinations as destination_kinds
+
 DEFAULT_CONFIG_PATH = "/data/config/config.json"
 
 #: key -> (example value shown in errors, default value or REQUIRED)
@@ -51,16 +53,10 @@ SITE_KEYS: dict[str, tuple[Any, Any]] = {
     "DICOMIP": ("0.0.0.0", None),
 }
 
+#: kind -> key -> (example, default or dataclasses.MISSING): each destination kind's settings
+#: class (fiona.send.destinations) is the one definition; this view is for readers of defaults
 DESTINATION_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
-    "folder": {"path": ("/data/research", REQUIRED)},
-    "dicom": {"aetitle": ("RESEARCHPACS", REQUIRED), "host": ("127.0.0.1", REQUIRED),
-              "port": (4242, REQUIRED), "query_aetitle": ("RESEARCHPACS", None),
-              "query_port": (4242, None), "associations": (2, 2),
-              "review_sample": (5, 5), "review_max_age_hours": (24, 24)},
-    "sftp": {"host": ("sftp.example.org", REQUIRED), "port": (22, 22),
-             "user": ("fiona", REQUIRED), "key": ("/data/config/sftp_key", REQUIRED),
-             "remote_dir": ("/incoming", REQUIRED)},
-}
+    kind: cls.spec() for kind, cls in destination_kinds.SETTINGS.items()}
 
 CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "local": {},
@@ -349,19 +345,10 @@ def parse(raw: Any, path: Path) -> Config:
                       "e.g. {\"research\": {\"type\": \"folder\", \"path\": \"/data/research\"}}")
     else:
         for name, d in dests.items():
-            d_type = d.get("type") if isinstance(d, dict) else None
-            if not isinstance(d_type, str) or d_type not in DESTINATION_KEYS:
-                errors.append(f"DESTINATIONS.{name}.type must be one of {sorted(DESTINATION_KEYS)}; "
-                              f"got {d_type!r}")
-                continue
-            rest = {k: v for k, v in d.items() if k != "type"}
-            destinations[name] = {"type": d_type, **_check_keys(
-                rest, DESTINATION_KEYS[d_type], f"DESTINATIONS.{name}", errors)}
-            if d_type == "dicom":  # Review reads a sample of each series' headers, cached
-                _int(destinations[name]["review_sample"], f"DESTINATIONS.{name}.review_sample",
-                     1, 100, errors)
-                _number(destinations[name]["review_max_age_hours"],
-                        f"DESTINATIONS.{name}.review_max_age_hours", 0.01, 24 * 365, errors)
+            entry, problems = destination_kinds.validate(name, d)
+            errors.extend(problems)
+            if entry is not None:
+                destinations[name] = entry
 
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
     workflows = _workflows(top["ARRIVAL_WORKFLOWS"], errors)

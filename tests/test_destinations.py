@@ -17,10 +17,17 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from dicomgen import make_study
-from fiona.config import parse
-from fiona.send import destinations as dest
-from fiona.send.destinations import (REGISTRY, DestinationError, DestinationUnavailable,
-                                     DicomDestination, FolderDestination, open_destination)
+from fiona.clock import FakeClock
+from fiona.config import ConfigError, parse
+from fiona.send.destinations import (
+    REGISTRY,
+    DestinationError,
+    DestinationUnavailable,
+    DicomDestination,
+    FolderDestination,
+    open_destination,
+)
+from fiona.send.destinations import dicom as dest
 from orthanc import Orthanc
 
 # pydicom's own test files in compressed and other transfer syntaxes; some share a
@@ -341,3 +348,37 @@ def test_dicom_sets_tcp_nodelay(orthanc, monkeypatch):
     monkeypatch.setattr(dest, "_nodelay", spy)
     pacs_destination(orthanc).test_connection()
     assert flags and all(flags)
+
+
+# --- settings checked once, back-off on the clock -----------------------------------------
+
+def test_config_and_handler_check_settings_by_the_same_rules(tmp_path):
+    """A bad value is caught when config.json is loaded, in the handler's own words: there is
+    one rule per setting (the kind's settings class), not one in config.py and one here."""
+    bad = {"type": "dicom", "aetitle": "PACS", "host": "127.0.0.1", "port": 4242,
+           "associations": 5}
+    with pytest.raises(ConfigError) as err:
+        parse({"DATADIR": str(tmp_path / "data"), "DESTINATIONS": {"pacs": bad}},
+              tmp_path / "config.json")
+    with pytest.raises(DestinationError) as direct:
+        DicomDestination("pacs", {k: v for k, v in bad.items() if k != "type"})
+    assert "DESTINATIONS.pacs.associations must be a whole number from 1 to 4" in str(err.value)
+    assert "DESTINATIONS.pacs.associations must be a whole number from 1 to 4" in \
+        str(direct.value)
+    with pytest.raises(ConfigError, match="DESTINATIONS.research.path must be absolute"):
+        parse({"DATADIR": str(tmp_path / "data"), "DESTINATIONS": {
+            "research": {"type": "folder", "path": "relative"}}}, tmp_path / "config.json")
+
+
+def test_dicom_connection_back_off_runs_on_the_clock():
+    """Three attempts at a port nobody listens on, 0.5 s then 1 s apart: on a FakeClock the
+    pauses pass as time, nobody sleeps."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                       # bound, not listening: refused
+        d = DicomDestination("research", {"aetitle": "PACS", "host": "127.0.0.1", "port": port})
+        d.clock = FakeClock()
+        start = d.clock.monotonic()
+        with pytest.raises(DestinationUnavailable, match="3 attempts"):
+            d.test_connection()
+    assert d.clock.monotonic() - start == 0.5 + 1.0

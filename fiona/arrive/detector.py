@@ -25,6 +25,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
+from ..backoff import Backoff, Schedule
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..control import open_control_plane
@@ -119,8 +120,7 @@ class ArrivalDetector:
         self.assigner = Assigner(control, keyed, clock)
         self.workflows = [Workflow.from_config(w) for w in config.workflows]
         self.indexer = JournalReader(self.tree.journal, "received", "indexer")
-        self._retry_at: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
+        self._backoff = Backoff(Schedule(RETRY_SECONDS), clock)
         self.arrivals = 0
 
     def touch_files(self) -> dict[str, list[TouchFile]]:
@@ -142,8 +142,7 @@ class ArrivalDetector:
         ready, wait = [], 60.0
         for study, files in self.touch_files().items():
             remaining = max(f.mtime for f in files) + self.quiet - now
-            retry = self._retry_at.get(study, 0.0) - self.clock.monotonic()
-            remaining = max(remaining, retry)
+            remaining = max(remaining, self._backoff.remaining(study))
             if remaining <= 0:
                 ready.append((study, files))
             else:
@@ -156,7 +155,7 @@ class ArrivalDetector:
         arrival = study_from_series(self.tree, study_uid)
         if arrival is None:
             log.warning("study %s: no series indexed yet; waiting for the indexer", study_uid)
-            self._retry_at[study_uid] = self.clock.monotonic() + INDEXER_WAIT_SECONDS
+            self._backoff.hold(study_uid, INDEXER_WAIT_SECONDS)
             return False
         study = arrival.study
         known = self.control.study(study_uid)
@@ -195,21 +194,17 @@ class ArrivalDetector:
         for study_uid, files in ready:
             try:
                 if self.process(study_uid, files):
-                    self._retry_at.pop(study_uid, None)
-                    self._failures.pop(study_uid, None)
+                    self._backoff.succeeded(study_uid)
             except ControlPlaneError as exc:
-                n = self._failures.get(study_uid, 0)
-                delay = RETRY_SECONDS[min(n, len(RETRY_SECONDS) - 1)]
-                self._failures[study_uid] = n + 1
-                self._retry_at[study_uid] = self.clock.monotonic() + delay
+                delay = self._backoff.failed(study_uid)
                 if isinstance(exc, Unavailable):
                     log.warning("study %s waits: the control plane is unreachable (%s); "
                                 "retrying in %d s", study_uid, exc, delay)
                 else:
                     log.error("study %s waits: the control plane refused it (%s); retrying in "
                               "%d s", study_uid, exc, delay)
-        now = self.clock.monotonic()
-        return min([wait, *(at - now for at in self._retry_at.values() if at > now)])
+        retry = self._backoff.next_wait()
+        return wait if retry is None else min(wait, retry)
 
     def sweep_coupling(self, since: datetime | None) -> None:
         """Coupling rows entered in the control plane itself (REDCap) since `since` (all of

@@ -8,14 +8,15 @@ sends to the destination, verifies arrival, and writes the outcome back to the c
 A request is pending while its revision is above the revision the forwarder last did
 (`TransferRequest.pending`); the forwarder completes exactly the revision it read, so a resend
 made while it was sending keeps the request pending. A peer that is down keeps the request
-pending and is retried with exponential back-off; a permanent failure (the gate, a study gone
-from disk, a refused object) records the attempt time as `transferred` with the error flags
-and message and marks the revision done, so it is not retried until someone asks again
-(resend). A request for a project that is inactive or outside its ethics approval period is
-held: it stays pending with the reason as its message and goes once the project is open
-again. Mapped UIDs are keyed and deterministic, so a request that is repeated after a crash or
-a late series lands in the same de-identified study and the destination overwrites, never
-duplicates. Time comes from an injectable `Clock`, so tests advance it instead of sleeping.
+pending and is retried with back-off (`fiona.backoff`, BACKOFF_SECONDS); a permanent failure
+(the gate, a study gone from disk, a refused object) records the attempt time as `transferred`
+with the error flags and message and marks the revision done, so it is not retried until
+someone asks again (resend). A request for a project that is inactive or outside its ethics
+approval period is held: it stays pending with the reason as its message and goes once the
+project is open again. Mapped UIDs are keyed and deterministic, so a request that is repeated
+after a crash or a late series lands in the same de-identified study and the destination
+overwrites, never duplicates. Time comes from an injectable `Clock`, so tests advance it
+instead of sleeping.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from ..backoff import Backoff, Schedule
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site, read_secret
 from ..control import open_control_plane
@@ -103,8 +105,7 @@ class Forwarder:
         self.tree = Tree(site.datadir).make()
         self.control = control
         self.key = read_secret(site.datadir / "config" / "secret.key")
-        self._retry_at: dict[tuple[str, int], float] = {}
-        self._failures: dict[tuple[str, int], int] = {}
+        self._backoff = Backoff(Schedule(BACKOFF_SECONDS), clock)
         self._pending: dict[tuple[str, int], TransferRequest] = {}
         self._since: str | None = None
 
@@ -126,7 +127,7 @@ class Forwarder:
             log.error("request %s/%s/%s for study %s failed: %s", *key[1:], key[0], exc)
             return
         except (DestinationUnavailable, Unavailable) as exc:
-            self._backoff(req, exc)
+            self._retry_later(req, exc)
             return
         except Exception as exc:  # a bug or an unreadable file must not stop the daemon
             log.exception("request for study %s failed unexpectedly", req.study_uid)
@@ -134,8 +135,7 @@ class Forwarder:
             self._finish(req, started, error=(ERROR_DEID, f"internal error: "
                                               f"{type(exc).__name__}: {str(exc)[:300]}"))
             return
-        self._failures.pop(ident, None)
-        self._retry_at.pop(ident, None)
+        self._backoff.succeeded(ident)
         self._pending.pop(ident, None)
         req.mapped_uid = outcome.mapped_study
         self._finish(req, started, masked=outcome.masked > 0)
@@ -144,20 +144,16 @@ class Forwarder:
                  req.event, outcome.files, len(outcome.series), outcome.mapped_study,
                  outcome.dropped, outcome.masked)
 
-    def _backoff(self, req: TransferRequest, exc: Exception) -> None:
+    def _retry_later(self, req: TransferRequest, exc: Exception) -> None:
         """Keep the request pending and try again later, waiting longer each time."""
-        ident = identity(req)
-        n = self._failures.get(ident, 0)
-        delay = BACKOFF_SECONDS[min(n, len(BACKOFF_SECONDS) - 1)]
-        self._failures[ident] = n + 1
-        self._retry_at[ident] = self.clock.monotonic() + delay
+        delay = self._backoff.failed(identity(req))
         log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
                     req.study_uid, req.project, exc, delay)
 
     def _hold(self, req: TransferRequest, reason: str) -> None:
         """Keep the request pending, neither sent nor failed, with the reason on it (written
         once, not at every look); look again after HOLD_SECONDS."""
-        self._retry_at[identity(req)] = self.clock.monotonic() + HOLD_SECONDS
+        self._backoff.hold(identity(req), HOLD_SECONDS)
         message = f"held: {reason}; it is sent when the project is open again"
         if req.error_message == message and not req.error_flags:
             return
@@ -253,9 +249,8 @@ class Forwarder:
                 else:
                     self._pending.pop(identity(r), None)
         self._since = stamp.isoformat(sep=" ", timespec="seconds")
-        now = self.clock.monotonic()
-        return sorted((r for r in self._pending.values()
-                       if self._retry_at.get(identity(r), 0.0) <= now), key=lambda r: r.requested)
+        return sorted((r for r in self._pending.values() if self._backoff.due(identity(r))),
+                      key=lambda r: r.requested)
 
     def run(self, stop: threading.Event) -> None:
         listener = WakeupListener(pipe_path(self.site, PIPE_FORWARDER))

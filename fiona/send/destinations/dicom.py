@@ -1,243 +1,91 @@
-"""Destinations that de-identified studies are forwarded to, one handler class per kind.
+"""The `dicom` destination: a DICOM peer (the research PACS), C-STORE out, C-FIND to verify.
 
-Modelled on mercure's target types: each kind (`folder`, `dicom`) is a `Destination` subclass
-registered by its config name in `REGISTRY`, built from its entry in config.json's DESTINATIONS
-by `open_destination`. Every handler offers the same three operations:
-
-- `send(files)`: deliver Part-10 files; per-file refusals come back in `SendResult.failed`
-  (SOP Instance UID, or the path when the file has none, and the reason), while a destination
-  that cannot be reached raises `DestinationUnavailable` (retry later) and a configuration or
-  peer refusal that no retry will cure raises `DestinationError`.
-- `count_instances(study_uid)`: what the destination holds of a study, series UID -> number of
-  instances, so the sender can verify arrival before marking a request done (SPEC §7 step 6).
-- `test_connection()`: C-ECHO, or a probe write.
-
-Sending the same files again is always safe: a folder skips identical files, a DICOM peer
-overwrites (or ignores) instances it already has, so a retried request never duplicates.
+`_associate`, `_quiesce`, `_release`, `_nodelay` and `_status_text` are shared with the Review
+page's PACS client (`fiona.review.pacs`) and the inventory (`fiona.ops.inventory`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
-import tempfile
 import threading
 import time
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from ..tree import InvalidValue, atomic_write, ensure_dir, fsync_dir, valid_uid
+from ...backoff import Schedule, attempts
+from ...clock import SYSTEM_CLOCK, Clock
+from ...tree import valid_uid
+from .base import (
+    Destination,
+    DestinationError,
+    DestinationSettings,
+    DestinationUnavailable,
+    Progress,
+    SendResult,
+    register,
+    setting,
+)
 
-if TYPE_CHECKING:
-    from ..config import Config
-
-log = logging.getLogger(__name__)
-
-Progress = Callable[[int], None]
-
-
-class DestinationError(Exception):
-    """A permanent problem: bad settings, a refused association, a failure status for a
-    query. Retrying the same request will not help until someone changes something."""
-
-
-class DestinationUnavailable(DestinationError):
-    """The destination cannot be reached now (peer down, timeout, disk full): retry later."""
+log = logging.getLogger("fiona.send.destinations")
 
 
 @dataclass
-class SendResult:
-    """What `send` achieved: `sent` files are at the destination (including ones that were
-    already there), `failed` lists (SOP Instance UID or file path, reason) for the rest."""
+class DicomSettings(DestinationSettings):
+    """`aetitle`, `host`, `port` of the peer's storage SCP; `query_aetitle`/`query_port` for
+    C-FIND (default: the same); `associations` in parallel (1-4); and how the Review page
+    samples headers (`review_sample` per series, cached `review_max_age_hours`)."""
 
-    sent: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    kind = "dicom"
+    aetitle: str = setting("RESEARCHPACS")
+    host: str = setting("127.0.0.1")
+    port: int = setting(4242)
+    query_aetitle: str | None = setting("RESEARCHPACS", None)
+    query_port: int | None = setting(4242, None)
+    associations: int = setting(2, 2)
+    review_sample: int = setting(5, 5)
+    review_max_age_hours: float = setting(24, 24)
 
-    @property
-    def complete(self) -> bool:
-        return not self.failed
+    def problems(self, where: str) -> list[str]:
+        errors: list[str] = []
+        self.aetitle = _ae(self.aetitle, f"{where}.aetitle", errors)
+        if self.query_aetitle is not None:
+            self.query_aetitle = _ae(self.query_aetitle, f"{where}.query_aetitle", errors)
+        if not isinstance(self.host, str) or not self.host.strip():
+            errors.append(f"{where}.host must be a host name or address, e.g. \"10.0.0.7\"; "
+                          f"got {self.host!r}")
+        else:
+            self.host = self.host.strip()
+        _whole(self.port, f"{where}.port", 1, 65535, errors)
+        if self.query_port is not None:
+            _whole(self.query_port, f"{where}.query_port", 1, 65535, errors)
+        _whole(self.associations, f"{where}.associations", 1, 4, errors)
+        _whole(self.review_sample, f"{where}.review_sample", 1, 100, errors)
+        hours = self.review_max_age_hours
+        if isinstance(hours, bool) or not isinstance(hours, (int, float)) or \
+                not 0.01 <= hours <= 24 * 365:
+            errors.append(f"{where}.review_max_age_hours must be a number from 0.01 to "
+                          f"{24 * 365}, got {hours!r}")
+        return errors
 
 
-class Destination(ABC):
-    """One configured destination; `settings` is its DESTINATIONS entry from config.json
-    (the "type" key, if present, is ignored)."""
-
-    kind: str = ""
-
-    def __init__(self, name: str, settings: dict[str, Any]):
-        self.name = name
-        self.settings = dict(settings)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
-
-    @abstractmethod
-    def send(self, files: list[Path], progress: Progress | None = None) -> SendResult:
-        """Deliver `files`; `progress(n)` is called with the running number of files handled
-        (sent or failed), from any thread."""
-
-    @abstractmethod
-    def count_instances(self, study_uid: str) -> dict[str, int]:
-        """Series Instance UID -> number of instances of `study_uid` at the destination
-        (empty when the destination has none)."""
-
-    @abstractmethod
-    def test_connection(self) -> None:
-        """Return if the destination works; raise DestinationUnavailable or DestinationError."""
-
-    def _setting(self, key: str, default: Any = None, required: bool = False) -> Any:
-        value = self.settings.get(key)
-        if value is None:
-            if required:
-                raise DestinationError(f"destination {self.name!r} ({self.kind}) needs the "
-                                       f"setting {key!r}")
-            return default
+def _ae(value: Any, where: str, errors: list[str]) -> Any:
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > 16 or any(
+            c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        errors.append(f"{where} must be an AE title of 1 to 16 characters without "
+                      f"backslashes, e.g. \"RESEARCHPACS\"; got {value!r}")
         return value
+    return value.strip()
 
 
-# --------------------------------------------------------------------------------------------
-# folder
+def _whole(value: Any, where: str, lo: int, hi: int, errors: list[str]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        errors.append(f"{where} must be a whole number from {lo} to {hi}, got {value!r}")
 
-
-class FolderDestination(Destination):
-    """Files under `<path>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`.
-
-    Each file is written to a temporary name in its series folder, fsynced, renamed (mode 0640,
-    folders 0750); the folders are fsynced before `send` returns. The three UIDs come from the
-    file and pass `tree.valid_uid` before they become a path, so no value in a file can place
-    anything outside `path`. An identical file already in place is left alone; a different one
-    with the same name is replaced atomically (as a PACS overwriting an instance would).
-    """
-
-    kind = "folder"
-
-    def __init__(self, name: str, settings: dict[str, Any]):
-        super().__init__(name, settings)
-        path = self._setting("path", required=True)
-        if not isinstance(path, (str, os.PathLike)) or not str(path):
-            raise DestinationError(f"destination {name!r}: path must be a folder, e.g. "
-                                   f"\"/data/research\"; got {path!r}")
-        self.root = Path(path)
-        if not self.root.is_absolute():
-            raise DestinationError(f"destination {name!r}: path must be absolute; got {path!r}")
-
-    def send(self, files: list[Path], progress: Progress | None = None) -> SendResult:
-        from pydicom import dcmread
-        from pydicom.errors import InvalidDicomError
-
-        result = SendResult()
-        if not files:
-            return result
-        self._ensure_root()
-        touched: set[Path] = set()
-        for done, file in enumerate(files, 1):
-            file = Path(file)
-            ds = None
-            try:
-                ds = dcmread(file, stop_before_pixels=True,
-                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID",
-                                            "SOPInstanceUID"])
-                study = valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-                series = valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-                sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-            except (InvalidDicomError, InvalidValue, ValueError, EOFError) as exc:
-                uid = _uid_of(ds, file)
-                result.failed.append((uid, f"{file.name}: {exc}"))
-                log.warning("%s: refused %s: %s", self.name, file, exc)
-            except FileNotFoundError as exc:
-                result.failed.append((str(file), f"file is missing: {exc}"))
-            else:
-                try:
-                    self._store(file, study, series, sop, touched)
-                except OSError as exc:
-                    raise DestinationUnavailable(
-                        f"destination {self.name!r}: cannot write under {self.root}: {exc} "
-                        f"({result.sent} of {len(files)} files written)") from exc
-                result.sent += 1
-            if progress:
-                progress(done)
-        try:
-            for folder in sorted(touched, key=lambda p: len(p.parts), reverse=True):
-                fsync_dir(folder)
-        except OSError as exc:
-            raise DestinationUnavailable(f"destination {self.name!r}: {exc}") from exc
-        return result
-
-    def _store(self, file: Path, study: str, series: str, sop: str, touched: set[Path]) -> None:
-        data = file.read_bytes()
-        study_dir = self.root / study
-        series_dir = study_dir / series
-        target = series_dir / f"{sop}.dcm"
-        # valid_uid admits digits and dots only, with no empty component: belt and braces
-        if target.parent.parent.parent != self.root or ".." in target.parts:
-            raise InvalidValue(f"{target} is outside {self.root}")
-        if not series_dir.is_dir():
-            for folder in (study_dir, series_dir):
-                if not folder.is_dir():
-                    ensure_dir(folder)
-                    touched.add(folder.parent)
-        try:
-            if target.stat().st_size == len(data) and target.read_bytes() == data:
-                return  # identical file already delivered
-        except FileNotFoundError:
-            pass
-        atomic_write(target, data)
-        touched.add(series_dir)
-
-    def count_instances(self, study_uid: str) -> dict[str, int]:
-        study = self.root / valid_uid(study_uid, "StudyInstanceUID")
-        counts: dict[str, int] = {}
-        try:
-            series_dirs = list(study.iterdir())
-        except FileNotFoundError:
-            return counts
-        except OSError as exc:
-            raise DestinationUnavailable(f"destination {self.name!r}: {exc}") from exc
-        for series in series_dirs:
-            if series.name.startswith(".") or not series.is_dir():
-                continue
-            n = sum(1 for f in series.iterdir()
-                    if f.suffix == ".dcm" and not f.name.startswith("."))
-            if n:
-                counts[series.name] = n
-        return counts
-
-    def test_connection(self) -> None:
-        self._ensure_root()
-        try:
-            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe.")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise DestinationUnavailable(f"destination {self.name!r}: cannot write in "
-                                         f"{self.root}: {exc}") from exc
-
-    def _ensure_root(self) -> None:
-        try:
-            if not self.root.is_dir():
-                ensure_dir(self.root)
-        except OSError as exc:
-            raise DestinationUnavailable(f"destination {self.name!r}: cannot create "
-                                         f"{self.root}: {exc}") from exc
-        if not self.root.is_dir():
-            raise DestinationError(f"destination {self.name!r}: {self.root} is not a folder")
-
-
-def _uid_of(ds: Any, file: Path) -> str:
-    try:
-        uid = str(ds.SOPInstanceUID).strip()
-        return uid[:64] if uid else str(file)
-    except Exception:  # no data set, or no SOPInstanceUID in it
-        return str(file)
-
-
-# --------------------------------------------------------------------------------------------
-# dicom
 
 CALLING_AE = "FIONA"
 MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd IDs 1..255)
@@ -261,6 +109,7 @@ class _Item:
         return self.ts in _PLAIN
 
 
+@register
 class DicomDestination(Destination):
     """A DICOM peer (the research PACS): C-STORE out, C-FIND to verify, C-ECHO to test.
 
@@ -274,14 +123,18 @@ class DicomDestination(Destination):
     with the reason. TCP_NODELAY is set on the socket as soon as it connects (otherwise every
     C-STORE waits ~40 ms for a delayed ACK).
 
-    Connection failures are retried (`connect_attempts`, with back-off); a lost association is
-    reopened and the file in flight resent. A peer that stays unreachable raises
+    Connection failures are retried (`connect_attempts`, pauses doubling from `backoff_seconds`
+    on `clock`, see `fiona.backoff`); a lost association is reopened and the file in flight
+    resent. A peer that stays unreachable raises
     DestinationUnavailable; a rejected association (permanent) raises DestinationError; a
     failure status for one file goes to `SendResult.failed` as "status 0xA700 (...)".
     """
 
     kind = "dicom"
+    settings_class = DicomSettings
+    config: DicomSettings
 
+    clock: Clock = SYSTEM_CLOCK
     connect_attempts = 3
     resend_attempts = 3
     backoff_seconds = 0.5
@@ -290,23 +143,19 @@ class DicomDestination(Destination):
     dimse_timeout = 60.0
     network_timeout = 120.0
 
-    def __init__(self, name: str, settings: dict[str, Any]):
+    def __init__(self, name: str, settings: dict[str, Any] | DicomSettings):
         super().__init__(name, settings)
-        self.aetitle = _ae(self._setting("aetitle", required=True), name, "aetitle")
-        self.host = self._setting("host", required=True)
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise DestinationError(f"destination {name!r}: host must be a host name or "
-                                   f"address, e.g. \"10.0.0.7\"; got {self.host!r}")
-        self.host = self.host.strip()
-        self.port = _port(self._setting("port", required=True), name, "port")
-        self.query_aetitle = _ae(self._setting("query_aetitle", self.aetitle), name,
-                                 "query_aetitle")
-        self.query_port = _port(self._setting("query_port", self.port), name, "query_port")
-        assocs = self._setting("associations", 2)
-        if isinstance(assocs, bool) or not isinstance(assocs, int) or not 1 <= assocs <= 4:
-            raise DestinationError(f"destination {name!r}: associations must be 1 to 4; "
-                                   f"got {assocs!r}")
-        self.associations = assocs
+        c = self.config
+        self.aetitle, self.host, self.port = c.aetitle, c.host, c.port
+        self.query_aetitle = c.query_aetitle or c.aetitle
+        self.query_port = c.query_port or c.port
+        self.associations = c.associations
+
+    def _schedule(self) -> Schedule:
+        """Pauses between connection attempts and after a lost association: doubling from
+        `backoff_seconds`."""
+        return Schedule.doubling(self.backoff_seconds, max(self.connect_attempts,
+                                                           self.resend_attempts) + 1)
 
     def __repr__(self) -> str:
         return f"<DicomDestination {self.name!r} {self.aetitle}@{self.host}:{self.port}>"
@@ -408,7 +257,7 @@ class DicomDestination(Destination):
                     raise DestinationUnavailable(
                         f"destination {self.name!r} ({self.aetitle}@{self.host}:{self.port}) "
                         f"keeps dropping the association: {exc}") from None
-                time.sleep(self.backoff_seconds * (2 ** losses))
+                self.clock.sleep(self._schedule().delay(losses))
             finally:
                 _release(assoc)
 
@@ -453,9 +302,7 @@ class DicomDestination(Destination):
         from pynetdicom import AE, evt
 
         last = "no attempt"
-        for attempt in range(self.connect_attempts):
-            if attempt:
-                time.sleep(self.backoff_seconds * (2 ** (attempt - 1)))
+        for _attempt in attempts(self._schedule(), self.connect_attempts, self.clock):
             ae = AE(CALLING_AE)
             ae.connection_timeout = self.connection_timeout
             ae.acse_timeout = self.acse_timeout
@@ -732,43 +579,3 @@ def _name_is_compressed(ts: str) -> bool:
     from pydicom.uid import UID
 
     return UID(ts).is_compressed
-
-
-def _ae(value: Any, name: str, key: str) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value.strip()) > 16 or any(
-            c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise DestinationError(f"destination {name!r}: {key} must be an AE title of 1 to 16 "
-                               f"characters without backslashes, e.g. \"RESEARCHPACS\"; "
-                               f"got {value!r}")
-    return value.strip()
-
-
-def _port(value: Any, name: str, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise DestinationError(f"destination {name!r}: {key} must be a TCP port 1-65535, "
-                               f"e.g. 4242; got {value!r}")
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-
-REGISTRY: dict[str, type[Destination]] = {
-    FolderDestination.kind: FolderDestination,
-    DicomDestination.kind: DicomDestination,
-}
-
-
-def open_destination(name: str, config: "Config") -> Destination:
-    """The handler for DESTINATIONS[name] of `config`."""
-    try:
-        settings = config.destinations[name]
-    except KeyError:
-        known = ", ".join(sorted(config.destinations)) or "none"
-        raise DestinationError(f"unknown destination {name!r}; DESTINATIONS in {config.path} "
-                               f"has: {known}") from None
-    kind = settings.get("type")
-    handler = REGISTRY.get(kind)  # type: ignore[arg-type]
-    if handler is None:
-        raise DestinationError(f"destination {name!r} has type {kind!r}, which this FIONA "
-                               f"cannot send to (supported: {', '.join(sorted(REGISTRY))})")
-    return handler(name, {k: v for k, v in settings.items() if k != "type"})
