@@ -3,7 +3,8 @@
 process-single-file, detect-study-arrival, anonymize-and-send to the default folder
 destination) and studies sent with DCMTK's storescu.
 
-Screenshots of every page land in `test-artifacts/` at the repository root (gitignored)."""
+Screenshots of every page land in `test-artifacts/` at the repository root (gitignored); the
+confirm dialogs, the live status updates and the admin pages are driven as people use them."""
 
 from __future__ import annotations
 
@@ -112,8 +113,9 @@ def test_a_sent_study_is_assigned_in_the_browser_and_completes(page: Page, site:
     expect(row).to_be_visible()
     expect(row).to_contain_text("WEBACC1")
     expect(row).to_contain_text("STORESCU")  # sender AE
-    expect(row.locator("td").nth(6)).to_have_text("2")  # series
-    expect(row.locator("td").nth(7)).to_have_text("6")  # images
+    expect(row.locator("td").nth(5)).to_have_text("2")  # series
+    expect(row.locator("td").nth(6)).to_have_text("6")  # images
+    expect(row.locator("td.study-status")).to_have_text("waiting")
     shot(page, "assign")
 
     # the text filter
@@ -124,10 +126,13 @@ def test_a_sent_study_is_assigned_in_the_browser_and_completes(page: Page, site:
     page.get_by_label("Search").fill("WEBACC1")
     page.get_by_role("button", name="Filter").click()
     expect(row).to_be_visible()
-    page.get_by_label("Date").fill("2026-03-15")  # the study is of 2026-03-14
+    page.get_by_label("From").fill("2026-03-15")  # the study is of 2026-03-14, arrived today
+    page.get_by_label("To").fill("2026-03-16")
     page.get_by_role("button", name="Filter").click()
     expect(row).to_have_count(0)
-    page.get_by_label("Date").fill("2026-03-14")
+    expect(page.locator("#no-studies")).to_contain_text("No study matches the filter")
+    page.get_by_label("From").fill("2026-03-14")
+    page.get_by_label("To").fill("2026-03-14")
     page.get_by_role("button", name="Filter").click()
     expect(row).to_be_visible()
 
@@ -165,15 +170,29 @@ def test_a_sent_study_is_assigned_in_the_browser_and_completes(page: Page, site:
     expect(request).to_have_count(1)
     expect(request).to_contain_text("followup")
 
-    def complete() -> bool:
-        page.goto(f"{site.url}/assign/{uid}")  # a GET: reloading would re-post the form
-        return request.locator("td.status").inner_text() == "complete"
-    wait_for(complete, 120, "the request to turn complete in the history", interval=1)
+    # without a reload: static/fiona.js polls /api/requests and updates the row
+    page.evaluate("window.fionaStayed = true")
+    expect(request.locator("td.status")).to_have_text("complete", timeout=120_000)
+    assert page.evaluate("window.fionaStayed === true"), "the page was reloaded"
     expect(request).to_have_count(1)
     mapped = request.locator("td").nth(6).inner_text().strip()
     assert re.fullmatch(r"[0-9.]+", mapped) and mapped != uid
     expect(request.locator("td.error-message")).to_have_text("")
     shot(page, "study-complete")
+
+    # resend asks first, in a dialog; Cancel changes nothing
+    page.get_by_role("button", name="Resend").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("Send this study to PROJ again?")
+    shot(page, "resend-dialog")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#message")).to_contain_text("PROJ/P0101/followup")
+    page.get_by_role("button", name="Resend").click()
+    dialog.get_by_role("button", name="Resend").click()
+    expect(page).to_have_url(re.compile(r"done=resent"))
+    expect(page.locator("#message")).to_contain_text("will be sent again")
     research = site.gw.datadir / "research"
     assert list(research.rglob("*")), "nothing reached the folder destination"
 
@@ -181,7 +200,7 @@ def test_a_sent_study_is_assigned_in_the_browser_and_completes(page: Page, site:
     page.get_by_role("link", name="Assign", exact=True).first.click()
     expect(page.locator(f"tr.study-row[data-uid='{uid}']")).to_have_count(0)
     page.get_by_role("link", name="Review").first.click()
-    page.get_by_role("link", name="PROJ").click()
+    page.get_by_role("link", name="PROJ", exact=True).click()
     expect(page.get_by_role("heading", name="Review: PROJ")).to_be_visible()
     expect(page.locator("#review-summary")).to_contain_text("6 file(s) of 1 study")
     tags = page.locator("#review-tags")
@@ -247,7 +266,7 @@ def test_a_coupling_list_upload_reports_each_line(page: Page, site: Site, tmp_pa
 
 def test_status_page_shows_the_daemons_and_queues(page: Page, site: Site):
     login(page, site)
-    page.get_by_role("link", name="Status").click()
+    page.get_by_role("link", name="Status", exact=True).click()
     expect(page.get_by_role("heading", name="Status", exact=True)).to_be_visible()
     shot(page, "status")
     for daemon in (*CHAIN, "web"):
@@ -255,3 +274,189 @@ def test_status_page_shows_the_daemons_and_queues(page: Page, site: Site):
         expect(row).to_contain_text("running")
     expect(page.locator("#requests-failed")).to_have_text("0")
     expect(page.locator("#disk")).to_contain_text("% used")
+
+    # a study that arrives shows in the queue without a reload
+    waiting = int(page.locator("#studies-waiting").inner_text())
+    page.evaluate("window.fionaStayed = true")
+    site.send_study("WEBLIVE")
+    expect(page.locator("#studies-waiting")).to_have_text(str(waiting + 1), timeout=30_000)
+    assert page.evaluate("window.fionaStayed === true"), "the page was reloaded"
+
+
+def test_turning_the_receiver_off_asks_first(page: Page, site: Site):
+    login(page, site)
+    page.goto(f"{site.url}/status")
+    receive = page.locator("#switches tr[data-part='receive']")
+    expect(receive.locator("td.state")).to_have_text("on")
+    page.locator("#switch-receive").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("The receiver refuses new associations")
+    shot(page, "status-switch-dialog")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    expect(receive.locator("td.state")).to_have_text("on")
+    assert (site.gw.datadir / "config" / "enabled").read_text().strip()[0] == "1"
+
+    page.locator("#switch-receive").click()
+    dialog.get_by_role("button", name="Turn off").click()
+    expect(page).to_have_url(re.compile(r"/status\?done=switch$"))
+    expect(receive.locator("td.state")).to_have_text("off")
+    assert (site.gw.datadir / "config" / "enabled").read_text().strip()[0] == "0"
+    shot(page, "status-receiver-off")
+    page.locator("#switch-receive").click()  # turning on needs no confirmation
+    expect(receive.locator("td.state")).to_have_text("on")
+
+    # without JavaScript the same form opens a confirmation page
+    page.goto(f"{site.url}/status/switch?part=receive&value=0")
+    expect(page.locator("#confirm-question")).to_contain_text("Turn receive off?")
+    shot(page, "confirm-page")
+    page.locator("#confirm-cancel").click()
+    expect(page).to_have_url(re.compile(r"/status$"))
+    assert (site.gw.datadir / "config" / "enabled").read_text().strip()[0] == "1"
+
+
+def test_every_other_page_has_its_screenshot(page: Page, site: Site):
+    login(page, site)
+    page.goto(f"{site.url}/password")
+    expect(page.get_by_role("heading", name="Choose a new password")).to_be_visible()
+    shot(page, "password")
+    page.goto(f"{site.url}/no/such/page")
+    expect(page.locator("#error-title")).to_have_text("Not found")
+    shot(page, "error-404")
+    page.locator("#back").click()
+    expect(page).to_have_url(re.compile(r"/assign$"))
+    page.goto(f"{site.url}/review")
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    shot(page, "review-index")
+    page.goto(f"{site.url}/docs")
+    expect(page.locator(".swagger-ui .title").first).to_contain_text("FIONA", timeout=30_000)
+    shot(page, "docs")
+
+
+def test_an_admin_manages_users(page: Page, site: Site, browser):
+    login(page, site)
+    page.get_by_role("link", name="Users").click()
+    expect(page.get_by_role("heading", name="Users")).to_be_visible()
+    page.get_by_label("User name").fill("carol")
+    page.get_by_label("PROJ assign").check()
+    page.get_by_role("button", name="Add user").click()
+    expect(page.locator("#message")).to_have_text("User carol added.")
+    one_time = page.locator("#one-time-password").inner_text().strip()
+    expect(page.locator("#users tr[data-name='carol']")).to_contain_text("project:PROJ:assign")
+    shot(page, "admin-users")
+
+    # carol logs in with it, must choose her own password, then works
+    other = browser.new_context()
+    try:
+        carol = other.new_page()
+        carol.goto(f"{site.url}/login")
+        carol.get_by_label("User name").fill("carol")
+        carol.get_by_label("Password").fill(one_time)
+        carol.get_by_role("button", name="Log in").click()
+        expect(carol).to_have_url(re.compile(r"/password$"))
+        carol.get_by_label("Current password").fill(one_time)
+        carol.get_by_label("New password").fill("carol's own long passphrase")
+        carol.get_by_label("Again").fill("carol's own long passphrase")
+        carol.get_by_role("button", name="Save password").click()
+        expect(carol).to_have_url(re.compile(r"/assign$"))
+        expect(carol.locator("#nav-users")).to_have_count(0)  # no admin pages for her
+        carol.goto(f"{site.url}/admin/users")
+        expect(carol.locator("#error-title")).to_have_text("Not allowed")
+        shot(carol, "admin-forbidden")
+    finally:
+        other.close()
+
+    # roles, then a password reset and the removal, each asked in a dialog
+    page.locator("#users tr[data-name='carol']").get_by_role("link", name="Edit").click()
+    expect(page.get_by_role("heading", name="User carol")).to_be_visible()
+    page.get_by_label("PROJ review").check()
+    page.get_by_role("button", name="Save roles").click()
+    expect(page.locator("#message")).to_have_text("Roles of carol saved.")
+    expect(page.locator("#users tr[data-name='carol']")).to_contain_text("project:PROJ:review")
+    page.locator("#users tr[data-name='carol']").get_by_role("link", name="Edit").click()
+    shot(page, "admin-user")
+    page.get_by_role("button", name="Reset password").click()
+    dialog = page.locator("#confirm-dialog")
+    expect(dialog).to_contain_text("new one-time password")
+    dialog.get_by_role("button", name="Reset password").click()
+    expect(page.locator("#one-time-password")).not_to_have_text(one_time)
+    page.locator("#users tr[data-name='carol']").get_by_role("link", name="Edit").click()
+    page.get_by_role("button", name="Remove").click()
+    shot(page, "admin-user-remove-dialog")
+    dialog.get_by_role("button", name="Remove").click()
+    expect(page.locator("#message")).to_have_text("User carol removed.")
+    expect(page.locator("#users tr[data-name='carol']")).to_have_count(0)
+
+
+def test_an_admin_manages_projects(page: Page, site: Site):
+    login(page, site)
+    page.get_by_role("link", name="Projects").click()
+    expect(page.locator("#projects tr[data-name='PROJ']")).to_contain_text("active")
+    shot(page, "admin-projects")
+    page.get_by_role("button", name="Add a project").click()
+    page.get_by_label("Acronym").fill("NEWP")
+    page.get_by_label("Full name").fill("A new project with a rather long descriptive name")
+    page.get_by_label("Participant-ID rule").fill("^N[0-9")
+    page.get_by_label("Events").fill("screening, month 6")
+    page.get_by_label("From").fill("2026-01-01")
+    page.get_by_label("Until").fill("2028-12-31")
+    page.get_by_role("button", name="Add project").click()
+    expect(page.locator("#error")).to_contain_text("not a valid regular expression")
+    expect(page.get_by_label("Events")).to_have_value("screening, month 6")
+    shot(page, "admin-project-error")
+    page.get_by_label("Participant-ID rule").fill("^N[0-9]{3}$")
+    page.get_by_role("button", name="Add project").click()
+    expect(page.locator("#message")).to_have_text("Project NEWP added.")
+    row = page.locator("#projects tr[data-name='NEWP']")
+    expect(row).to_contain_text("month 6")
+    expect(row).to_contain_text("2026-01-01 – 2028-12-31")
+    row.get_by_role("link", name="Edit").click()
+    shot(page, "admin-project")
+    page.get_by_label("Active").uncheck()
+    page.get_by_role("button", name="Save project").click()
+    expect(page.locator("#message")).to_have_text("Project NEWP saved.")
+    expect(row).to_contain_text("inactive")
+    from fiona.config import load
+    from fiona.control import open_control_plane
+    project = open_control_plane(load(str(site.gw.config))).project("NEWP")
+    assert (project.naming, project.events, project.active) == \
+        ("^N[0-9]{3}$", ["screening", "month 6"], False)
+
+
+def test_a_long_list_pages_sorts_and_never_stretches(page: Page, site: Site):
+    """Last in the module: the studies it registers are waiting for the other tests too."""
+    from fiona.config import load
+    from fiona.control import open_control_plane
+    from fiona.control.base import Series, Study
+    cp = open_control_plane(load(str(site.gw.config)))
+    for i in range(60):
+        cp.register_study(Study(
+            f"1.2.826.0.1.3680043.10.99.{i}", description=f"Bulk {i:02d} " + "x" * (
+                30000 if i == 7 else 0), date=f"2019{1 + i % 12:02d}15", time="080000",
+            accession=f"BULK{i:02d}", arrival=f"2020-01-01 10:{i:02d}:00",
+            calling_ae="BULKSCU", series=[Series(uid=f"1.2.826.0.1.3680043.10.99.{i}.1",
+                                                 num_files=1, modality="CT")]))
+    login(page, site)
+    page.get_by_label("Search").fill("BULK")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("#studies-total")).to_have_text("60 studies, page 1 of 2")
+    expect(page.locator("tr.study-row")).to_have_count(50)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= page.viewport_size["width"] + 1, f"the page is {width} px wide"
+    shot(page, "assign-many")
+    page.locator("#page-next").click()
+    expect(page.locator("#studies-total")).to_have_text("60 studies, page 2 of 2")
+    expect(page.locator("tr.study-row")).to_have_count(10)
+    page.locator("#sort-accession").click()  # back to page 1, newest accession first
+    expect(page.locator("tr.study-row").first).to_contain_text("BULK59")
+    page.locator("#sort-accession").click()
+    expect(page.locator("tr.study-row").first).to_contain_text("BULK00")
+    expect(page.get_by_label("Search")).to_have_value("BULK")  # the filter stays
+    long_cell = page.locator("tr.study-row[data-uid='1.2.826.0.1.3680043.10.99.7'] .long")
+    assert len(long_cell.get_attribute("title")) == 4000
+    page.get_by_label("From").fill("2019-03-01")
+    page.get_by_label("To").fill("2019-03-31")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("tr.study-row")).to_have_count(5)  # i = 2, 14, 26, 38, 50
+    shot(page, "assign-filtered")
