@@ -28,7 +28,8 @@ IDENTIFIED_FIELDS = ("accession",)
 class Actor(Protocol):
     """Whoever acts: a web user (`fiona.web.users.User`) or the OS user of the CLI."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def admin(self) -> bool: ...

@@ -13,11 +13,10 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from playwright.sync_api import Page, expect
 
-from helpers import Gateway, free_port, wait_for  # noqa: E402
 from dicomgen import make_study  # noqa: E402
+from helpers import Gateway, free_port, wait_for  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHAIN = ("storescp", "process-single-file", "detect-study-arrival", "anonymize-and-send")

@@ -55,6 +55,7 @@ def _users_page(request: Request, c: Ctx, user: User, status: int = 200, **extra
 @router.get("/users", include_in_schema=False)
 def users_page(request: Request, done: str = "", name: str = "",
                user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    _admin(c, user, "manage users")
     one_time = request.session.pop(ONE_TIME_KEY, None)
     exists = c.users.get(name) is not None
     known = exists if done != "removed" else not exists and bool(name)
