@@ -24,6 +24,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 
 from .. import quarantine
 from ..tree import Tree, valid_uid
@@ -173,7 +174,7 @@ def quarantine_gate_failure(tree: Tree, exc: GateError, note: str, context: dict
 
 def _text(ds: Dataset | None, tag: int) -> str:
     """A top-level text value without decoding the rest of the dataset."""
-    elem = None if ds is None else ds._dict.get(tag)
+    elem = None if ds is None else ds._dict.get(BaseTag(tag))
     if elem is None:
         return ""
     value = elem.value
