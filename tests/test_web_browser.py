@@ -306,13 +306,28 @@ def test_turning_the_receiver_off_asks_first(page: Page, site: Site):
     page.locator("#switch-receive").click()  # turning on needs no confirmation
     expect(receive.locator("td.state")).to_have_text("on")
 
-    # without JavaScript the same form opens a confirmation page
-    page.goto(f"{site.url}/status/switch?part=receive&value=0")
-    expect(page.locator("#confirm-question")).to_contain_text("Turn receive off?")
-    shot(page, "confirm-page")
-    page.locator("#confirm-cancel").click()
-    expect(page).to_have_url(re.compile(r"/status$"))
-    assert (site.gw.datadir / "config" / "enabled").read_text().strip()[0] == "1"
+
+
+def test_without_javascript_a_confirmation_page_asks(site: Site, browser):
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        login(page, site)
+        page.goto(f"{site.url}/status")
+        page.locator("#switch-scanner").click()
+        expect(page.locator("#confirm-question")).to_contain_text("Turn scanner off?")
+        shot(page, "confirm-page")
+        page.locator("#confirm-cancel").click()
+        expect(page).to_have_url(re.compile(r"/status$"))
+        assert (site.gw.datadir / "config" / "enabled").read_text().strip()[1] == "1"
+        page.locator("#switch-scanner").click()
+        page.locator("#confirm-yes").click()
+        expect(page).to_have_url(re.compile(r"/status\?done=switch$"))
+        expect(page.locator("#switches tr[data-part='scanner'] td.state")).to_have_text("off")
+        page.locator("#switch-scanner").click()  # on again, no question
+        expect(page.locator("#switches tr[data-part='scanner'] td.state")).to_have_text("on")
+    finally:
+        context.close()
 
 
 def test_every_other_page_has_its_screenshot(page: Page, site: Site):
