@@ -31,7 +31,7 @@ from .control.keyed import Keyed
 from .daemon import notify_forwarder
 from .tree import atomic_write
 from .web.sessions import SessionStore, sessions_path
-from .web.users import User, UserError, UserStore, check_role, project_of_role
+from .web.users import User, UserError, UserStore, check_role
 
 log = logging.getLogger("fiona.actions")
 
@@ -309,18 +309,16 @@ class Actions:
         store = self._users()
         return [u for u in (store.get(n) for n in store.names()) if u is not None]
 
-    def _checked_roles(self, roles: Iterable[str]) -> list[str]:
-        known = set(self._project_names())
+    @staticmethod
+    def _checked_roles(roles: Iterable[str]) -> list[str]:
+        """The roles, each checked, without repeats. A role may name a project that does not
+        exist yet (users are often set up before their project)."""
         out = []
         for role in dict.fromkeys(r.strip() for r in roles if r.strip()):
             try:
-                check_role(role)
+                out.append(check_role(role))
             except UserError as exc:
                 raise Invalid(str(exc)) from None
-            project = project_of_role(role)
-            if project is not None and project not in known:
-                raise Invalid(f"role {role!r} names no known project")
-            out.append(role)
         return out
 
     def _keep_an_admin(self, name: str, roles: list[str]) -> None:

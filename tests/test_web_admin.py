@@ -68,9 +68,9 @@ def test_an_admin_adds_a_user_who_gets_a_one_time_password_shown_once(site: WebS
     r = post(admin, "/admin/users", name="carol", admin="1")
     assert r.status_code == 400 and "exists already" in r.text
     assert not site.users.get("carol").admin
-    # roles must name known projects; a name must be a valid user name
-    r = post(admin, "/admin/users", name="dave", role=["project:NOPE:assign"])
-    assert r.status_code == 400 and "names no known project" in r.text
+    # a role must be a role, a name a valid user name
+    r = post(admin, "/admin/users", name="dave", role=["project:A:everything"])
+    assert r.status_code == 400 and "must be admin or project:P:assign" in r.text
     r = post(admin, "/admin/users", name="a b", admin="1")
     assert r.status_code == 400 and site.users.get("a b") is None
 
@@ -166,9 +166,9 @@ def test_the_cli_uses_the_same_actions(site: WebSite, tmp_path: Path):
     assert site.users.get("erin").roles == ["project:A:export"]
     entry = site.audit("user added")[-1]
     assert entry["user"].startswith("os:") and entry["details"]["user"] == "erin"
-    res = site.gw.run("user", "add", "erin", "--role", "project:Z:export", "--password-file",
-                      str(pw), check=False)
-    assert res.returncode == 1 and "names no known project" in res.stderr
+    res = site.gw.run("user", "add", "erin", "--role", "root", "--password-file", str(pw),
+                      check=False)
+    assert res.returncode == 1 and "must be admin or project:P:assign" in res.stderr
     res = site.gw.run("project", "add", "D", "--naming", "^D[0-9", "--events", "x", check=False)
     assert res.returncode == 1 and "not a valid regular expression" in res.stderr
     site.gw.run("project", "add", "D", "--naming", "^D[0-9]+$", "--events", "x,y")

@@ -45,12 +45,6 @@ def check_role(role: str) -> str:
     raise UserError(f"role {role!r} must be admin or project:P:assign|export|review")
 
 
-def project_of_role(role: str) -> str | None:
-    """The project a `project:P:right` role names (None for `admin`)."""
-    m = _ROLE.match(role)
-    return m.group(1) if m else None
-
-
 def _prehash(password: str) -> bytes:
     return base64.b64encode(hashlib.sha256(password.encode()).digest())
 
