@@ -1,25 +1,8 @@
-#!/usr/bin/env bash
-# detectStudyArrival.sh [SITE]
+#!/bin/sh
+# detectStudyArrival.sh [start|stop|status|restart] [SITE]
 #
-# Runs FIONA's study-arrival daemon in the foreground under its original name; it is a thin
-# wrapper over `fiona detect-study-arrival [--site SITE]`. On a systemd host use
-# `systemctl start fiona-detect-study-arrival[@SITE]` instead (see systemd/).
-# Configuration: $FIONA_CONFIG, else /data/config/config.json.
-set -euo pipefail
-
-SITE="${1:-}"
-if [ -n "$SITE" ] && ! [[ "$SITE" =~ ^[A-Za-z0-9_-]+$ ]]; then
-  echo "detectStudyArrival.sh: site names are letters, digits, '_' and '-'" >&2
-  exit 2
-fi
-CFG="${FIONA_CONFIG:-/data/config/config.json}"
-if command -v fiona >/dev/null 2>&1; then
-  FIONA=(fiona)
-else
-  HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-  FIONA=("${FIONA_PYTHON:-python3}" -m fiona)
-fi
-ARGS=(--config "$CFG" detect-study-arrival)
-[ -n "$SITE" ] && ARGS+=(--site "$SITE")
-exec "${FIONA[@]}" "${ARGS[@]}"
+# FIONA's study-arrival daemon (`fiona detect-study-arrival`) under its original name: without
+# an action it runs in the foreground; with one it is a shim over `fiona ctl ACTION
+# detect-study-arrival [--site SITE]`. Exit codes (LSB) and the configuration ($FIONA_CONFIG):
+# see bin/_shim.py. On a systemd host use fiona-detect-study-arrival[@SITE] instead.
+exec "${FIONA_PYTHON:-python3}" -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from _shim import main; sys.exit(main("detectStudyArrival.sh", "detect-study-arrival", sys.argv[1:], positional_site=True, foreground=True))' "$(dirname -- "$0")" "$@"

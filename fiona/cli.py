@@ -12,10 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+from . import ctl
 from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
 from .ops import commands as ops
+from .ops import heartbeat
 from .ops import inventory_cli as inventory
 
 EPILOG = """Configuration: --config PATH, else $FIONA_CONFIG, else /data/config/config.json.
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parsers(sub, _site_arg)
     ops.add_parsers(sub, _site_arg)
     inventory.add_parser(sub, _site_arg)
+    ctl.add_parser(sub, _site_arg)
+    heartbeat.add_parser(sub, _site_arg)
 
     p = sub.add_parser("anonymize", help="de-identify a folder of DICOM files into another",
                        description="De-identify every DICOM file under IN_DIR (PS3.15 Annex E "
@@ -228,6 +232,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return forward.run(config, args.site, args.verbose)
     if cmd in ops.COMMANDS:
         return ops.run(config, args)
+    if cmd == "ctl":
+        return ctl.run(config, args)
+    if cmd == heartbeat.COMMAND:
+        return heartbeat.run(config, args)
     if cmd == inventory.COMMAND:
         return inventory.run(config, args)
     return jobs.run(config, args)

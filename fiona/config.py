@@ -431,11 +431,16 @@ def read_secret(path: Path) -> bytes:
 ENABLED_PARTS = {"receive": 0, "scanner": 1, "reserved": 2}
 
 
-def is_enabled(datadir: Path, part: str) -> bool:
-    """The `enabled` switch for one part (receive, scanner); a missing file means all on."""
+def read_switches(datadir: Path) -> dict[str, bool]:
+    """Every part's switch in the `enabled` file, one character each in ENABLED_PARTS order;
+    a missing file or character means on."""
     try:
         text = (datadir / "config" / "enabled").read_text().strip()
     except FileNotFoundError:
-        return True
-    i = ENABLED_PARTS[part]
-    return len(text) <= i or text[i] != "0"
+        text = ""
+    return {part: not (len(text) > i and text[i] == "0") for part, i in ENABLED_PARTS.items()}
+
+
+def is_enabled(datadir: Path, part: str) -> bool:
+    """The `enabled` switch for one part (receive, scanner)."""
+    return read_switches(datadir)[part]

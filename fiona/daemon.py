@@ -1,4 +1,8 @@
-"""What every long-running daemon shares: its log file, pid file, pipe names and stop signal."""
+"""What every long-running daemon shares: its log file, its pid lock, readiness and stop signal.
+
+The names of a daemon's files come from the suite table (`fiona.suite`); this module is how a
+daemon uses them.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +13,23 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
 import pydicom.config
 
 from .config import Site
 from .journal import WakeupSender
-from .tree import FILE_MODE, Tree, atomic_write
-
-#: subcommand -> the name of its log and pid files (the original script names, which admins know)
-FILE_NAMES = {"storescp": "storescpd", "process-single-file": "processSingleFile",
-              "detect-study-arrival": "detectStudyArrival",
-              "anonymize-and-send": "anonymizeAndSend", "web": "web"}
-
-PIPE_INDEXER = "processSingleFilePipe"
-PIPE_FORWARDER = "anonymizeAndSendPipe"
-
-
-def pipe_path(site: Site, name: str) -> Path:
-    """A daemon's wake-up pipe. It lives in the site's `run/` folder (mode 0750) rather than
-    in /tmp, where any local user could create it first and read or block the messages."""
-    return Tree(site.datadir).run / f".{name}{site.suffix}"
+from .suite import FORWARDER, STARTED, Daemon, daemon
+from .tree import FILE_MODE, Tree, atomic_write, ensure_dir
 
 
 def notify_forwarder(site: Site) -> None:
     """Wake the forwarder after new or renewed requests; harmless when it is not running
     (it polls as a fallback)."""
-    sender = WakeupSender(pipe_path(site, PIPE_FORWARDER))
+    sender = WakeupSender(FORWARDER.pipe_path(site))
     sender.notify("requests")
     sender.close()
 
@@ -49,21 +41,27 @@ QUIET_LOGGERS = ("pynetdicom", "pydicom", "urllib3", "watchdog", "uvicorn.access
 #: set by `fiona up` in its daemons' environment: the daemon exits when that process dies
 SUPERVISOR_VAR = "FIONA_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
+#: set by `fiona ctl start`: the file descriptor on which the daemon says it is ready
+READY_FD_VAR = "FIONA_READY_FD"
 
 
 class DaemonError(Exception):
     """A daemon cannot start; the text says why and what to do."""
 
 
-def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
-    """Log to `logs/<daemon><SITE>.log`, and to stderr when that is a terminal (under
-    systemd or the bin/ scripts stderr is not, and the file alone keeps the log).
+def setup_logging(site: Site, name: str, verbose: bool = False) -> Path:
+    """Log to `logs/<name><SITE>.log` (the periodic jobs; daemons log through `running`)."""
+    return log_to(Tree(site.datadir).make().logs / f"{name}{site.suffix}.log", verbose)
+
+
+def log_to(path: Path, verbose: bool = False) -> Path:
+    """Log to `path`, and to stderr when that is a terminal (under systemd or `fiona ctl`
+    stderr is not, and the file alone keeps the log).
 
     pydicom's warnings about invalid values are silenced: the daemons validate what they use
     and log their own, actionable message instead."""
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    tree = Tree(site.datadir).make()
-    path = tree.logs / f"{daemon}{site.suffix}.log"
+    ensure_dir(path.parent)
     if not path.exists():
         atomic_write(path, b"", durable=False)
     os.chmod(path, FILE_MODE)
@@ -83,39 +81,127 @@ def setup_logging(site: Site, daemon: str, verbose: bool = False) -> Path:
     return path
 
 
-class PidFile:
-    """`run/<daemon><SITE>.pid`, locked while the daemon lives, removed when it exits, so a
-    second instance for the same site refuses to start instead of competing."""
-
-    def __init__(self, site: Site, daemon: str):
-        self.path = Tree(site.datadir).make().run / f"{daemon}{site.suffix}.pid"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+def lock_state(pidfile: Path) -> tuple[bool, str]:
+    """(running, pid): running when a process holds the pid file's lock; the pid is the file's
+    text (that of a dead process when the file is stale)."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return False, ""
+    try:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise DaemonError(f"{daemon} for {site.datadir} is already running (pid {other}); "
-                              f"stop it first (bin/storectl.sh stop, or systemctl stop)") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            return True, pid
+        return False, pid
+    finally:
+        os.close(fd)
+
+
+class PidFile:
+    """`run/<files><SITE>.pid`, locked while the daemon lives, removed when it exits, so a
+    second instance for the same site refuses to start instead of competing, and "running"
+    means "the lock is held" (a file left by a killed daemon is stale, whatever pid it names).
+
+    A context manager, so that `fiona ctl start` hands it to python-daemon's DaemonContext;
+    `running` then finds the lock this process holds already."""
+
+    _held: ClassVar[dict[Path, PidFile]] = {}
+
+    def __init__(self, site: Site, entry: Daemon):
+        self.path = entry.pid_path(site)
+        self._hint = entry.stop_hint(site.name)
+        self._what = f"{entry.command} for {site.datadir}"
+        self._datadir = site.datadir
+        self._fd: int | None = None
+
+    def acquire(self) -> PidFile:
+        """Lock the file and write our pid; the holder already, when this process has it."""
+        held = PidFile._held.get(self.path)
+        if held is not None:
+            return held
+        Tree(self._datadir).make()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise DaemonError(f"{self._what} is already running (pid {other}); stop it "
+                                  f"first: {self._hint}") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # else a stale file was removed under us: lock the new one
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        PidFile._held[self.path] = self
+        return self
 
     def release(self) -> None:
+        if self._fd is None:
+            return
+        PidFile._held.pop(self.path, None)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> PidFile:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @staticmethod
+    def remove_stale(path: Path) -> None:
+        """Remove the pid file of a dead daemon, under its lock (never one that is held)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        finally:
+            os.close(fd)
+
+
+def ready() -> None:
+    """Say that this daemon is ready (its rule in the suite table): `fiona ctl start` returns
+    then. Nothing happens when it was not started that way."""
+    fd = os.environ.pop(READY_FD_VAR, None)
+    if not fd:
+        return
+    try:
+        os.write(int(fd), b"ready\n")
+        os.close(int(fd))
+    except (OSError, ValueError):
+        pass
 
 
 @contextmanager
-def running(site: Site, daemon: str, verbose: bool = False) -> Iterator[threading.Event]:
-    """Set up logging, claim the pid file, and yield the stop event (SIGTERM/SIGINT)."""
-    setup_logging(site, daemon, verbose)
-    pid = PidFile(site, daemon)
+def running(site: Site, command: str, verbose: bool = False) -> Iterator[threading.Event]:
+    """Set up logging, claim the pid file, and yield the stop event (SIGTERM/SIGINT). A daemon
+    whose readiness rule is STARTED is ready here; the others call `ready` themselves."""
+    entry = daemon(command)
+    Tree(site.datadir).make()
+    log_to(entry.log_path(site), verbose)
+    pid = PidFile(site, entry).acquire()
     try:
         stop = stop_event()
         die_with_supervisor()
+        if entry.ready == STARTED:
+            ready()
         yield stop
     finally:
         pid.release()

@@ -30,6 +30,8 @@ from .tree import FILE_MODE, atomic_write, ensure_dir
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 16 * 1024 * 1024
+#: the receiver's journal of filed objects, which the indexer follows
+RECEIVED = "received"
 
 
 def _segments(folder: Path, name: str) -> list[int]:

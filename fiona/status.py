@@ -11,17 +11,19 @@ delivered studies by the same rule that the status counts.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import ENABLED_PARTS, Config, Site
+from .config import ENABLED_PARTS, Config, Site, read_switches
 from .control.base import ControlPlane, ControlPlaneError, TransferRequest
-from .daemon import FILE_NAMES
+from .daemon import lock_state
+from .ops.heartbeat import last_beat
+from .suite import DAEMONS
 from .tree import Tree
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
@@ -43,32 +45,6 @@ def request_state(req: TransferRequest) -> str:
     return FAILED
 
 
-def daemon_names() -> list[tuple[str, bool]]:
-    """(subcommand, per-site?) of every daemon, in data-flow order."""
-    from .up import DAEMONS
-    names = list(DAEMONS)
-    if not any(n == "web" for n, _ in names):
-        names.append(("web", False))
-    return names
-
-
-def pid_lock_state(pidfile: Path) -> tuple[bool, str]:
-    """(running, pid): running when another process holds the pid file's lock."""
-    try:
-        fd = os.open(pidfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return False, ""
-    try:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True, pid
-        return False, pid
-    finally:
-        os.close(fd)
-
-
 def _tail(path: Path, size: int = 256 * 1024) -> list[str]:
     try:
         with open(path, "rb") as fh:
@@ -80,17 +56,15 @@ def _tail(path: Path, size: int = 256 * 1024) -> list[str]:
 
 def daemons(datadir: Path, site: Site, admin: bool) -> list[dict]:
     """Each daemon: running (pid lock), pid, last activity and last error from its log."""
-    tree = Tree(datadir)
+    site = replace(site, datadir=datadir)
     out = []
-    for name, per_site in daemon_names():
-        suffix = site.suffix if per_site else ""
-        files = FILE_NAMES.get(name, name)
-        running, pid = pid_lock_state(tree.run / f"{files}{suffix}.pid")
-        lines = _tail(tree.logs / f"{files}{suffix}.log")
+    for daemon in DAEMONS:
+        running, pid = lock_state(daemon.pid_path(site))
+        lines = _tail(daemon.log_path(site))
         last = next((m.group(1) for line in reversed(lines) if (m := _STAMP.match(line))), "")
         error = next((line for line in reversed(lines) if " ERROR " in line), "")
         stamp = _STAMP.match(error)
-        row = {"name": name, "running": running, "pid": pid if running else "",
+        row = {"name": daemon.command, "running": running, "pid": pid if running else "",
                "last_activity": last, "last_error_at": stamp.group(1) if stamp else ""}
         if admin:
             row["last_error"] = error[:500]
@@ -99,12 +73,9 @@ def daemons(datadir: Path, site: Site, admin: bool) -> list[dict]:
 
 
 def switches(datadir: Path) -> list[dict]:
-    try:
-        text = (datadir / "config" / "enabled").read_text().strip()
-    except FileNotFoundError:
-        text = ""
-    return [{"part": part, "enabled": not (len(text) > i and text[i] == "0")}
-            for part, i in sorted(ENABLED_PARTS.items(), key=lambda kv: kv[1])]
+    state = read_switches(datadir)
+    return [{"part": part, "enabled": state[part]}
+            for part, _ in sorted(ENABLED_PARTS.items(), key=lambda kv: kv[1])]
 
 
 def queues(control: ControlPlane) -> dict[str, int]:
@@ -157,7 +128,8 @@ def gather(config: Config, site: Site, control: ControlPlane, admin: bool,
         queue_facts = {"error": f"control plane unreachable: {exc}"}
     return {"daemons": daemons(site.datadir, site, admin), "queues": queue_facts,
             "disk": disk(config, site.datadir, admin, usage),
-            "quarantine": quarantine_counts(site.datadir), "switches": switches(site.datadir)}
+            "quarantine": quarantine_counts(site.datadir), "switches": switches(site.datadir),
+            "heartbeat": last_beat(site)}
 
 
 def attention(facts: dict) -> list[str]:

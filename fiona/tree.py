@@ -285,6 +285,27 @@ def touch(path: Path) -> None:
         os.close(fd)
 
 
+def arrival_name(caller: str, called: str, ip: str, study: str, series: str = "") -> str:
+    """The name of a touch file in `.arrived/`: `<caller> <called> <ip> scp_<Study>` (the
+    receiver, per association) or `<caller> <called> <ip> <Study> <Series>` (the indexer, per
+    series); the arrival detector reads the study back with `arrival_study`."""
+    if series:
+        return f"{caller} {called} {ip} {study} {series}"
+    return f"{caller} {called} {ip} {ARCHIVE_PREFIX}{study}"
+
+
+def arrival_study(name: str) -> str:
+    """The StudyInstanceUID named by a touch file (`arrival_name`); InvalidValue otherwise."""
+    parts = name.split(" ")
+    if len(parts) == 4 and parts[3].startswith(ARCHIVE_PREFIX):
+        study = parts[3][len(ARCHIVE_PREFIX):]
+    elif len(parts) == 5:
+        study = parts[3]
+    else:
+        raise InvalidValue(f"unexpected arrival file name {name!r}")
+    return valid_uid(study, "StudyInstanceUID")
+
+
 @dataclass(frozen=True)
 class Tree:
     """Paths of one site's data tree (SPEC §2). Arguments must already be validated values."""

@@ -20,21 +20,18 @@ from pathlib import Path
 
 from .config import Config
 from .daemon import SUPERVISOR_VAR
+from .suite import DAEMONS
 
 log = logging.getLogger("fiona.up")
-
-#: (subcommand, per-site?) in data-flow order
-DAEMONS = (("storescp", True), ("process-single-file", True), ("detect-study-arrival", True),
-           ("anonymize-and-send", True), ("web", False))
 
 
 def _commands(config: Config) -> list[list[str]]:
     base = [sys.executable, "-m", "fiona", "--config", str(config.path)]
     out = []
-    for name, per_site in DAEMONS:
-        sites = [s.name for s in config.all_sites()] if per_site else [""]
+    for daemon in DAEMONS:
+        sites = [s.name for s in config.all_sites()] if daemon.per_site else [""]
         for site in sites:
-            out.append(base + [name] + (["--site", site] if site else []))
+            out.append(base + [daemon.command] + (["--site", site] if site else []))
     return out
 
 

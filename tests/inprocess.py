@@ -25,7 +25,7 @@ from fiona.config import Config, Site, load
 from fiona.control.assign import Assigner
 from fiona.control.keyed import Keyed
 from fiona.control.local import LocalControlPlane
-from fiona.daemon import PIPE_INDEXER, pipe_path
+from fiona.suite import INDEXER
 from fiona.index.indexer import Indexer, load_rules
 from fiona.receive.store import StoreHandler, dataset_part
 from fiona.receive.ul import Association, StoreRequest
@@ -57,7 +57,7 @@ class LocalSite:
         clock = FakeClock(start=start or datetime.now())
         return cls(config, site, tree, LocalControlPlane(tree.site / "fiona.db"),
                    Keyed.from_datadir(site.datadir), clock,
-                   StoreHandler(tree, 100.0, pipe_path(site, PIPE_INDEXER)),
+                   StoreHandler(tree, 100.0, INDEXER.pipe_path(site)),
                    Indexer(site, load_rules(site), clock))
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from fiona.actions import Actions, Forbidden, NotFound
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.control.base import Project, Study, now_iso
-from fiona.daemon import PIPE_FORWARDER, pipe_path
+from fiona.suite import FORWARDER
 from fiona.web.app import create_app
 from fiona.web.users import UserStore
 from helpers import Gateway, free_port
@@ -65,7 +65,7 @@ def site(tmp_path: Path) -> Site:
 @pytest.fixture
 def forwarder_pipe(site: Site):
     """The forwarder's wake-up pipe with a reader, as the running forwarder holds it."""
-    path = pipe_path(site.config.site(None), PIPE_FORWARDER)
+    path = FORWARDER.pipe_path(site.config.site(None))
     path.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(path, 0o600)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -1,4 +1,5 @@
-"""bin/storectl.sh, bin/processSingleFile3.py, systemd/ units and cron/fiona (SPEC §3, §4, §10).
+"""The legacy scripts in bin/ (SPEC §3, §4, §10): shims over `fiona ctl` that keep the original
+names, arguments and LSB exit codes (systemd/ and cron/fiona: tests/test_systemd.py).
 
 The scripts run as an admin runs them: as programs, with the configuration in $FIONA_CONFIG,
 against a real data tree; the daemons they start are real processes, checked through the pid files
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
 STORECTL = REPO / "bin" / "storectl.sh"
 PSF = REPO / "bin" / "processSingleFile3.py"
-SYSTEMD = REPO / "systemd"
-CRON = REPO / "cron" / "fiona"
+ARRIVAL = REPO / "bin" / "detectStudyArrival.sh"
+FORWARD = REPO / "bin" / "anonymizeAndSend.py"
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
 
@@ -39,7 +39,7 @@ def script(gw: Gateway, tool: Path, *args: str, timeout: float = 120,
     env = {**os.environ, "FIONA_CONFIG": config or str(gw.config),
            # the interpreter that runs these tests has fiona's dependencies
            "FIONA_PYTHON": sys.executable}
-    argv = [str(tool), *args] if tool != PSF else [sys.executable, str(tool), *args]
+    argv = [sys.executable, str(tool), *args] if tool.suffix == ".py" else [str(tool), *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, cwd=gw.datadir.parent)
 
@@ -267,116 +267,37 @@ def test_scripts_receive_and_index_together(gateway: Gateway):
         script(gateway, STORECTL, "stop")
 
 
-# --- systemd units ------------------------------------------------------------------------------
-def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """systemd's INI dialect: [Section], Key=Value (repeatable), # or ; comments."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        assert not raw.endswith("\\"), f"{path.name}:{n}: no line continuations please"
-        m = re.fullmatch(r"\[([A-Za-z]+)\]", line)
-        if m:
-            assert m.group(1) not in sections, f"{path.name}:{n}: section [{m.group(1)}] twice"
-            current = sections[m.group(1)] = {}
-            continue
-        assert current is not None, f"{path.name}:{n}: key outside a section"
-        key, sep, value = line.partition("=")
-        assert sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key), f"{path.name}:{n}: {raw!r}"
-        current.setdefault(key, []).append(value)
-    return sections
+# --- detectStudyArrival.sh, anonymizeAndSend.py ------------------------------------------------
+@pytest.mark.parametrize("tool, pidname", [(ARRIVAL, "detectStudyArrival"),
+                                           (FORWARD, "anonymizeAndSend")],
+                         ids=["arrival", "forward"])
+def test_daemon_shims_start_status_stop(gateway: Gateway, tool: Path, pidname: str):
+    ok(script(gateway, tool, "status"), 3)
+    try:
+        assert "started" in ok(script(gateway, tool, "start")).stdout
+        pid = pid_in(pid_file(gateway.datadir, pidname))
+        assert str(pid) in ok(script(gateway, tool, "status")).stdout
+        ok(script(gateway, tool, "stop"))
+        assert not alive(pid)
+        ok(script(gateway, tool, "status"), 3)
+    finally:
+        script(gateway, tool, "stop")
 
 
-UNITS = sorted(SYSTEMD.glob("*.service"))
+def test_daemon_shims_errors(gateway: Gateway):
+    ok(script(gateway, ARRIVAL, "status", "a/b"), 2)
+    ok(script(gateway, ARRIVAL, "status", "NOPE"), 4)
+    ok(script(gateway, ARRIVAL, "start", "x", "y"), 2)
+    ok(script(gateway, FORWARD, "status", "--site", "NOPE"), 4)
+    ok(script(gateway, FORWARD, "start", "--site", "NOPE"), 6)
+    ok(script(gateway, FORWARD, "bogus"), 2)
 
 
-def test_unit_files_exist():
-    names = {p.name for p in SYSTEMD.iterdir()}
-    assert {"fiona-storescp.service", "fiona-storescp@.service",
-            "fiona-process-single-file.service", "fiona-process-single-file@.service",
-            "fiona.target"} <= names
-
-
-@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
-def test_service_unit(path: Path):
-    unit = parse_unit(path)
-    assert {"Unit", "Service", "Install"} <= set(unit)
-    svc = unit["Service"]
-    (exec_start,) = svc["ExecStart"]
-    argv = shlex.split(exec_start)
-    assert Path(argv[0]).name == "fiona" and argv[0].startswith("/")
-    subcommand = path.name.removeprefix("fiona-").split("@")[0].removesuffix(".service")
-    assert argv[1] == subcommand
-    if "@" in path.name:
-        assert argv[2:] == ["--site", "%i"]
-    else:
-        assert argv[2:] == []
-    assert svc["User"] == ["processing"] and svc["Group"] == ["processing"]
-    assert "FIONA_CONFIG=/data/config/config.json" in svc["Environment"]
-    assert "TCP_NODELAY=1" in svc["Environment"]
-    for key, value in {"Restart": "on-failure", "RestartSec": "5", "KillSignal": "SIGTERM",
-                       "TimeoutStopSec": "60", "UMask": "0027", "NoNewPrivileges": "yes",
-                       "ProtectSystem": "strict", "ReadWritePaths": "/data",
-                       "PrivateTmp": "yes", "ProtectHome": "yes"}.items():
-        assert svc.get(key) == [value], f"{path.name}: {key}={svc.get(key)}"
-    assert unit["Install"]["WantedBy"] == ["fiona.target"]
-    assert unit["Unit"]["PartOf"] == ["fiona.target"]
-
-
-def test_target_groups_the_daemons():
-    unit = parse_unit(SYSTEMD / "fiona.target")
-    wants = " ".join(unit["Unit"]["Wants"]).split()
-    assert set(wants) == {"fiona-storescp.service", "fiona-process-single-file.service",
-                          "fiona-detect-study-arrival.service",
-                          "fiona-anonymize-and-send.service"}
-    for name in wants:
-        assert (SYSTEMD / name).exists()
-    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
-
-
-# --- cron ---------------------------------------------------------------------------------------
-def fiona_subcommands() -> set[str]:
-    from fiona.cli import build_parser
-
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if a.dest == "command"]  # noqa: SLF001
-    return set(sub.choices)
-
-
-CRON_TIME = r"(\S+\s+){5}"
-
-
-def test_cron_file():
-    text = CRON.read_text()
-    assert text.endswith("\n")
-    existing = fiona_subcommands()
-    active, planned = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if stripped.startswith("#"):
-            body = stripped.lstrip("#").strip()
-            # a commented-out job line: valid as soon as the '#' goes
-            if re.match(CRON_TIME + r"processing\s+fiona\s", body):
-                planned.append(body)
-            continue
-        if re.fullmatch(r"[A-Z_]+=\S*", stripped):
-            continue  # SHELL=, PATH=, FIONA_CONFIG=, MAILTO=
-        m = re.match(CRON_TIME + r"(\S+)\s+(.*)$", stripped)
-        assert m, f"cron/fiona:{n}: not a crontab line: {line!r}"
-        assert m.group(2) == "processing", f"cron/fiona:{n}: jobs run as processing"
-        active.append(m.group(3))
-    for command in active:
-        argv = shlex.split(command)
-        assert argv[0] == "fiona", command
-        assert argv[1] in existing, f"cron job calls `fiona {argv[1]}`, which does not exist"
-    jobs = {shlex.split(p)[7] for p in planned}
-    assert {"heartbeat", "clear-old-files", "clear-stale-links", "clear-exports",
-            "remove-old-entries", "resend", "populate-projects",
-            "inventory"} <= jobs | {shlex.split(c)[1] for c in active}
-    assert "enabled when the subcommand ships (see README)" in text
-    heartbeat = [p for p in planned if " heartbeat" in p]
-    assert heartbeat and heartbeat[0].split()[0] == "*/5"
+def test_shims_are_shims():
+    """A few lines over `fiona ctl` each, none of them a re-implementation of process control."""
+    for tool in (STORECTL, PSF, ARRIVAL, FORWARD):
+        assert os.access(tool, os.X_OK)
+        code = [line for line in tool.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+        assert len(code) <= 12, f"{tool.name}: {len(code)} lines"
+        assert "kill" not in tool.read_text()

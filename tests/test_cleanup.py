@@ -21,8 +21,7 @@ from fiona.config import load
 from fiona.control.base import Study, TransferRequest
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
-from fiona.index.indexer import JOURNAL
-from fiona.journal import JournalWriter
+from fiona.journal import RECEIVED, JournalWriter
 from fiona.ops.cleanup import Cleanup, CleanupError
 from fiona.ops.links import StaleLinks
 from fiona.tree import Tree, ensure_dir, symlink, touch
@@ -129,7 +128,7 @@ def mix(site):
     deliver(cp, request(studies["unindexed"]))
     late = tree.archive_file(studies["unindexed"], "MR", studies["unindexed"] + ".2.1")
     late.write_bytes(b"x" * FILE_BYTES)
-    journal = JournalWriter(tree.journal, JOURNAL)
+    journal = JournalWriter(tree.journal, RECEIVED)
     journal.append(f"SCU,FIONA,127.0.0.1,{late.parent},{late.name}")
     journal.close()
     # a file stored a moment ago, before its journal line

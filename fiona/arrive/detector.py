@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import threading
-from datetime import datetime, timedelta
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
@@ -30,15 +30,15 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..control import open_control_plane
 from ..control.assign import Arrival, Assigner
-from ..control.base import (ControlPlane, ControlPlaneError, Series, Study, Unavailable,
-                            now_iso)
+from ..control.base import ControlPlane, ControlPlaneError, Series, Study, Unavailable, now_iso
 from ..control.keyed import Keyed
-from ..daemon import FILE_NAMES, notify_forwarder, running
-from ..journal import JournalReader
-from ..tree import InvalidValue, Tree, valid_uid
+from ..daemon import notify_forwarder, running
+from ..index.indexer import caught_up as index_caught_up
+from ..suite import ARRIVAL
+from ..tree import InvalidValue, Tree, arrival_study
 from .workflows import Workflow
 
-log = logging.getLogger("fiona.arrival")
+log = logging.getLogger(ARRIVAL.logger)
 
 RETRY_SECONDS = (2, 5, 10, 30)
 #: a quiet study whose series JSONs are not written yet is looked at again after this
@@ -57,15 +57,8 @@ class TouchFile:
 
     @classmethod
     def parse(cls, path: Path) -> "TouchFile":
-        """`<caller> <called> <ip> scp_<Study>` (receiver) or `... <Study> <Series>`."""
-        parts = path.name.split(" ")
-        if len(parts) == 4 and parts[3].startswith("scp_"):
-            study = parts[3][4:]
-        elif len(parts) == 5:
-            study = parts[3]
-        else:
-            raise InvalidValue(f"unexpected arrival file name {path.name!r}")
-        return cls(path, valid_uid(study, "StudyInstanceUID"), path.stat().st_mtime)
+        """A touch file (`fiona.tree.arrival_name`) with its modification time."""
+        return cls(path, arrival_study(path.name), path.stat().st_mtime)
 
 
 def study_from_series(tree: Tree, study_uid: str) -> Arrival | None:
@@ -119,7 +112,6 @@ class ArrivalDetector:
         self.clock = clock
         self.assigner = Assigner(control, keyed, clock)
         self.workflows = [Workflow.from_config(w) for w in config.workflows]
-        self.indexer = JournalReader(self.tree.journal, "received", "indexer")
         self._backoff = Backoff(Schedule(RETRY_SECONDS), clock)
         self.arrivals = 0
 
@@ -189,7 +181,7 @@ class ArrivalDetector:
     def step(self) -> float:
         """Process what is due; returns how long to sleep at most."""
         ready, wait = self.due()
-        if ready and not self.indexer.caught_up():
+        if ready and not index_caught_up(self.tree):
             return 1.0  # series JSONs are still being written
         for study_uid, files in ready:
             try:
@@ -248,7 +240,7 @@ class ArrivalDetector:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, FILE_NAMES["detect-study-arrival"], verbose) as stop:
+    with running(site, ARRIVAL.command, verbose) as stop:
         detector = ArrivalDetector(config, site, open_control_plane(config, site),
                                    Keyed.from_datadir(site.datadir))
         log.info("arrival detector for %s: quiet period %g s, control plane %s", site.datadir,

@@ -21,17 +21,26 @@ from pydicom.dataset import Dataset
 from .. import quarantine
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
-from ..daemon import FILE_NAMES, PIPE_INDEXER, pipe_path, running
-from ..journal import JournalReader, Position, WakeupListener
-from ..tree import (InvalidValue, Tree, ensure_dir, safe_name, symlink, touch, valid_uid)
+from ..daemon import running
+from ..journal import RECEIVED, JournalReader, Position, WakeupListener
+from ..suite import INDEXER
+from ..tree import (
+    InvalidValue,
+    Tree,
+    arrival_name,
+    ensure_dir,
+    safe_name,
+    symlink,
+    touch,
+    valid_uid,
+)
 from .classify import RuleSet
 from .csa import siemens_diffusion_entry
 from .header import image_record
 from .series import SeriesRecord, classify_image
 
-log = logging.getLogger("fiona.indexer")
+log = logging.getLogger(INDEXER.logger)
 
-JOURNAL = "received"
 CONSUMER = "indexer"
 BATCH = 500
 IDLE_EVICT_SECONDS = 600
@@ -82,6 +91,17 @@ def _date_time(ds: Dataset) -> str:
     return f"{date}_{time_}"
 
 
+def journal_reader(tree: Tree) -> JournalReader:
+    """The indexer's read position in the receiver's journal (one definition of its names)."""
+    return JournalReader(tree.journal, RECEIVED, CONSUMER)
+
+
+def caught_up(tree: Tree) -> bool:
+    """True when the indexer (in any process) has taken in every file the receiver
+    journalled, so the series JSONs are complete (asked by the arrival detector)."""
+    return journal_reader(tree).caught_up()
+
+
 class Indexer:
     """Turns archived files into the raw/ tree and series JSONs; one per site. `clock`
     decides when a quiet series is forgotten and when a burst is flushed."""
@@ -91,7 +111,7 @@ class Indexer:
         self.clock = clock
         self.tree = Tree(site.datadir).make()
         self.rules = rules
-        self.reader = JournalReader(self.tree.journal, JOURNAL, CONSUMER)
+        self.reader = journal_reader(self.tree)
         self.series: dict[tuple[str, str], SeriesRecord] = {}
         self._touched: dict[tuple[str, str], float] = {}
         self.indexed = 0
@@ -112,7 +132,8 @@ class Indexer:
         if str(ds.get("Modality", "")) == "SR":
             maker = safe_name(ds.get("Manufacturer"), default="_")
             symlink(path, ensure_dir(self.tree.srs / maker / study) / sop)
-        touch(self.tree.arrived / f"{event.caller} {event.called} {event.ip} {study} {series}")
+        touch(self.tree.arrived / arrival_name(event.caller, event.called, event.ip, study,
+                                                 series))
 
         image = image_record(ds, event.caller, event.called, event.ip)
         labels = classify_image(self.rules, image, ds)
@@ -188,8 +209,9 @@ class Indexer:
         JSONs are written when the journal has been quiet for `settle` seconds, and at least
         every `flush_every` seconds while files keep coming, so a burst costs one write per
         series rather than one per image."""
-        listener = WakeupListener(pipe_path(self.site, PIPE_INDEXER))
+        listener = WakeupListener(INDEXER.pipe_path(self.site))
         pending, first = 0, 0.0
+        last_line = self.clock.monotonic()
         try:
             while not stop.is_set():
                 n = self.index_pending()
@@ -197,6 +219,10 @@ class Indexer:
                     first = self.clock.monotonic()
                 pending += n
                 if not pending:
+                    if self.clock.monotonic() - last_line > INDEXER.quiet_limit / 4:
+                        # the heartbeat takes an indexer silent past its limit for hung
+                        log.info("idle at journal position %s", self.reader.position)
+                        last_line = self.clock.monotonic()
                     listener.wait(poll)
                     continue
                 if (n and self.clock.monotonic() - first < flush_every) or (
@@ -204,6 +230,7 @@ class Indexer:
                     continue
                 self.flush()
                 log.info("indexed %d files in %.2f s", pending, self.clock.monotonic() - first)
+                last_line = self.clock.monotonic()
                 pending = 0
         finally:
             self.flush()
@@ -218,7 +245,7 @@ def load_rules(site: Site) -> RuleSet:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, FILE_NAMES["process-single-file"], verbose) as stop:
+    with running(site, INDEXER.command, verbose) as stop:
         os.nice(NICENESS)
         indexer = Indexer(site, load_rules(site))
         log.info("indexer for %s started at journal position %s", site.datadir,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arrive.detector import TouchFile
-from ..journal import JournalReader
 from ..tree import ARCHIVE_PREFIX, InvalidValue, Tree
 
 
@@ -47,10 +46,10 @@ def arrival_files(tree: Tree, study: str) -> list[Path]:
 def unindexed_studies(tree: Tree) -> set[str]:
     """Studies named by received files that the indexer has not taken in yet (journal lines
     after its committed position): they are still arriving, whatever their requests say."""
-    from ..index.indexer import CONSUMER, JOURNAL, FileEvent
+    from ..index.indexer import FileEvent, journal_reader
 
     out = set()
-    for line, _pos in JournalReader(tree.journal, JOURNAL, CONSUMER).read(limit=1 << 40):
+    for line, _pos in journal_reader(tree).read(limit=1 << 40):
         try:
             folder = FileEvent.parse(line).study_dir.name
         except InvalidValue:

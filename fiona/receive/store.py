@@ -24,11 +24,12 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from .. import quarantine
-from ..journal import JournalWriter, WakeupSender
+from ..journal import RECEIVED, JournalWriter, WakeupSender
 from ..tree import (
     DurableCreator,
     InvalidValue,
     Tree,
+    arrival_name,
     ensure_dir,
     fsync_dir,
     metadata_journaled_together,
@@ -47,7 +48,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 MISMATCH = 0xC001  # SOP Instance UID of command and data set differ
 
-JOURNAL = "received"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: everything we need to file an object
 _HEADER_TAGS = {"SOPInstanceUID": 0x00080018, "StudyInstanceUID": 0x0020000D,
@@ -128,7 +128,7 @@ class StoreHandler:
     def __init__(self, tree: Tree, refuse_store_percent: float, pipe: Path):
         self.tree = tree.make()
         self.refuse_store_percent = refuse_store_percent
-        self.journal = JournalWriter(tree.journal, JOURNAL)
+        self.journal = JournalWriter(tree.journal, RECEIVED)
         self.wakeup = WakeupSender(pipe)
         self._known_dirs: set[Path] = set()
         self.creator = DurableCreator(self.tree.archive)
@@ -217,7 +217,7 @@ class StoreHandler:
 
     def _announce(self, assoc: Association, study: str, name: str) -> None:
         caller, called = _line_value(assoc.calling_ae), _line_value(assoc.called_ae)
-        touch(self.tree.arrived / f"{caller} {called} {assoc.peer_ip} scp_{study}")
+        touch(self.tree.arrived / arrival_name(caller, called, assoc.peer_ip, study))
         line = f"{caller},{called},{assoc.peer_ip},{self.tree.study_archive(study)},{name}"
         self.journal.append(line)
         self.wakeup.notify(line)

@@ -12,12 +12,13 @@ import threading
 import time
 
 from ..config import Config, Site, is_enabled
-from ..daemon import FILE_NAMES, PIPE_INDEXER, DaemonError, pipe_path, running
+from ..daemon import DaemonError, ready, running
+from ..suite import INDEXER, RECEIVER
 from ..tree import Tree
 from .store import StoreHandler
 from .ul import AcceptorServer, Association
 
-log = logging.getLogger("fiona.storescp")
+log = logging.getLogger(RECEIVER.logger)
 
 
 class Receiver(StoreHandler):
@@ -25,7 +26,7 @@ class Receiver(StoreHandler):
 
     def __init__(self, config: Config, site: Site):
         super().__init__(Tree(site.datadir), config.refuse_store_percent,
-                         pipe_path(site, PIPE_INDEXER))
+                         INDEXER.pipe_path(site))
         self.site = site
         self._enabled = True
         self._checked = 0.0
@@ -60,7 +61,7 @@ def make_server(config: Config, site: Site) -> tuple[AcceptorServer, Receiver]:
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then finish the associations in progress."""
     site = config.site(site_name)
-    with running(site, FILE_NAMES["storescp"], verbose) as stop:
+    with running(site, RECEIVER.command, verbose) as stop:
         try:
             server, receiver = make_server(config, site)
         except OSError as exc:
@@ -69,6 +70,7 @@ def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
                               f"choose another port in {config.path}") from None
         log.info("FIONA receiver listening on %s:%d as %s (data under %s)", site.ip,
                  server.port, site.aetitle, site.datadir)
+        ready()
         if not receiver.accepting():
             log.warning("the receiver is switched off in %s: associations are refused until "
                         "its first character is 1", site.datadir / "config" / "enabled")

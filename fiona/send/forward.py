@@ -41,7 +41,7 @@ from ..control.base import (
     Unavailable,
     now_iso,
 )
-from ..daemon import FILE_NAMES, PIPE_FORWARDER, pipe_path, running
+from ..daemon import running
 from ..deid.gate import GateError
 from ..deid.pipeline import (
     MaskingFailed,
@@ -52,10 +52,11 @@ from ..deid.pipeline import (
     settings_for,
 )
 from ..journal import WakeupListener
+from ..suite import FORWARDER
 from ..tree import Tree, atomic_write, ensure_dir
 from .destinations import DestinationError, DestinationUnavailable, open_destination
 
-log = logging.getLogger("fiona.forward")
+log = logging.getLogger(FORWARDER.logger)
 
 POLL_SECONDS = 10.0
 #: changed requests are asked for from this long before the last look (clocks may differ)
@@ -253,7 +254,7 @@ class Forwarder:
                       key=lambda r: r.requested)
 
     def run(self, stop: threading.Event) -> None:
-        listener = WakeupListener(pipe_path(self.site, PIPE_FORWARDER))
+        listener = WakeupListener(FORWARDER.pipe_path(self.site))
         try:
             while not stop.is_set():
                 try:
@@ -276,7 +277,7 @@ class Forwarder:
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
-    with running(site, FILE_NAMES["anonymize-and-send"], verbose) as stop:
+    with running(site, FORWARDER.command, verbose) as stop:
         forwarder = Forwarder(config, site, open_control_plane(config, site))
         log.info("forwarder for %s: destinations %s", site.datadir,
                  ", ".join(config.destinations))
