@@ -20,6 +20,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from fiona.config import Site, load
+from fiona.suite import INDEXER, RECEIVER, daemon
 from helpers import Gateway, dcmtk, free_port, wait_for
 from procs import alive
 
@@ -54,8 +56,12 @@ def pid_in(path: Path) -> int:
     return int(path.read_text().strip())
 
 
-def pid_file(datadir: Path, daemon: str, site: str = "") -> Path:
-    return datadir / "site" / "run" / f"{daemon}{site}.pid"
+def site_of(gw: Gateway, site: str | None = None) -> Site:
+    return load(str(gw.config)).site(site)
+
+
+def pid_file(gw: Gateway, command: str, site: str | None = None) -> Path:
+    return daemon(command).pid_path(site_of(gw, site))
 
 
 def echo(port: int) -> subprocess.CompletedProcess:
@@ -65,7 +71,7 @@ def echo(port: int) -> subprocess.CompletedProcess:
 
 # --- storectl.sh --------------------------------------------------------------------------------
 def test_storectl_start_echo_status_stop(gateway: Gateway):
-    pidf = pid_file(gateway.datadir, "storescpd")
+    pidf = pid_file(gateway, "storescp")
     ok(script(gateway, STORECTL, "status"), 3)
     try:
         res = ok(script(gateway, STORECTL, "start"))
@@ -93,11 +99,11 @@ def test_storectl_start_echo_status_stop(gateway: Gateway):
         ok(script(gateway, STORECTL, "stop"))  # stopping a stopped receiver is fine
     finally:
         script(gateway, STORECTL, "stop")
-    assert (gateway.datadir / "logs" / "storescpd.log").exists()
+    assert RECEIVER.log_path(site_of(gateway)).exists()
 
 
 def test_storectl_restart(gateway: Gateway):
-    pidf = pid_file(gateway.datadir, "storescpd")
+    pidf = pid_file(gateway, "storescp")
     try:
         ok(script(gateway, STORECTL, "start"))
         first = pid_in(pidf)
@@ -113,8 +119,8 @@ def test_storectl_site(make_gateway):
     site_port = free_port()
     # a relative SITES DATADIR is relative to the folder holding config.json
     gw = make_gateway(SITES={"CT": {"DATADIR": "../ct", "DICOMPORT": site_port}})
-    site_dir = gw.datadir / "ct"
-    pidf = pid_file(site_dir, "storescpd", "CT")
+    pidf = pid_file(gw, "storescp", "CT")
+    assert pidf.is_relative_to(gw.datadir / "ct")
     try:
         res = ok(script(gw, STORECTL, "start", "CT"))
         assert "storescpdCT" in res.stdout
@@ -123,7 +129,7 @@ def test_storectl_site(make_gateway):
         assert echo(gw.port).returncode != 0, "only the site's receiver was started"
         ok(script(gw, STORECTL, "status", "CT"))
         ok(script(gw, STORECTL, "status"), 3)
-        assert (site_dir / "logs" / "storescpdCT.log").exists()
+        assert RECEIVER.log_path(site_of(gw, "CT")).exists()
         ok(script(gw, STORECTL, "stop", "CT"))
         ok(script(gw, STORECTL, "status", "CT"), 3)
     finally:
@@ -144,7 +150,7 @@ def test_storectl_refuses_bad_site_and_config(gateway: Gateway):
 def test_storectl_ignores_stale_or_foreign_pid_file(gateway: Gateway):
     """A pid file naming a dead process, or a live process that is not the receiver (pid
     reuse), does not count as running and does not block a start."""
-    pidf = pid_file(gateway.datadir, "storescpd")
+    pidf = pid_file(gateway, "storescp")
     pidf.parent.mkdir(parents=True, exist_ok=True)
     pidf.write_text(f"{os.getpid()}\n")  # alive, but pytest, not storescp
     res = ok(script(gateway, STORECTL, "status"), 3)
@@ -165,7 +171,7 @@ def test_storectl_reports_a_receiver_that_cannot_start(gateway: Gateway):
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         blocker.bind(("127.0.0.1", gateway.port))
         blocker.listen()
-        pidf = pid_file(gateway.datadir, "storescpd")
+        pidf = pid_file(gateway, "storescp")
         res = ok(script(gateway, STORECTL, "start"), 1)
     assert "exited during start-up" in res.stderr
     assert "Address already in use" in res.stderr
@@ -183,7 +189,7 @@ def test_psf_is_an_executable_python_script():
 
 
 def test_psf_start_status_send_stop(gateway: Gateway):
-    pidf = pid_file(gateway.datadir, "processSingleFile")
+    pidf = pid_file(gateway, "process-single-file")
     ok(script(gateway, PSF, "status"), 3)
     try:
         res = ok(script(gateway, PSF, "start"))
@@ -195,7 +201,7 @@ def test_psf_start_status_send_stop(gateway: Gateway):
         ok(script(gateway, PSF, "start"))
         assert pid_in(pidf) == pid
 
-        pipe = gateway.datadir / "site" / "run" / ".processSingleFilePipe"
+        pipe = INDEXER.pipe_path(site_of(gateway))
         wait_for(pipe.exists, 30, "the indexer's wake-up pipe")
         res = ok(script(gateway, PSF, "send"))
         assert "woke" in res.stdout
@@ -213,7 +219,7 @@ def test_psf_send_without_indexer(gateway: Gateway):
     res = ok(script(gateway, PSF, "send"))
     assert "not running" in res.stdout and "journal" in res.stdout
     # a pipe left behind by an indexer that has stopped: no reader, still no blocking
-    pipe = gateway.datadir / "site" / "run" / ".processSingleFilePipe"
+    pipe = INDEXER.pipe_path(site_of(gateway))
     pipe.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(pipe, 0o620)
     start = time.monotonic()
@@ -223,7 +229,7 @@ def test_psf_send_without_indexer(gateway: Gateway):
 
 
 def test_psf_send_refuses_a_non_pipe(gateway: Gateway):
-    pipe = gateway.datadir / "site" / "run" / ".processSingleFilePipe"
+    pipe = INDEXER.pipe_path(site_of(gateway))
     pipe.parent.mkdir(parents=True, exist_ok=True)
     pipe.write_text("")
     res = ok(script(gateway, PSF, "send"), 1)
@@ -268,14 +274,14 @@ def test_scripts_receive_and_index_together(gateway: Gateway):
 
 
 # --- detectStudyArrival.sh, anonymizeAndSend.py ------------------------------------------------
-@pytest.mark.parametrize("tool, pidname", [(ARRIVAL, "detectStudyArrival"),
-                                           (FORWARD, "anonymizeAndSend")],
+@pytest.mark.parametrize("tool, pidname", [(ARRIVAL, "detect-study-arrival"),
+                                           (FORWARD, "anonymize-and-send")],
                          ids=["arrival", "forward"])
 def test_daemon_shims_start_status_stop(gateway: Gateway, tool: Path, pidname: str):
     ok(script(gateway, tool, "status"), 3)
     try:
         assert "started" in ok(script(gateway, tool, "start")).stdout
-        pid = pid_in(pid_file(gateway.datadir, pidname))
+        pid = pid_in(pid_file(gateway, pidname))
         assert str(pid) in ok(script(gateway, tool, "status")).stdout
         ok(script(gateway, tool, "stop"))
         assert not alive(pid)
