@@ -7,6 +7,7 @@ so the editable install of the source tree stays invisible), then `fiona init` a
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,10 @@ SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "bui
 
 
 def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`args` in `cwd`, without a PYTHONPATH that could point back at the source tree."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     done = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
     return done
 
