@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -32,6 +33,9 @@ from .engine import Deidentifier, Settings, site_profile, with_profile
 from .gate import GateError, check
 from .identifiers import Identifiers
 from .pixels import PixelMaskingError, mask_burned_in_text, needs_masking
+
+if TYPE_CHECKING:
+    from ..control.base import Project
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11."
@@ -60,7 +64,7 @@ class ProjectRules:
     labels: Mapping[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, project, labels: Mapping[str, list[str]] | None = None) -> ProjectRules:
+    def of(cls, project: Project, labels: Mapping[str, list[str]] | None = None) -> ProjectRules:
         """The rules of a control-plane `Project` (features, pixel exclusions)."""
         return cls(frozenset(int(f) for f in project.features),
                    tuple((str(t), str(r)) for t, r in project.pixel_exclusions), labels or {})
@@ -86,7 +90,7 @@ class Result:
         return valid_uid(_text(self.ds, 0x00080018), "SOPInstanceUID")
 
 
-def settings_for(project, participant: str, event: str, key: bytes, datadir: str | Path,
+def settings_for(project: Project, participant: str, event: str, key: bytes, datadir: str | Path,
                  profile: str = "default") -> Settings:
     """Engine settings for a study of `project` (a control-plane `Project`): its import rule and
     the site's profile NAME (`DATADIR/config/profiles/NAME.json`, else the shipped one)."""
