@@ -1,0 +1,1 @@
+"""Exports: de-identified studies into researchers' hands as files (issue 14)."""
