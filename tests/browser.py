@@ -4,11 +4,22 @@ download, never `playwright install`.
 pytest only collects fixtures from conftest.py files and test modules, so this override takes
 effect where it is imported: `from browser import browser_type_launch_args  # noqa: F401`
 in tests/conftest.py (all tests) or in a browser test module.
+
+The Playwright driver (and the Chromium it launches) serves every browser test of the session,
+so it is started without the test's and module's process marks (tests/procs.py): otherwise the
+test or module that happened to start it would stop it at its end, and every later browser
+test would fail with "Playwright connection closed". It keeps the session mark, so if it were
+left running the session would still report it.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from playwright.sync_api import sync_playwright
+
+from procs import MODULE_VAR, TEST_VAR
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -18,3 +29,18 @@ def browser_type_launch_args(browser_type_launch_args):
     return {**browser_type_launch_args, "executable_path": CHROMIUM,
             "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--no-first-run"]}
+
+
+@pytest.fixture(scope="session")
+def playwright(_pw_api_request_contexts):
+    """pytest-playwright's fixture, with the driver started outside any test's or module's
+    process mark."""
+    marks = {var: os.environ.pop(var) for var in (TEST_VAR, MODULE_VAR) if var in os.environ}
+    try:
+        pw = sync_playwright().start()
+    finally:
+        os.environ.update(marks)
+    if _pw_api_request_contexts:
+        _pw_api_request_contexts.instrument(pw)
+    yield pw
+    pw.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import browser_type_launch_args  # noqa: F401 - Playwright uses /usr/bin/chromium
+from browser import browser_type_launch_args, playwright  # noqa: F401 - /usr/bin/chromium, one driver
 from helpers import Gateway, free_port
 from orthanc import orthanc  # noqa: F401 - a real Orthanc as the research PACS
 from procs import (  # noqa: F401 - autouse fixtures and hooks: stop what the tests started
