@@ -25,13 +25,49 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .tree import FILE_MODE, atomic_write, ensure_dir
+from .tree import ARCHIVE_PREFIX, FILE_MODE, InvalidValue, Tree, atomic_write, ensure_dir, valid_uid
 
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 #: the receiver's journal of filed objects, which the indexer follows
 RECEIVED = "received"
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """One line of the receiver's journal (RECEIVED): who sent which archived file, as
+    `caller,called,ip,<archive>/scp_<Study>,<MOD>.<SOPInstanceUID>`."""
+
+    caller: str
+    called: str
+    ip: str
+    study_dir: Path
+    name: str
+
+    @classmethod
+    def parse(cls, line: str) -> FileEvent:
+        parts = line.split(",")
+        if len(parts) != 5:
+            raise InvalidValue(f"journal line has {len(parts)} fields, expected 5: {line[:200]!r}")
+        caller, called, ip, study_dir, name = parts
+        return cls(caller, called, ip, Path(study_dir), name)
+
+    def line(self) -> str:
+        """The journal line (the receiver makes AE titles comma-free first)."""
+        return f"{self.caller},{self.called},{self.ip},{self.study_dir},{self.name}"
+
+    def path(self, tree: Tree) -> Path:
+        """The archived file, checked to lie inside this site's archive."""
+        if (not self.study_dir.name.startswith(ARCHIVE_PREFIX)
+                or self.study_dir.parent != tree.archive):
+            raise InvalidValue(f"journal names a folder outside {tree.archive}: {self.study_dir}")
+        valid_uid(self.study_dir.name[len(ARCHIVE_PREFIX):], "StudyInstanceUID (journal)")
+        mod, _, sop = self.name.partition(".")
+        valid_uid(sop, "SOPInstanceUID (journal)")
+        if not mod.isalnum():
+            raise InvalidValue(f"journal names an invalid file {self.name!r}")
+        return self.study_dir / self.name
 
 
 def _segments(folder: Path, name: str) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -22,10 +21,9 @@ from .. import quarantine
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..daemon import running
-from ..journal import RECEIVED, JournalReader, Position, WakeupListener
+from ..journal import RECEIVED, FileEvent, JournalReader, Position, WakeupListener
 from ..suite import INDEXER
 from ..tree import (
-    InvalidValue,
     Tree,
     arrival_name,
     ensure_dir,
@@ -46,36 +44,6 @@ BATCH = 500
 IDLE_EVICT_SECONDS = 600
 #: indexing can wait a moment, a sender cannot: the receiver gets the CPU first
 NICENESS = 10
-
-
-@dataclass(frozen=True)
-class FileEvent:
-    """One journal line: who sent which archived file."""
-
-    caller: str
-    called: str
-    ip: str
-    study_dir: Path
-    name: str
-
-    @classmethod
-    def parse(cls, line: str) -> "FileEvent":
-        parts = line.split(",")
-        if len(parts) != 5:
-            raise InvalidValue(f"journal line has {len(parts)} fields, expected 5: {line[:200]!r}")
-        caller, called, ip, study_dir, name = parts
-        return cls(caller, called, ip, Path(study_dir), name)
-
-    def path(self, tree: Tree) -> Path:
-        """The archived file, checked to lie inside this site's archive."""
-        if not self.study_dir.name.startswith("scp_") or self.study_dir.parent != tree.archive:
-            raise InvalidValue(f"journal names a folder outside {tree.archive}: {self.study_dir}")
-        valid_uid(self.study_dir.name[4:], "StudyInstanceUID (journal)")
-        mod, _, sop = self.name.partition(".")
-        valid_uid(sop, "SOPInstanceUID (journal)")
-        if not mod.isalnum():
-            raise InvalidValue(f"journal names an invalid file {self.name!r}")
-        return self.study_dir / self.name
 
 
 def read_image(path: Path) -> Dataset:

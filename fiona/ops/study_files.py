@@ -46,7 +46,8 @@ def arrival_files(tree: Tree, study: str) -> list[Path]:
 def unindexed_studies(tree: Tree) -> set[str]:
     """Studies named by received files that the indexer has not taken in yet (journal lines
     after its committed position): they are still arriving, whatever their requests say."""
-    from ..index.indexer import FileEvent, journal_reader
+    from ..index.indexer import journal_reader
+    from ..journal import FileEvent
 
     out = set()
     for line, _pos in journal_reader(tree).read(limit=1 << 40):

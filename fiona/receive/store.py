@@ -24,7 +24,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from .. import quarantine
-from ..journal import RECEIVED, JournalWriter, WakeupSender
+from ..journal import RECEIVED, FileEvent, JournalWriter, WakeupSender
 from ..tree import (
     DurableCreator,
     InvalidValue,
@@ -218,7 +218,8 @@ class StoreHandler:
     def _announce(self, assoc: Association, study: str, name: str) -> None:
         caller, called = _line_value(assoc.calling_ae), _line_value(assoc.called_ae)
         touch(self.tree.arrived / arrival_name(caller, called, assoc.peer_ip, study))
-        line = f"{caller},{called},{assoc.peer_ip},{self.tree.study_archive(study)},{name}"
+        line = FileEvent(caller, called, assoc.peer_ip, self.tree.study_archive(study),
+                         name).line()
         self.journal.append(line)
         self.wakeup.notify(line)
 
