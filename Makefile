@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # Debian packages the tests use as real peers and tools (DCMTK clients, Orthanc, tesseract,
 # Chromium for browser tests, strace to prove no unredacted file is written, OpenLDAP slapd,
 # systemd-analyze to verify the units)
-SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace slapd ldap-utils systemd
+SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace slapd ldap-utils systemd openssh-server p7zip-full unzip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint system-deps venv bench clean

@@ -350,7 +350,13 @@ class Tree:
 
     @property
     def outbox(self) -> Path:
+        """Files queued for the SFTP outbox job (`fiona send-files`), each with a .md5sum."""
         return self.site / "outbox"
+
+    @property
+    def outbox_done(self) -> Path:
+        """Outbox files delivered and verified (with their .md5sum)."""
+        return self.outbox / "done"
 
     @property
     def journal(self) -> Path:

@@ -1,6 +1,6 @@
 """Destinations that de-identified studies are forwarded to: one module per kind, one registry.
 
-Each kind (`folder`, `dicom`; `sftp` has its settings so far) is a `Destination` subclass
+Each kind (`folder`, `dicom`, `sftp`) is a `Destination` subclass
 registered by its config name in `REGISTRY`, with a typed `DestinationSettings` class checked
 once, by the same rules at config load (`validate`, called by fiona/config.py) and when a
 handler is built (`open_destination`). Every handler offers the same three operations:
@@ -41,14 +41,14 @@ from .dicom import (
     _status_text,
 )
 from .folder import FolderDestination, FolderSettings
-from .sftp import SftpSettings
+from .sftp import SftpDestination, SftpSettings
 
 if TYPE_CHECKING:
     from ...config import Config
 
 __all__ = ["CALLING_AE", "REGISTRY", "SETTINGS", "Destination", "DestinationError",
            "DestinationSettings", "DestinationUnavailable", "DicomDestination", "DicomSettings",
-           "FolderDestination", "FolderSettings", "SendResult", "SftpSettings", "_nodelay",
+           "FolderDestination", "FolderSettings", "SendResult", "SftpDestination", "SftpSettings", "_nodelay",
            "_quiesce", "_release", "_status_text", "open_destination", "validate"]
 
 
