@@ -16,6 +16,7 @@ from . import ctl
 from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
+from .export import cli as export
 from .ops import commands as ops
 from .ops import heartbeat
 from .ops import inventory_cli as inventory
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parsers(sub, _site_arg)
     ops.add_parsers(sub, _site_arg)
     inventory.add_parser(sub, _site_arg)
+    export.add_parser(sub, _site_arg)
     ctl.add_parser(sub, _site_arg)
     heartbeat.add_parser(sub, _site_arg)
 
@@ -238,6 +240,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return heartbeat.run(config, args)
     if cmd == inventory.COMMAND:
         return inventory.run(config, args)
+    if cmd == export.COMMAND:
+        return export.run(config, args)
     return jobs.run(config, args)
 
 

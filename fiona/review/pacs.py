@@ -145,7 +145,9 @@ class ReviewPacs(DicomDestination):
         received: list[Dataset] = []
 
         def on_store(event) -> int:
-            received.append(event.dataset)
+            ds = event.dataset
+            ds.file_meta = event.file_meta  # the transfer syntax, for callers that save it
+            received.append(ds)
             return 0x0000
 
         contexts = [build_context(GET)] + [build_context(c, ALL_TRANSFER_SYNTAXES)

@@ -1,0 +1,97 @@
+"""The `fiona export` subcommand: its parser (imported with every `fiona` command, so it
+imports nothing heavy) and its run, which makes one export synchronously (`job.run`) with a
+progress bar on a terminal. The password comes from a file or standard input (`-`), never from
+the command line (where `ps` shows it), and is never logged or stored."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import Config
+
+COMMAND = "export"
+
+
+def add_parser(sub: argparse._SubParsersAction, site_arg: Callable) -> None:
+    """Register `fiona export` on the `fiona` parser."""
+    p = sub.add_parser(COMMAND, help="export a project's de-identified studies as one zip",
+                       description="Gather the de-identified studies of a project (optionally "
+                       "one participant, event or study) from where they were delivered (a "
+                       "folder destination or the research PACS by C-GET), apply an export "
+                       "profile, lay them out by the export type and pack one zip with a "
+                       "README, a manifest and a .sha256 beside it. With --noassign, a study "
+                       "that waits unassigned at FIONA is de-identified for the project "
+                       "directly (same pipeline and gate as the forwarder).")
+    p.add_argument("--project", required=True)
+    p.add_argument("--participant", metavar="ID")
+    p.add_argument("--event", metavar="E")
+    p.add_argument("--study", metavar="UID", help="original or de-identified StudyInstanceUID")
+    p.add_argument("--type", required=True, metavar="TYPE",
+                   help="dicom, pure, spectroscopy, nifti, bids")
+    p.add_argument("--profile", default="default", metavar="NAME", help="export profile "
+                   "(DATADIR/config/profiles/export/NAME.json, else the shipped one)")
+    p.add_argument("--password-file", metavar="F", help="encrypt the zip (AES-256) with the "
+                   "password in file F, or read from standard input with '-'")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the zip goes (default: DATADIR/site/exports)")
+    p.add_argument("--noassign", action="store_true", help="de-identify a study waiting "
+                   "unassigned (needs --study, --participant, --event)")
+    site_arg(p)
+
+
+def read_password(source: str | None) -> bytes | None:
+    """The password from file `source` or standard input ("-"), without its line end."""
+    if source is None:
+        return None
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    password = data.rstrip(b"\r\n")
+    if not password:
+        raise ValueError("the password is empty")
+    return password
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    """`fiona export`: 0 with the zip's path on stdout, 1 with the reason on stderr."""
+    from ..control import open_control_plane
+    from ..control.base import ControlPlaneError
+    from ..daemon import setup_logging
+    from .job import ExportRequest
+    from .job import run as run_export
+    from .profile import ProfileError
+    from .retrieve import ExportError
+
+    site = config.site(args.site)
+    setup_logging(site, "export", args.verbose)
+    tty = sys.stderr.isatty()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not tty:
+            return
+        if total:
+            filled = 30 * done // total
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+        else:
+            bar = f"{done} images"
+        print(f"\r\x1b[Kexport: {phase} {bar}", end="", file=sys.stderr, flush=True)
+
+    try:
+        password = read_password(args.password_file)
+        request = ExportRequest(args.project, args.type, getpass.getuser(), args.participant,
+                                args.event, args.study, args.profile, password, args.out,
+                                args.noassign)
+        result = run_export(config, site, open_control_plane(config, site), request, progress)
+    except (ExportError, ProfileError, ControlPlaneError, OSError, ValueError) as exc:
+        if tty:
+            print(file=sys.stderr)
+        print(f"fiona export: {exc}", file=sys.stderr)
+        return 1
+    if tty:
+        print(file=sys.stderr)
+    for problem in result.report.problems:
+        print(f"fiona export: not included: {problem}", file=sys.stderr)
+    print(result.zip)
+    return 0

@@ -1,0 +1,119 @@
+"""One zip per export: the layout, a README.txt and a manifest inside, `<zip>.sha256` and the
+manifest beside it.
+
+The zip is written under a temporary name in the export's work folder (inside the data tree)
+and renamed to its final name as the last step, after its `.sha256` and manifest are in
+place: a zip under its final name is always complete. With a password the zip is AES-256
+encrypted (WinZip AE-2 through pyzipper), which 7-Zip and current unzip tools read; the
+password is only passed through, never kept or logged.
+
+The manifest (`MANIFEST.csv`, one `name,sha256` line per file in the zip but itself) lets a
+download client check every file; `<zip>.sha256` is in `sha256sum` format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyzipper
+
+from ..tree import fsync_dir
+
+README = "README.txt"
+MANIFEST = "MANIFEST.csv"
+CHUNK = 1 << 20
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class About:
+    """What the README says."""
+
+    what: str
+    requester: str
+    when: str
+    type: str
+    profile: str
+    project: str
+    participants: tuple[str, ...]
+    events: tuple[str, ...]
+    problems: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        lines = [f"FIONA export: {self.what}",
+                 f"For: {self.requester}", f"Made: {self.when}",
+                 f"Project: {self.project}", f"Type: {self.type}", f"Profile: {self.profile}",
+                 f"Participants: {', '.join(self.participants) or 'none'}",
+                 f"Events: {', '.join(self.events) or 'none'}", "",
+                 f"{MANIFEST} lists every file with its SHA-256.",
+                 "Before you use these data, check the project's Review page: it shows which "
+                 "DICOM tags the de-identified data keep.", ""]
+        if self.problems:
+            lines += ["Not included:", *(f"- {p}" for p in self.problems), ""]
+        return "\n".join(lines)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack(layout: Path, about: About, work: Path, target: Path, password: bytes | None = None,
+         progress: Progress | None = None) -> Path:
+    """Zip the folder `layout` (with README and manifest) into `target` (`<name>.zip`) through
+    a temporary file in `work`; returns `target`. `progress(done, total)` counts files."""
+    names = sorted(p for p in layout.rglob("*") if p.is_file())
+    total = len(names)
+    rows = []
+    partial = work / f".{target.name}.part"
+    with _open_zip(partial, password) as zf:
+        readme = about.text().encode()
+        zf.writestr(README, readme)
+        rows.append(f"{README},{hashlib.sha256(readme).hexdigest()}")
+        for done, path in enumerate(names, 1):
+            name = path.relative_to(layout).as_posix()
+            rows.append(f"{name},{sha256_of(path)}")
+            zf.write(path, name)
+            if progress:
+                progress(done, total)
+        manifest = ("\n".join(rows) + "\n").encode()
+        zf.writestr(MANIFEST, manifest)
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write(target.with_name(target.name + ".manifest.csv"), manifest)
+    _write(target.with_name(target.name + ".sha256"),
+           f"{sha256_of(partial)}  {target.name}\n".encode())
+    staged = target.with_name(f".{target.name}.part")
+    if staged != partial:
+        shutil.move(partial, staged)  # another file system: copy there, then rename
+    os.replace(staged, target)
+    fsync_dir(target.parent)
+    return target
+
+
+def _open_zip(path: Path, password: bytes | None) -> zipfile.ZipFile:
+    """A zip to write: AES-256 (WinZip AE-2) with a password, plain otherwise."""
+    if not password:
+        return zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED)
+    zf = pyzipper.AESZipFile(path, "w", compression=zipfile.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES)
+    zf.setpassword(password)
+    zf.setencryption(pyzipper.WZ_AES, nbits=256)
+    return zf
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
