@@ -31,6 +31,7 @@ class Daemon:
 
     command: str            #: `fiona <command>`
     legacy: str             #: the original script, accepted by `fiona ctl` and kept in bin/
+    #: ("" when the original had none)
     files: str              #: base name of its pid, log and console files
     per_site: bool          #: one instance per site of SITES (else one for the host)
     logger: str             #: the logger its own lines use
@@ -68,7 +69,8 @@ class Daemon:
     def stop_hint(self, site_name: str | None) -> str:
         """How an admin stops it, for "already running" messages."""
         site = f" --site {site_name}" if site_name and self.per_site else ""
-        return (f"fiona ctl stop {self.command}{site} (or bin/{self.legacy}), or systemctl "
+        legacy = f" (or bin/{self.legacy})" if self.legacy else ""
+        return (f"fiona ctl stop {self.command}{site}{legacy}, or systemctl "
                 f"stop {self.unit_name(site_name)}")
 
 
@@ -83,7 +85,7 @@ DAEMONS: tuple[Daemon, ...] = (
            "fiona.arrival", "fiona-detect-study-arrival"),
     Daemon("anonymize-and-send", "anonymizeAndSend.py", "anonymizeAndSend", True,
            "fiona.forward", "fiona-anonymize-and-send", pipe="anonymizeAndSendPipe"),
-    Daemon("web", "web", "web", False, "fiona.web", "fiona-web"),
+    Daemon("web", "", "web", False, "fiona.web", "fiona-web"),
 )
 
 RECEIVER, INDEXER, ARRIVAL, FORWARDER, WEB = DAEMONS
@@ -94,13 +96,13 @@ class UnknownDaemon(KeyError):
 
     def __str__(self) -> str:
         return (f"unknown daemon {self.args[0]!r}; the daemons are: "
-                + ", ".join(f"{d.command} ({d.legacy})" if d.legacy != d.command else d.command
+                + ", ".join(f"{d.command} ({d.legacy})" if d.legacy else d.command
                             for d in DAEMONS))
 
 
 def daemon(name: str) -> Daemon:
     """The daemon called `name`: its subcommand or its legacy name."""
     for d in DAEMONS:
-        if name in (d.command, d.legacy):
+        if name == d.command or (d.legacy and name == d.legacy):
             return d
     raise UnknownDaemon(name)

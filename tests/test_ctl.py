@@ -90,6 +90,7 @@ def test_unknown_daemon_or_site_lists_the_valid_names(make_gateway):
     res = ok(ctl(gw, "status", "nope"), 2)
     for d in DAEMONS:
         assert d.command in res.stderr and d.legacy in res.stderr
+    ok(ctl(gw, "status", ""), 2)
     res = ok(ctl(gw, "start", "storescp", "--site", "NOPE"), 2)
     assert "unknown site 'NOPE'" in res.stderr and "CT" in res.stderr
     res = ok(ctl(gw, "wake", "storescp"), 2)
