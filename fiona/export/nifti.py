@@ -79,7 +79,7 @@ def convert_series(series: SeriesInput, work: Path) -> list[Image]:
         raise ConversionError(f"dcm2niix took longer than {TIMEOUT_SECONDS} s") from exc
     images = _images(target)
     if done.returncode != 0 or not images:
-        raise ConversionError(_reason(done))
+        raise ConversionError(_reason(done).replace(str(source), "the series' files"))
     return images
 
 
