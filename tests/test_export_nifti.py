@@ -57,6 +57,27 @@ def _bold_4d(folder: Path, volumes: int = 3) -> SeriesInput:
     return _series(files)
 
 
+def _dwi(folder: Path) -> SeriesInput:
+    """A diffusion series: one b=0 and three b=1000 volumes of three slices each, with the
+    standard diffusion attributes dcm2niix turns into .bval/.bvec."""
+    made = make_study(folder, n_series=1, images_per_series=12, seed=11)
+    directions = [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    for i, path in enumerate(made["files"]):
+        ds = pydicom.dcmread(path)
+        volume, z = divmod(i, 3)
+        ds.SeriesDescription, ds.SeriesNumber = "ep2d_diff_3dir", 8
+        ds.SequenceName = "ep_b1000#1" if volume else "ep_b0"
+        ds.RepetitionTime, ds.EchoTime, ds.PatientPosition = "5000", "80", "HFS"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, float(z)]
+        ds.AcquisitionNumber = volume + 1
+        ds.DiffusionBValue = 1000.0 if volume else 0.0
+        ds.DiffusionGradientOrientation = list(directions[volume])
+        ds.DiffusionDirectionality = "DIRECTIONAL" if volume else "NONE"
+        ds.save_as(path)
+    return _series(made["files"])
+
+
 def _broken(folder: Path, labels: list[str], number: int = 9) -> SeriesInput:
     """A series dcm2niix cannot convert: its files are not DICOM."""
     folder.mkdir(parents=True)
@@ -89,7 +110,7 @@ def test_both_types_are_registered() -> None:
 
 def test_nifti_names_series_and_reports_a_failed_one(tmp_path: Path) -> None:
     series = _study(tmp_path / "dicom", n_series=2)
-    series.append(_broken(tmp_path / "broken", ["T1"]))
+    series += [_broken(tmp_path / "broken", ["T1"]), _dwi(tmp_path / "dwi")]
     out = tmp_path / "out"
     out.mkdir()
     report = ExportReport()
@@ -101,12 +122,18 @@ def test_nifti_names_series_and_reports_a_failed_one(tmp_path: Path) -> None:
     assert names == ["P001_baseline_0001_t1_mprage_sag.json",
                      "P001_baseline_0001_t1_mprage_sag.nii.gz",
                      "P001_baseline_0002_t2_tse_tra.json",
-                     "P001_baseline_0002_t2_tse_tra.nii.gz"]
+                     "P001_baseline_0002_t2_tse_tra.nii.gz",
+                     "P001_baseline_0008_ep2d_diff_3dir.bval",
+                     "P001_baseline_0008_ep2d_diff_3dir.bvec",
+                     "P001_baseline_0008_ep2d_diff_3dir.json",
+                     "P001_baseline_0008_ep2d_diff_3dir.nii.gz"]
     assert sorted(report.files) == sorted(folder / n for n in names)
     assert len(report.problems) == 1
     assert "0009_broken" in report.problems[0] and "dcm2niix" in report.problems[0]
     assert "no DICOM" in report.problems[0] and str(out) not in report.problems[0]
-    assert report.done == report.total == 2 * IMAGES + 3
+    assert report.done == report.total == 3 * IMAGES + 3
+    bvals = (folder / "P001_baseline_0008_ep2d_diff_3dir.bval").read_text().split()
+    assert [float(b) for b in bvals] == [0, 1000, 1000, 1000]
     assert sorted(p.name for p in out.iterdir()) == ["P001"]   # no temporary folder left
     sidecar = json.loads((folder / "P001_baseline_0001_t1_mprage_sag.json").read_text())
     assert sidecar["SeriesNumber"] == 1
@@ -139,11 +166,12 @@ def test_bids_dataset_is_valid(tmp_path: Path) -> None:
     bold = _bold_4d(tmp_path / "c")
     bold.number = 6
     broken = _broken(tmp_path / "broken", ["T1"], number=7)
+    dwi = _dwi(tmp_path / "e")
     assert "fMRI" in bold.labels and "fMRI" not in bold_3d.labels
     assert {"FLAIR", "T2"} <= set(flair.labels)
     other = _study(tmp_path / "d", n_series=1, seed=2)
     studies = [StudyInput("P1", "P-001", "baseline", generate_uid(),
-                          series=[t1, t2, bold_3d, flair, t1_again, bold, broken]),
+                          series=[t1, t2, bold_3d, flair, t1_again, bold, broken, dwi]),
                StudyInput("P1", "P-002", "follow_up 1", generate_uid(), series=other)]
     out = tmp_path / "out"
     out.mkdir()
@@ -158,6 +186,8 @@ def test_bids_dataset_is_valid(tmp_path: Path) -> None:
         for name in ("run-1_T1w", "run-2_T1w", "T2w", "FLAIR"))   # FLAIR is not a second T2w
     assert sorted(p.name for p in func.iterdir()) == [
         "sub-P001_ses-baseline_task-rest_bold.json", "sub-P001_ses-baseline_task-rest_bold.nii.gz"]
+    assert sorted(p.name for p in (anat.parent / "dwi").iterdir()) == [
+        f"sub-P001_ses-baseline_dwi{ext}" for ext in (".bval", ".bvec", ".json", ".nii.gz")]
     assert json.loads((func / "sub-P001_ses-baseline_task-rest_bold.json").read_text())[
         "TaskName"] == "rest"
     assert (out / "sub-P002" / "ses-followup1" / "anat" / "sub-P002_ses-followup1_T1w.nii.gz"
