@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from dicomgen import make_study
+from fiona.suite import DAEMONS
 from helpers import dcmtk, free_port, wait_for
 from procs import alive, children, spawn
 
@@ -89,11 +90,11 @@ def test_daemons_exit_when_up_is_killed(tmp_path: Path):
     proc = _up(tmp_path, port)
     run = tmp_path / "data" / "site" / "run"
 
-    def five_daemons():
+    def all_daemons():
         kids = children(proc.pid)
-        return kids if len(kids) == 5 else None
-    daemons = wait_for(five_daemons, 30, "the five daemons of fiona up")
-    wait_for(lambda: len(list(run.glob("*.pid"))) == 5, 30, "every daemon's pid file")
+        return kids if len(kids) == len(DAEMONS) else None
+    daemons = wait_for(all_daemons, 30, "every daemon of fiona up")
+    wait_for(lambda: len(list(run.glob("*.pid"))) == len(DAEMONS), 30, "every daemon's pid file")
     proc.kill()
     proc.wait(10)
     wait_for(lambda: not any(alive(pid) for pid in daemons), 60, "the orphaned daemons to exit")
