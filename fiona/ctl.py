@@ -191,14 +191,16 @@ def _read_ready(fd: int, timeout: float) -> bytes | None:
             return data + chunk
 
 
-def stop(target: Target, timeout: float) -> int:
+def stop(target: Target, timeout: float, report: bool = True) -> int:
     """SIGTERM (and SIGCONT, so a stopped process gets it) to the lock holder, then wait for
-    the lock to go; a stale pid file is removed under its lock, nobody is signalled."""
+    the lock to go; a stale pid file is removed under its lock, nobody is signalled. With
+    `report`, say what happened on stdout or stderr."""
     pidfile = target.daemon.pid_path(target.site)
     pid = target.pid()
     if not pid:
         PidFile.remove_stale(pidfile)
-        print(f"{target.name} is not running")
+        if report:
+            print(f"{target.name} is not running")
         return OK
     for sig in (signal.SIGTERM, signal.SIGCONT):
         try:
@@ -208,11 +210,14 @@ def stop(target: Target, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while target.pid() == pid or _alive(pid):
         if time.monotonic() >= deadline:
-            print(f"fiona ctl: {target.name} (pid {pid}) is still running {timeout:g} s after "
-                  f"SIGTERM; see {target.daemon.log_path(target.site)}", file=sys.stderr)
+            if report:
+                print(f"fiona ctl: {target.name} (pid {pid}) is still running {timeout:g} s "
+                      f"after SIGTERM; see {target.daemon.log_path(target.site)}",
+                      file=sys.stderr)
             return FAILED
         time.sleep(0.1)
-    print(f"{target.name} stopped (was pid {pid})")
+    if report:
+        print(f"{target.name} stopped (was pid {pid})")
     return OK
 
 
@@ -222,13 +227,7 @@ def kill(target: Target, grace: float) -> int | None:
     pid = target.pid()
     if not pid:
         return None
-    with open(os.devnull, "w") as quiet:
-        saved, sys.stdout, sys.stderr = (sys.stdout, sys.stderr), quiet, quiet
-        try:
-            code = stop(target, grace)
-        finally:
-            sys.stdout, sys.stderr = saved
-    if code != OK and target.pid() == pid:
+    if stop(target, grace, report=False) != OK and target.pid() == pid:
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + grace
         while _alive(pid) and time.monotonic() < deadline:
