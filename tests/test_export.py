@@ -1,0 +1,245 @@
+"""Exports (issue 14), the core: retrieve de-identified studies from a folder destination and
+from the research PACS (Orthanc, C-GET), profiles, the dicom and pure layouts, packing (7-Zip
+opens the AES zip, unzip the plain one, manifest and .sha256 match), hostile descriptions stay
+inside, NoAssign exports with no identifier, and `fiona export` end to end."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomgen import make_study
+from fiona.config import load, read_secret
+from fiona.control import open_control_plane
+from fiona.control.base import TransferRequest, now_iso
+from fiona.deid.pipeline import Pipeline, read, settings_for
+from fiona.export import job
+from fiona.export.dicom import DicomExport
+from fiona.export.names import clean
+from fiona.export.pack import MANIFEST, README, About, pack
+from fiona.export.profile import Characteristics, ProfileError, load as load_profile, parse
+from fiona.export.pure import PureExport
+from fiona.export.retrieve import ExportError, ExportUnavailable
+from fiona.export.types import ExportReport, SeriesInput, StudyInput
+from fiona.send.destinations import DicomDestination
+from helpers import Gateway, free_port, wait_for
+from orthanc import Orthanc
+
+HOSTILE = ["../../../etc/passwd", "/abs/path", "a\x00b", "..", ".", "x" * 5000, "\\..\\win",
+           "T1 MPRAGE (sag) æøå", "", "\u202e\u0000/..%2f", "C:\\temp"]
+IDENTIFIERS = ("Hansen", "Ingrid", "NID0101", "E2E1", "Haukeland", "Smith", "Nordmann",
+               "19800101", "MRC12345")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_manifest(zip_path: Path, extracted: Path) -> None:
+    """The .sha256 matches the zip, the manifest (inside and beside) every extracted file."""
+    line = Path(f"{zip_path}.sha256").read_text()
+    assert line == f"{sha(zip_path)}  {zip_path.name}\n"
+    inside = (extracted / MANIFEST).read_text()
+    assert Path(f"{zip_path}.manifest.csv").read_text() == inside
+    rows = list(csv.reader(inside.splitlines()))
+    names = {p.relative_to(extracted).as_posix() for p in extracted.rglob("*") if p.is_file()}
+    assert {r[0] for r in rows} == names - {MANIFEST}
+    for name, digest in rows:
+        assert sha(extracted / name) == digest, name
+
+
+def unzip(zip_path: Path, into: Path) -> Path:
+    res = subprocess.run(["unzip", "-q", str(zip_path), "-d", str(into)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return into
+
+
+# --- names, layouts, profiles --------------------------------------------------------------------
+def test_one_sanitiser_keeps_letters_digits_underscore_and_norwegian_letters():
+    assert clean("T1 MPRAGE (sag) æøå") == "T1_MPRAGE_sag_æøå"
+    assert clean("") == "unknown" and clean(None) == "unknown" and clean("../..") == "unknown"
+    for value in HOSTILE:
+        name = clean(value)
+        assert name and len(name) <= 64 and "/" not in name and "\\" not in name
+        assert "\x00" not in name and "." not in name
+
+
+def _study(tmp: Path, descriptions: list[str]) -> StudyInput:
+    made = make_study(tmp / "src", n_series=1, images_per_series=len(descriptions), rows=4,
+                      cols=4)
+    series = []
+    for i, (path, desc) in enumerate(zip(made["files"], descriptions, strict=True)):
+        ds = pydicom.dcmread(path)
+        named = tmp / f"{ds.SOPInstanceUID}.dcm"
+        shutil.copy(path, named)
+        series.append(SeriesInput(f"1.2.3.{i}", i if i % 2 else None, desc, [named]))
+    return StudyInput("../PROJ", "../../P0001", "/etc", "1.2.3", "../2026", "", series)
+
+
+@pytest.mark.parametrize("kind", [DicomExport, PureExport])
+def test_hostile_series_descriptions_stay_inside_the_export(tmp_path, kind):
+    study = _study(tmp_path, HOSTILE)
+    out = tmp_path / "out" / "layout"
+    out.mkdir(parents=True)
+    report = ExportReport()
+    kind().build([study], out, report)
+    assert report.done == len(HOSTILE) and len(report.files) == len(HOSTILE)
+    everything = [p for p in (tmp_path / "out").rglob("*")]
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in everything)
+    assert len(set(report.files)) == len(HOSTILE) and all(p.is_file() for p in report.files)
+    for path in report.files:
+        rel = path.relative_to(out)
+        assert all(part not in ("..", ".", "") and len(part) <= 80 for part in rel.parts), rel
+    if kind is PureExport:
+        assert {p.relative_to(out).parts[:3] for p in report.files} == \
+            {("PROJ", "P0001", "2026_unknown_etc")}
+        assert {p.parent.name for p in report.files} >= {"0007_T1_MPRAGE_sag_æøå",
+                                                         "unknown_etc_passwd", "0001_abs_path"}
+
+
+def test_profiles_are_data_with_site_overrides(tmp_path):
+    default = load_profile("default", tmp_path)
+    assert default.drop == {"SR", "PR"} and not default.patient
+    own = tmp_path / "config" / "profiles" / "export"
+    own.mkdir(parents=True)
+    (own / "default.json").write_text('{"set": {"PatientIdentityRemoved": "YES"}, '
+                                      '"clear": ["StudyDescription"], "drop": [], '
+                                      '"patient": ["sex", "age"]}')
+    profile = load_profile("default", tmp_path)
+    made = make_study(tmp_path / "s", n_series=1, images_per_series=1, rows=4, cols=4)
+    ds = pydicom.dcmread(made["files"][0])
+    person = Characteristics.of(ds)
+    assert person == Characteristics("F", "1980", "046Y")
+    profile.apply(ds, person)
+    assert (ds.PatientSex, ds.PatientAge, ds.StudyDescription) == ("F", "046Y", None)
+    assert "PatientBirthDate" not in ds and profile.dropped(ds) == ""
+    with pytest.raises(ProfileError, match="known: default"):
+        load_profile("nope", tmp_path)
+    with pytest.raises(ProfileError, match="unknown DICOM keyword 'NoSuchTag'"):
+        parse("x", {"clear": ["NoSuchTag"]}, "x.json")
+    with pytest.raises(ProfileError, match="may list sex, birth_year, age"):
+        parse("x", {"patient": ["name"]}, "x.json")
+
+
+# --- packing ------------------------------------------------------------------------------------
+def _layout(tmp: Path) -> Path:
+    layout = tmp / "layout"
+    (layout / "P0001" / "baseline").mkdir(parents=True)
+    (layout / "P0001" / "baseline" / "a.dcm").write_bytes(b"DICM" * 1000)
+    (layout / "P0001" / "b.dcm").write_bytes(bytes(range(256)) * 40)
+    return layout
+
+
+ABOUT = About("dicom export of project PROJ", "tester", "2026-11-29T12:00:00+00:00", "dicom",
+              "default", "PROJ", ("P0001",), ("baseline",))
+
+
+def test_plain_zip_opens_with_unzip_and_checks_out(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    target = pack(_layout(tmp_path), ABOUT, work, tmp_path / "out" / "e.zip")
+    assert target.exists() and not list(work.iterdir())
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+    extracted = unzip(target, tmp_path / "x")
+    readme = (extracted / README).read_text()
+    for text in ("For: tester", "Type: dicom", "Profile: default", "Participants: P0001",
+                 "Events: baseline", "Review page"):
+        assert text in readme
+    check_manifest(target, extracted)
+
+
+def test_aes_zip_opens_with_7zip_and_the_password_only(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    steps: list[tuple[int, int]] = []
+    target = pack(_layout(tmp_path), ABOUT, work, tmp_path / "e.zip", b"s3cret pass",
+                  lambda d, t: steps.append((d, t)))
+    assert steps[-1] == (2, 2)
+    with zipfile.ZipFile(target) as zf:  # every member is encrypted (AES: method 99)
+        assert all(i.flag_bits & 1 and i.compress_type == 99 for i in zf.infolist())
+    bad = subprocess.run(["7z", "x", "-pwrong", f"-o{tmp_path / 'bad'}", str(target)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    good = subprocess.run(["7z", "x", "-ps3cret pass", f"-o{tmp_path / 'good'}", str(target)],
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout + good.stderr
+    check_manifest(target, tmp_path / "good")
+    assert b"s3cret" not in target.read_bytes()
+
+
+# --- the research PACS (C-GET) ------------------------------------------------------------------
+PROJECT_ARGS = ("project", "add", "PROJ", "--naming", "^P[0-9]{4}$", "--events",
+                "baseline,followup")
+
+
+@pytest.mark.e2e
+def test_export_from_the_research_pacs_by_c_get(tmp_path):
+    extra = {"DicomModalities": {"fiona": ["FIONA", "127.0.0.1", free_port()]}}
+    with Orthanc(tmp_path, extra=extra) as pacs:
+        gw = Gateway(tmp_path / "data", free_port(), {"DESTINATIONS": {"research": {
+            "type": "dicom", "aetitle": pacs.aet, "host": "127.0.0.1",
+            "port": pacs.dicom_port}}})
+        gw.run(*PROJECT_ARGS)
+        config = load(str(gw.config))
+        site = config.site()
+        control = open_control_plane(config, site)
+        made = make_study(tmp_path / "s", n_series=2, images_per_series=3, rows=8, cols=8)
+        project = control.project("PROJ")
+        pipeline = Pipeline(settings_for(project, "P0001", "followup",
+                                         read_secret(gw.datadir / "config" / "secret.key"),
+                                         gw.datadir))
+        out = tmp_path / "deid"
+        out.mkdir()
+        for f in made["files"]:
+            result = pipeline.process(read(f))
+            (out / f"{result.sop_uid}.dcm").write_bytes(result.encoded)
+        sent = DicomDestination("research", {"aetitle": pacs.aet, "host": "127.0.0.1",
+                                             "port": pacs.dicom_port}).send(
+            sorted(out.iterdir()))
+        assert sent.complete
+        # the original series' labels, as the indexer records them under raw/
+        raw = gw.tree.study_raw(made["study"])
+        raw.mkdir(parents=True)
+        for uid, label in zip(made["series"], (["T1", "3D"], ["DWI"]), strict=True):
+            (raw / f"{uid}.json").write_text(f'{{"ClassifyType": {label!r}}}'.replace("'", '"'))
+        control.add_participant("PROJ", "P0001")
+        req = control.add_request(TransferRequest(made["study"], "PROJ", "P0001", "followup",
+                                                  now_iso()))
+        req.mapped_uid, req.complete = pipeline.mapped_uid(made["study"]), True
+        req.done_revision = req.revision
+        control.update_request(req)
+
+        from fiona.export.profile import load as lp
+        from fiona.export.retrieve import retrieve
+        studies, _ = retrieve(config, control, gw.tree, read_secret(gw.datadir / "config" /
+                                                                    "secret.key"),
+                              "PROJ", "P0001", None, None, lp("default", gw.datadir),
+                              tmp_path / "objs")
+        assert [s.labels for s in studies[0].series] == [["T1", "3D"], ["DWI"]]
+        assert studies[0].uid == req.mapped_uid and studies[0].event == "followup"
+
+        result = job.run(config, site, control, job.ExportRequest("PROJ", "dicom", "tester"))
+        extracted = unzip(result.zip, tmp_path / "x")
+        check_manifest(result.zip, extracted)
+        got = sorted(p.relative_to(extracted).as_posix()
+                     for p in extracted.rglob("*.dcm"))
+        want = sorted(f"P0001/followup/{pydicom.dcmread(f).SeriesNumber}_"
+                      f"{clean(pydicom.dcmread(f).get('SeriesDescription', ''))}/{f.name}"
+                      for f in out.iterdir())
+        assert got == want
+        for path in extracted.rglob("*.dcm"):
+            assert pydicom.dcmread(path).PixelData == pydicom.dcmread(out / path.name).PixelData
+        assert not list((gw.datadir / "site" / "exports" / "tmp").iterdir())
+    # the PACS is down: a clear "unavailable" error, no zip
+    before = sorted((gw.datadir / "site" / "exports").glob("*.zip"))
+    with pytest.raises(ExportUnavailable, match="unavailable"):
+        job.run(config, site, control, job.ExportRequest("PROJ", "dicom", "tester"))
+    assert sorted((gw.datadir / "site" / "exports").glob("*.zip")) == before
