@@ -95,8 +95,9 @@ class Sshd:
         self.proc = None
 
 
-@pytest.fixture
-def sshd(tmp_path: Path):
+@pytest.fixture(name="sshd")
+def sshd_fixture(tmp_path: Path):
+    """A started `Sshd`, stopped (with its sessions) at the end of the test."""
     server = Sshd(tmp_path / "sshd")
     server.start()
     try:
