@@ -90,6 +90,11 @@ def _broken(folder: Path, labels: list[str], number: int = 9) -> SeriesInput:
                        labels=labels)
 
 
+def _report(studies: list[StudyInput]) -> ExportReport:
+    """An empty report with the total the export job sets: every file of every series."""
+    return ExportReport(total=sum(len(s.files) for study in studies for s in study.series))
+
+
 def _inside(root: Path, files: list[Path]) -> None:
     for f in files:
         assert f.resolve().is_relative_to(root.resolve()), f
@@ -113,9 +118,9 @@ def test_nifti_names_series_and_reports_a_failed_one(tmp_path: Path) -> None:
     series += [_broken(tmp_path / "broken", ["T1"]), _dwi(tmp_path / "dwi")]
     out = tmp_path / "out"
     out.mkdir()
-    report = ExportReport()
-    NiftiExport().build([StudyInput("P1", "P001", "baseline", generate_uid(), series=series)],
-                        out, report)
+    studies = [StudyInput("P1", "P001", "baseline", generate_uid(), series=series)]
+    report = _report(studies)
+    NiftiExport().build(studies, out, report)
 
     folder = out / "P001" / "baseline"
     names = sorted(p.name for p in folder.iterdir())
@@ -147,7 +152,7 @@ def test_hostile_names_cannot_leave_the_export(tmp_path: Path) -> None:
     for kind in (NiftiExport(), BidsExport()):
         out = tmp_path / kind.name
         out.mkdir()
-        report = ExportReport()
+        report = _report([study])
         kind.build([study], out, report)
         assert len([f for f in report.files if f.name.endswith(".nii.gz")]) == 2, report.problems
         _inside(out, report.files)
@@ -175,7 +180,7 @@ def test_bids_dataset_is_valid(tmp_path: Path) -> None:
                StudyInput("P1", "P-002", "follow_up 1", generate_uid(), series=other)]
     out = tmp_path / "out"
     out.mkdir()
-    report = ExportReport()
+    report = _report(studies)
     BidsExport().build(studies, out, report)
 
     _validate(out)
@@ -212,7 +217,7 @@ def test_bids_labels_that_collide_after_cleaning_are_reported_not_merged(tmp_pat
                                                  ("P02", "visit2"), ("---", "base")])]
     out = tmp_path / "out"
     out.mkdir()
-    report = ExportReport()
+    report = _report(studies)
     BidsExport().build(studies, out, report)
 
     _validate(out)
@@ -232,9 +237,9 @@ def test_bids_rules_come_from_the_site_override(tmp_path: Path) -> None:
     series = _study(tmp_path / "dicom", n_series=2)
     out = tmp_path / "out"
     out.mkdir()
-    report = ExportReport()
-    BidsExport(datadir=tmp_path / "site").build(
-        [StudyInput("P1", "P1", "E1", generate_uid(), series=series)], out, report)
+    studies = [StudyInput("P1", "P1", "E1", generate_uid(), series=series)]
+    report = _report(studies)
+    REGISTRY["bids"](tmp_path / "site").build(studies, out, report)   # as the export job does
 
     _validate(out)
     assert (out / "sub-P1" / "ses-E1" / "anat" / "sub-P1_ses-E1_acq-tra_T2w.nii.gz").is_file()

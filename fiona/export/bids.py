@@ -142,11 +142,12 @@ class BidsExport(ExportType):
                    "site's BIDS rules from their classification")
 
     def __init__(self, datadir: Path | None = None, rules: BidsRules | None = None) -> None:
-        """`rules`, else the site's bids.json under `datadir`, else the shipped rules."""
+        """`rules`, else the site's bids.json under `datadir`, else the shipped rules (read
+        now, so a broken site file fails the job before anything is retrieved)."""
+        super().__init__(datadir)
         self.rules = rules or BidsRules.for_site(datadir)
 
     def build(self, studies: list[StudyInput], out: Path, report: ExportReport) -> None:
-        report.total += sum(len(s.files) for study in studies for s in study.series)
         converted: list[_Converted] = []
         with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as staging:
             for index, (study, sub, ses) in enumerate(_labelled(studies, report)):

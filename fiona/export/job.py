@@ -60,11 +60,11 @@ def exports_dir(datadir: Path) -> Path:
     return Path(datadir) / "site" / "exports"
 
 
-def export_type(name: str):
+def export_type(name: str, datadir: Path | None = None):
     _load_types()
     if name not in REGISTRY:
         raise ExportError(f"no export type {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]()
+    return REGISTRY[name](datadir)
 
 
 def _load_types() -> None:
@@ -82,7 +82,7 @@ def _load_types() -> None:
 def run(config: Config, site: Site, control: ControlPlane, req: ExportRequest,
         progress: Progress | None = None) -> ExportResult:
     """Make the export `req` asks for; ExportError (or ExportUnavailable) when it cannot."""
-    kind = export_type(req.type)
+    kind = export_type(req.type, site.datadir)
     profile = load_profile(req.profile, site.datadir)
     tree = Tree(site.datadir)
     key = read_secret(site.datadir / "config" / "secret.key")

@@ -132,7 +132,6 @@ class NiftiExport(ExportType):
                    "per participant and event")
 
     def build(self, studies: list[StudyInput], out: Path, report: ExportReport) -> None:
-        report.total += sum(len(s.files) for study in studies for s in study.series)
         for study in studies:
             participant, event = clean(study.participant), clean(study.event)
             for series in study.series:

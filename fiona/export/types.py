@@ -55,6 +55,11 @@ class ExportType(ABC):
     name: str = ""
     description: str = ""
 
+    def __init__(self, datadir: Path | None = None) -> None:
+        """`datadir`: the site's data folder, where a type with rules kept as data finds the
+        site's override (DATADIR/config/...); None means the shipped defaults."""
+        self.datadir = datadir
+
     @abstractmethod
     def build(self, studies: list[StudyInput], out: Path, report: ExportReport) -> None:
         """Write the layout; append written files and per-series problems to `report`; never
