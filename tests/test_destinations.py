@@ -138,22 +138,18 @@ def test_folder_refuses_invalid_uids(tmp_path):
 
 
 def test_registry_and_open_destination(tmp_path):
-    assert set(REGISTRY) == {"folder", "dicom"}
+    assert set(REGISTRY) == {"folder", "dicom", "sftp"}  # sftp: tests/test_sftp.py
     config = parse({"DATADIR": str(tmp_path / "data"), "DESTINATIONS": {
         "research": {"type": "folder", "path": str(tmp_path / "research")},
         "pacs": {"type": "dicom", "aetitle": "PACS", "host": "127.0.0.1", "port": 4242},
-        "remote": {"type": "sftp", "host": "h", "user": "u", "key": "/k", "remote_dir": "/in"},
     }}, tmp_path / "config.json")
     folder = open_destination("research", config)
     assert isinstance(folder, FolderDestination) and folder.root == tmp_path / "research"
     pacs = open_destination("pacs", config)
     assert isinstance(pacs, DicomDestination)
     assert (pacs.query_aetitle, pacs.query_port, pacs.associations) == ("PACS", 4242, 2)
-    with pytest.raises(DestinationError, match="unknown destination 'nope'.*pacs, remote, "
-                                                "research"):
+    with pytest.raises(DestinationError, match="unknown destination 'nope'.*pacs, research"):
         open_destination("nope", config)
-    with pytest.raises(DestinationError, match="sftp"):
-        open_destination("remote", config)
     for bad in ({"aetitle": "", "host": "h", "port": 1}, {"aetitle": "A", "host": "h"},
                 {"aetitle": "A", "host": "h", "port": 70000},
                 {"aetitle": "A", "host": "h", "port": 1, "associations": 5},

@@ -138,7 +138,7 @@ class Sftp:
                            look_for_keys=False, allow_agent=False, timeout=self.timeout,
                            banner_timeout=self.timeout, auth_timeout=self.timeout)
             self.sftp = client.open_sftp()
-            self.sftp.get_channel().settimeout(self.timeout)  # type: ignore[union-attr]
+            self.sftp.get_channel().settimeout(self.timeout)
         except paramiko.BadHostKeyException as exc:
             client.close()
             raise DestinationError(
