@@ -24,9 +24,10 @@ from fiona.export import job
 from fiona.export.dicom import DicomExport
 from fiona.export.names import clean
 from fiona.export.pack import MANIFEST, README, About, pack
-from fiona.export.profile import Characteristics, ProfileError, load as load_profile, parse
+from fiona.export.profile import Characteristics, ProfileError, parse
+from fiona.export.profile import load as load_profile
 from fiona.export.pure import PureExport
-from fiona.export.retrieve import ExportError, ExportUnavailable
+from fiona.export.retrieve import ExportUnavailable, retrieve
 from fiona.export.types import ExportReport, SeriesInput, StudyInput
 from fiona.send.destinations import DicomDestination
 from helpers import Gateway, free_port, wait_for
@@ -217,11 +218,9 @@ def test_export_from_the_research_pacs_by_c_get(tmp_path):
         req.done_revision = req.revision
         control.update_request(req)
 
-        from fiona.export.profile import load as lp
-        from fiona.export.retrieve import retrieve
         studies, _ = retrieve(config, control, gw.tree, read_secret(gw.datadir / "config" /
                                                                     "secret.key"),
-                              "PROJ", "P0001", None, None, lp("default", gw.datadir),
+                              "PROJ", "P0001", None, None, load_profile("default", gw.datadir),
                               tmp_path / "objs")
         assert [s.labels for s in studies[0].series] == [["T1", "3D"], ["DWI"]]
         assert studies[0].uid == req.mapped_uid and studies[0].event == "followup"
@@ -243,3 +242,117 @@ def test_export_from_the_research_pacs_by_c_get(tmp_path):
     with pytest.raises(ExportUnavailable, match="unavailable"):
         job.run(config, site, control, job.ExportRequest("PROJ", "dicom", "tester"))
     assert sorted((gw.datadir / "site" / "exports").glob("*.zip")) == before
+
+
+# --- a folder destination, end to end, through `fiona export` -----------------------------------
+DAEMONS = ("storescp", "process-single-file", "detect-study-arrival", "anonymize-and-send")
+KEPT_OUT = {"PatientSex", "PatientBirthDate", "PatientAge"}  # the default profile removes them
+
+
+def _elements(ds: pydicom.Dataset) -> dict:
+    return {e.tag: e.value for e in ds if e.keyword not in KEPT_OUT}
+
+
+@pytest.mark.e2e
+def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
+    research = tmp_path / "research"
+    research.mkdir()
+    gw = Gateway(tmp_path / "data", free_port(), {
+        "STUDY_QUIET_SECONDS": 2,
+        "DESTINATIONS": {"research": {"type": "folder", "path": str(research)}}})
+    gw.run(*PROJECT_ARGS)
+    for daemon in DAEMONS:
+        gw.start(daemon)
+    sent = make_study(tmp_path / "s", n_series=2, images_per_series=3, rows=8, cols=8,
+                      patient_id="NID0101", patient_name="Hansen^Ingrid", accession="E2E1")
+    waiting = make_study(tmp_path / "w", n_series=1, images_per_series=2, rows=8, cols=8,
+                         patient_id="NID0101", patient_name="Hansen^Ingrid", accession="E2E2")
+    (tmp_path / "c.csv").write_text("E2E1,PROJ,P0001,followup\n")
+    gw.run("coupling", "upload", str(tmp_path / "c.csv"))
+    assert gw.storescu(tmp_path / "s").returncode == 0
+    assert gw.storescu(tmp_path / "w").returncode == 0
+    control = open_control_plane(load(str(gw.config)))
+
+    def done():
+        reqs = control.requests(sent["study"])
+        return reqs[0] if reqs and reqs[0].complete else None
+    req = wait_for(done, 180, "the request to complete")
+    wait_for(lambda: control.study(waiting["study"]), 120, "the unassigned study")
+    delivered = sorted((research / req.mapped_uid).glob("*/*.dcm"))
+    assert len(delivered) == 6
+
+    # dicom layout, plain zip, file by file
+    out = tmp_path / "exports"
+    zip_path = Path(gw.run("export", "--project", "PROJ", "--type", "dicom", "--out",
+                           str(out)).stdout.strip())
+    assert zip_path.parent == out and zip_path.suffix == ".zip"
+    extracted = unzip(zip_path, tmp_path / "x-dicom")
+    check_manifest(zip_path, extracted)
+    want = {}
+    for f in delivered:
+        ds = pydicom.dcmread(f)
+        desc = clean(ds.get("SeriesDescription", ""))
+        want[f"P0001/followup/{ds.SeriesNumber}_{desc}/{f.name}"] = ds
+    got = {p.relative_to(extracted).as_posix(): p for p in extracted.rglob("*.dcm")}
+    assert sorted(got) == sorted(want)
+    for name, path in got.items():
+        exported = pydicom.dcmread(path)
+        assert _elements(exported) == _elements(want[name])
+        assert not KEPT_OUT & {e.keyword for e in exported}
+
+    # pure layout, AES zip with the password from standard input
+    res = subprocess.run(gw.command("export", "--project", "PROJ", "--participant", "P0001",
+                                    "--event", "followup", "--type", "pure",
+                                    "--password-file", "-", "--out", str(out)),
+                         input="pure secret\n", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    pure_zip = Path(res.stdout.strip())
+    opened = subprocess.run(["7z", "x", "-ppure secret", f"-o{tmp_path / 'x-pure'}",
+                             str(pure_zip)], capture_output=True, text=True, timeout=300)
+    assert opened.returncode == 0, opened.stdout
+    check_manifest(pure_zip, tmp_path / "x-pure")
+    pure = {p.relative_to(tmp_path / "x-pure").as_posix()
+            for p in (tmp_path / "x-pure").rglob("*.dcm")}
+    assert pure == {f"PROJ/P0001/{clean(ds.StudyDate)}_{clean(ds.StudyTime)}_followup/"
+                    f"{ds.SeriesNumber:04d}_{clean(ds.get('SeriesDescription', ''))}/"
+                    f"{ds.SOPInstanceUID}.dcm"
+                    for ds in want.values()}
+
+    # unknown names: a clear error naming what exists
+    bad = gw.run("export", "--project", "PROJ", "--participant", "P9999", "--type", "dicom",
+                 check=False)
+    assert bad.returncode == 1 and "P9999" in bad.stderr and "P0001" in bad.stderr
+    bad = gw.run("export", "--project", "NOPE", "--type", "dicom", check=False)
+    assert bad.returncode == 1 and "known: PROJ" in bad.stderr
+    bad = gw.run("export", "--project", "PROJ", "--event", "week9", "--type", "dicom",
+                 check=False)
+    assert bad.returncode == 1 and "baseline, followup" in bad.stderr
+    bad = gw.run("export", "--project", "PROJ", "--type", "tiff", check=False)
+    assert bad.returncode == 1 and "dicom" in bad.stderr and "pure" in bad.stderr
+
+    # NoAssign: the waiting study, de-identified at export, without any identifier
+    zip_path = Path(gw.run("export", "--project", "PROJ", "--noassign", "--study",
+                           waiting["study"], "--participant", "P0002", "--event", "baseline",
+                           "--type", "dicom", "--out", str(out)).stdout.strip())
+    extracted = unzip(zip_path, tmp_path / "x-noassign")
+    files = sorted(extracted.rglob("*.dcm"))
+    assert len(files) == 2
+    originals = {str(pydicom.dcmread(f).SOPInstanceUID) for f in waiting["files"]}
+    for path in files:
+        data = path.read_bytes()
+        for text in (*IDENTIFIERS, waiting["study"], *waiting["series"], *originals):
+            assert text.encode() not in data, text
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientID, ds.PatientIdentityRemoved) == ("P0002", "YES")
+        assert ds.StudyInstanceUID != waiting["study"]
+        assert path.relative_to(extracted).parts[:2] == ("P0002", "baseline")
+    assert not control.requests(waiting["study"])  # no transfer request was made
+
+    # audited, the password nowhere
+    audit = (gw.datadir / "logs" / "audit.log").read_text()
+    assert audit.count('"action":"export"') == 2 and audit.count('"export-noassign"') == 1
+    assert gw.run("audit", "verify").returncode == 0
+    for path in gw.datadir.rglob("*"):
+        if path.is_file():
+            assert b"pure secret" not in path.read_bytes(), path
+    assert not list((gw.datadir / "site" / "exports" / "tmp").iterdir())
