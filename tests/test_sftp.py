@@ -194,3 +194,15 @@ def test_outbox_delivered_moved_to_done_and_a_differing_remote_file_reported(tmp
     assert "0 delivered, 3 checked again, 1 waiting" in res.stdout
     log = (gw.datadir / "logs" / "sendFiles.log").read_text()
     assert "clash.zip delivered" in log
+
+
+def test_outbox_job_without_sftp_destination(tmp_path):
+    """The cron line runs on every site: with no sftp destination and nothing queued it does
+    nothing; a queued file with nowhere to go is a configuration error (exit 2)."""
+    gw = Gateway(tmp_path / "data", free_port())
+    res = gw.run("send-files")
+    assert (res.stdout, res.stderr) == ("", "")
+    queue(gw.tree.outbox, "export.zip", b"data")
+    res = gw.run("send-files", check=False)
+    assert res.returncode == 2 and "no sftp destination" in res.stderr
+    assert (gw.tree.outbox / "export.zip").exists()

@@ -209,14 +209,19 @@ def _read_md5(sidecar: Path) -> str | None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """`fiona send-files`: 0 all delivered (or nothing to do), 1 something is left or
-    differs (each said on stderr and in logs/sendFiles.log)."""
+    differs (each said on stderr and in logs/sendFiles.log), 2 (ConfigError) files are queued
+    but there is no sftp destination to send them to."""
     from ..daemon import setup_logging
     from .destinations.sftp import SftpDestination
 
     site = config.site(args.site)
+    tree = Tree(site.datadir).make()
+    if args.destination is None and not any(
+            s.get("type") == "sftp" for s in config.destinations.values()) and not any(
+            not p.name.startswith(".") and p.is_file() for p in tree.outbox.iterdir()):
+        return 0  # a site without SFTP and nothing queued (the cron line runs everywhere)
     name, settings = destination(config, args.destination)
     dest = SftpDestination(name, settings)
-    tree = Tree(site.datadir).make()
     setup_logging(site, "sendFiles", args.verbose)
     with open(tree.outbox / LOCK, "a") as lock:
         try:
