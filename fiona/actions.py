@@ -23,13 +23,12 @@ from typing import Any
 
 from . import audit
 from .access import Actor, may_see, may_see_identified
-from .config import ENABLED_PARTS, Config, Site
+from .config import ENABLED_PARTS, Config, Site, read_switches, write_switches
 from .control import open_control_plane
 from .control.assign import COUPLING_HEADER, Assigner, CouplingReport
 from .control.base import ControlPlane, Project, Study, TransferRequest
 from .control.keyed import Keyed
 from .daemon import notify_forwarder
-from .tree import atomic_write
 from .web.sessions import SessionStore, sessions_path
 from .web.users import User, UserError, UserStore, check_role
 
@@ -277,18 +276,13 @@ class Actions:
             raise Forbidden("only admins can change the switches")
         if part not in ENABLED_PARTS:
             raise Invalid(f"unknown switch {part!r}; known: {', '.join(ENABLED_PARTS)}")
-        path = self.datadir / "config" / "enabled"
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            text = ""
-        chars = list(text.ljust(len(ENABLED_PARTS), "1"))
-        i = ENABLED_PARTS[part]
-        before = chars[i]
-        chars[i] = "1" if on else "0"
-        atomic_write(path, ("".join(chars) + "\n").encode())
-        self.audit(actor, "switch", part=part, before=before, after=chars[i])
-        return before != chars[i]
+        state = read_switches(self.datadir)
+        before = state[part]
+        state[part] = on
+        write_switches(self.datadir, state)
+        self.audit(actor, "switch", part=part, before="1" if before else "0",
+                   after="1" if on else "0")
+        return before != on
 
     # --- administration (admins only) ----------------------------------------------------------
     def need_admin(self, actor: Actor, what: str) -> None:

@@ -6,7 +6,7 @@ import json
 import secrets
 from pathlib import Path
 
-from .config import ConfigError, load
+from .config import ENABLED_PARTS, ConfigError, enabled_path, load, write_switches
 from .index.classify import SHIPPED_RULES
 from .tree import FILE_MODE, Tree, atomic_write
 
@@ -25,9 +25,8 @@ def init(datadir: Path, port: int = 11112, aetitle: str = "FIONA", ip: str = "0.
               "DESTINATIONS": {"research": {"type": "folder", "path": str(datadir / "research")}},
               **(extra or {})}
     atomic_write(cfg_path, (json.dumps(config, indent=2) + "\n").encode())
-    enabled = tree.config / "enabled"
-    if not enabled.exists():
-        atomic_write(enabled, b"111\n")
+    if not enabled_path(datadir).exists():
+        write_switches(datadir, dict.fromkeys(ENABLED_PARTS, True))
     key = tree.config / "secret.key"
     if not key.exists():
         atomic_write(key, secrets.token_hex(32).encode() + b"\n", mode=0o600)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .send import destinations as destination_kinds
+from .tree import atomic_write
 
 DEFAULT_CONFIG_PATH = "/data/config/config.json"
 
@@ -431,14 +432,25 @@ def read_secret(path: Path) -> bytes:
 ENABLED_PARTS = {"receive": 0, "scanner": 1, "reserved": 2}
 
 
+def enabled_path(datadir: Path) -> Path:
+    return datadir / "config" / "enabled"
+
+
 def read_switches(datadir: Path) -> dict[str, bool]:
     """Every part's switch in the `enabled` file, one character each in ENABLED_PARTS order;
     a missing file or character means on."""
     try:
-        text = (datadir / "config" / "enabled").read_text().strip()
+        text = enabled_path(datadir).read_text().strip()
     except FileNotFoundError:
         text = ""
     return {part: not (len(text) > i and text[i] == "0") for part, i in ENABLED_PARTS.items()}
+
+
+def write_switches(datadir: Path, state: dict[str, bool]) -> None:
+    """Write the `enabled` file: `1` (on) or `0` (off) per part, in ENABLED_PARTS order."""
+    text = "".join("1" if state[part] else "0"
+                   for part, _ in sorted(ENABLED_PARTS.items(), key=lambda kv: kv[1]))
+    atomic_write(enabled_path(datadir), f"{text}\n".encode())
 
 
 def is_enabled(datadir: Path, part: str) -> bool:
