@@ -11,16 +11,18 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from datetime import datetime
 
 import pytest
 
 from fiona.clock import FakeClock
 from fiona.config import load
+from fiona.ctl import Target, kill
 from fiona.ops.heartbeat import Heartbeat
 from fiona.suite import INDEXER, RECEIVER
 from helpers import Gateway, dcmtk, wait_for
-from procs import alive
+from procs import alive, spawn
 
 pytestmark = pytest.mark.e2e
 
@@ -95,3 +97,27 @@ def test_an_indexer_silent_past_its_limit_is_restarted(gateway: Gateway):
         assert second != first and alive(second)
     finally:
         ctl(gateway, "stop", "process-single-file")
+
+
+HOLDS_THE_LOCK_AND_IGNORES_SIGTERM = """
+import signal, sys, time
+from fiona.config import load
+from fiona.daemon import PidFile
+from fiona.suite import INDEXER
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+PidFile(load(sys.argv[1]).site(None), INDEXER).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_daemon_that_ignores_sigterm_is_killed_after_the_grace(gateway: Gateway):
+    """The heartbeat's stop of a hung daemon: SIGTERM, then SIGKILL to the lock holder."""
+    proc = spawn([sys.executable, "-c", HOLDS_THE_LOCK_AND_IGNORES_SIGTERM, str(gateway.config)],
+                 stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    target = Target(load(str(gateway.config)), INDEXER, load(str(gateway.config)).site(None))
+    assert target.pid() == proc.pid
+    assert kill(target, grace=2) == proc.pid
+    assert proc.wait(30) == -signal.SIGKILL
+    assert target.pid() is None
