@@ -14,12 +14,10 @@ left running the session would still report it.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from playwright.sync_api import sync_playwright
 
-from procs import MODULE_VAR, TEST_VAR
+from procs import session_wide
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -35,11 +33,8 @@ def browser_type_launch_args(browser_type_launch_args):
 def playwright(_pw_api_request_contexts):
     """pytest-playwright's fixture, with the driver started outside any test's or module's
     process mark."""
-    marks = {var: os.environ.pop(var) for var in (TEST_VAR, MODULE_VAR) if var in os.environ}
-    try:
+    with session_wide():
         pw = sync_playwright().start()
-    finally:
-        os.environ.update(marks)
     if _pw_api_request_contexts:
         _pw_api_request_contexts.instrument(pw)
     yield pw

@@ -12,6 +12,8 @@ Three layers, from fine to coarse:
 - At the end of the session, a process that still carries the session's mark, or names the
   session's basetemp on its command line, fails the run (and is killed).
 
+A session-scoped fixture that starts a process starts it inside `session_wide()`.
+
 conftest.py imports the fixtures and hooks by name, which is how pytest finds them.
 """
 
@@ -23,6 +25,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,6 +159,17 @@ def stop(procs: Iterable[subprocess.Popen], find: Callable[[], Iterable[int]] = 
         except subprocess.TimeoutExpired:
             pass
     return sorted(killed)
+
+
+@contextmanager
+def session_wide() -> Iterator[None]:
+    """For session-scoped fixtures: what starts inside carries the session's mark only, so the
+    test or module that happened to need it first does not stop it at its end."""
+    marks = {var: os.environ.pop(var) for var in (TEST_VAR, MODULE_VAR) if var in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(marks)
 
 
 def _stop_since(mark: int, var: str, value: str) -> None:
