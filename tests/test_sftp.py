@@ -18,7 +18,7 @@ from fiona.config import ConfigError, parse
 from fiona.send.destinations import DestinationError, open_destination
 from fiona.send.destinations.sftp import SftpDestination
 from helpers import Gateway, free_port, wait_for
-from sshd import keygen, sshd_fixture  # noqa: F401  (the fixture `sshd`)
+from sshd import Sshd, keygen, sshd_fixture  # noqa: F401  (the fixture `sshd`)
 from test_forward import completed, couple, requests
 
 
@@ -114,14 +114,19 @@ def test_server_killed_mid_upload_then_restarted_completes_once(tmp_path, sshd):
     assert dest.count_instances(study["study"]) == {study["series"][0]: 2}
 
 
-@pytest.mark.e2e
-def test_study_forwarded_to_sftp_arrives_deidentified_and_verified(tmp_path, sshd):
+def forwarding_gateway(tmp_path: Path, server: Sshd) -> Gateway:
     gw = Gateway(tmp_path / "data", free_port(), {
-        "STUDY_QUIET_SECONDS": 2, "DESTINATIONS": {"research": sshd.settings()}})
+        "STUDY_QUIET_SECONDS": 2, "DESTINATIONS": {"research": server.settings()}})
     gw.run("project", "add", "PROJ", "--naming", "^P[0-9]{4}$", "--events", "baseline")
     for daemon in ("storescp", "process-single-file", "detect-study-arrival",
                    "anonymize-and-send"):
         gw.start(daemon)
+    return gw
+
+
+@pytest.mark.e2e
+def test_study_forwarded_to_sftp_arrives_deidentified_and_verified(tmp_path, sshd):
+    gw = forwarding_gateway(tmp_path, sshd)
     study = make_study(tmp_path / "s", n_series=2, images_per_series=3, patient_id="NID0202",
                        patient_name="Berg^Nils", accession="SFTP1")
     couple(gw, tmp_path, "SFTP1", "P0002", "baseline")
@@ -136,6 +141,27 @@ def test_study_forwarded_to_sftp_arrives_deidentified_and_verified(tmp_path, ssh
         assert ds.PatientID == "P0002" and ds.StudyInstanceUID == req.mapped_uid
         assert "Berg" not in str(ds.PatientName) and ds.get("AccessionNumber", "") != "SFTP1"
     assert len(requests(gw, study["study"])) == 1
+
+
+@pytest.mark.e2e
+def test_server_down_shows_on_the_request_and_the_study_goes_when_it_is_back(tmp_path, sshd):
+    gw = forwarding_gateway(tmp_path, sshd)
+    sshd.stop()
+    study = make_study(tmp_path / "s", n_series=1, images_per_series=2, accession="SFTP2")
+    couple(gw, tmp_path, "SFTP2", "P0003", "baseline")
+    assert gw.storescu(tmp_path / "s").returncode == 0
+
+    def waiting():
+        reqs = requests(gw, study["study"])
+        return reqs[0] if reqs and "destination unavailable, retrying" in reqs[0].error_message \
+            else None
+
+    req = wait_for(waiting, 180, "the request to show the unreachable server")
+    assert not req.complete and "cannot connect" in req.error_message
+    sshd.start()
+    req = completed(gw, study["study"])
+    assert not req.error_message and not req.error_flags
+    assert len(remote_files(sshd.remote)) == 2
 
 
 def queue(outbox: Path, name: str, data: bytes, md5: str | None = None) -> Path:

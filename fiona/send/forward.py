@@ -146,10 +146,16 @@ class Forwarder:
                  outcome.dropped, outcome.masked)
 
     def _retry_later(self, req: TransferRequest, exc: Exception) -> None:
-        """Keep the request pending and try again later, waiting longer each time."""
+        """Keep the request pending and try again later, waiting longer each time; a
+        destination's reason shows on the request (written when it changes)."""
         delay = self._backoff.failed(identity(req))
         log.warning("study %s for %s: destination unavailable (%s); retrying in %d s",
                     req.study_uid, req.project, exc, delay)
+        message = f"destination unavailable, retrying: {exc}"
+        if isinstance(exc, DestinationUnavailable) and (req.error_message != message
+                                                        or req.error_flags):
+            req.error_message, req.error_flags, req.complete = message, set(), False
+            self.control.update_request(req)  # done_revision unchanged: still pending
 
     def _hold(self, req: TransferRequest, reason: str) -> None:
         """Keep the request pending, neither sent nor failed, with the reason on it (written
