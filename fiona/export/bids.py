@@ -268,12 +268,8 @@ def _shown(values: set[str]) -> str:
 
 def _add_task_name(image: Image, task: str) -> None:
     """BIDS requires TaskName in a func sidecar; dcm2niix cannot know it."""
-    sidecar = image.files.get(".json")
-    if sidecar is None:
-        sidecar = image.nifti.with_name(image.nifti.name[:-len(".nii.gz")] + ".json")
-        image.files[".json"] = sidecar
-        meta: dict = {}
-    else:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    stem = image.nifti.name[:-len(".nii.gz")]
+    sidecar = image.files.setdefault(".json", image.nifti.with_name(stem + ".json"))
+    meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
     meta["TaskName"] = task
     sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
