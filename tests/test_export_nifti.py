@@ -78,6 +78,19 @@ def _dwi(folder: Path) -> SeriesInput:
     return _series(made["files"])
 
 
+def _two_echoes(folder: Path) -> SeriesInput:
+    """The T2 series acquired with two echoes: dcm2niix makes one image per echo."""
+    made = make_study(folder, n_series=2, images_per_series=IMAGES, seed=13)
+    files = made["files"][IMAGES:]
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        echo, z = divmod(i, IMAGES // 2)
+        ds.EchoNumbers, ds.EchoTime = echo + 1, str(40.0 + 60 * echo)
+        ds.ImagePositionPatient = [0, 0, float(z)]
+        ds.save_as(path)
+    return _series(files)
+
+
 def _broken(folder: Path, labels: list[str], number: int = 9) -> SeriesInput:
     """A series dcm2niix cannot convert: its files are not DICOM."""
     folder.mkdir(parents=True)
@@ -271,3 +284,27 @@ def test_the_shipped_rules_load_and_name_the_default_labels() -> None:
     assert {k: getattr(v, "suffix", v) for k, v in suffixes.items()} == {
         "T1": "T1w", "T2": "T2w", "FLAIR": "FLAIR", "DWI": "dwi", "fMRI": "bold"}
     assert isinstance(rules.match(["T1", "localizer"]), str)
+
+
+def test_a_series_with_several_images(tmp_path: Path) -> None:
+    """nifti keeps each echo under dcm2niix's postfix; bids reports the series, since its rule
+    names one image."""
+    series = _two_echoes(tmp_path / "dicom")
+    assert "T2" in series.labels
+    studies = [StudyInput("P1", "P1", "E1", generate_uid(), series=[series])]
+    out = tmp_path / "nifti"
+    out.mkdir()
+    report = _report(studies)
+    NiftiExport().build(studies, out, report)
+    assert sorted(p.name for p in report.files) == sorted(
+        f"P1_E1_0002_t2_tse_tra_e{echo}{ext}" for echo in (1, 2) for ext in (".json", ".nii.gz"))
+    assert not report.problems
+
+    out = tmp_path / "bids"
+    out.mkdir()
+    report = _report(studies)
+    BidsExport().build(studies, out, report)
+    assert not list(out.glob("sub-*"))
+    assert len(report.problems) == 2, report.problems
+    assert "dcm2niix made 2 images" in report.problems[0]
+    assert "the dataset is empty" in report.problems[1]
