@@ -232,3 +232,20 @@ def test_outbox_job_without_sftp_destination(tmp_path):
     res = gw.run("send-files", check=False)
     assert res.returncode == 2 and "no sftp destination" in res.stderr
     assert (gw.tree.outbox / "export.zip").exists()
+
+
+def test_replacing_a_file_drops_the_servers_sidecar_of_the_old_one(tmp_path, sshd):
+    """The destination replaces a different file of the same name (as a PACS overwrites an
+    instance); the server's checksum file described the old contents and must not fail the
+    new upload's verification."""
+    dest = SftpDestination("remote", sshd.settings())
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_bytes(b"old contents")
+    new.write_bytes(b"new contents!")
+    remote = str(sshd.remote / "f.dcm")
+    assert dest.run(lambda sftp: sftp.put(old, remote)) is True
+    (sshd.remote / "f.dcm.md5").write_text(hashlib.md5(b"old contents").hexdigest() + "\n")
+    assert dest.run(lambda sftp: sftp.put(old, remote)) is False  # the sidecar agrees
+    assert dest.run(lambda sftp: sftp.put(new, remote)) is True
+    assert (sshd.remote / "f.dcm").read_bytes() == b"new contents!"
+    assert [p.name for p in sshd.remote.iterdir()] == ["f.dcm"]

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CALLING_AE", "REGISTRY", "SETTINGS", "Destination", "DestinationError",
            "DestinationSettings", "DestinationUnavailable", "DicomDestination", "DicomSettings",
-           "FolderDestination", "FolderSettings", "SendResult", "SftpDestination", "SftpSettings", "_nodelay",
-           "_quiesce", "_release", "_status_text", "open_destination", "validate"]
+           "FolderDestination", "FolderSettings", "SendResult", "SftpDestination",
+           "SftpSettings", "_nodelay", "_quiesce", "_release", "_status_text",
+           "open_destination", "validate"]
 
 
 def open_destination(name: str, config: Config) -> Destination:

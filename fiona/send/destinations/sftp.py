@@ -240,6 +240,9 @@ class Sftp:
             if not replace:
                 raise RemoteDiffers(f"{remote} is already on the server and differs ("
                                     f"{difference}); it was not replaced")
+            for _, suffix in SIDECARS:  # they describe the old contents
+                if self.size(remote + suffix) is not None:
+                    self.client.remove(remote + suffix)
         folder, name = PurePosixPath(remote).parent, PurePosixPath(remote).name
         temp = str(folder / f".{name}.part")
         with open(local, "rb") as src, self.client.open(temp, "wb") as dst:
