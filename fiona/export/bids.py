@@ -160,10 +160,10 @@ class BidsExport(ExportType):
                         converted.append(_Converted(sub, ses, rule, image, order))
                     report.done += len(series.files)
             self._place(converted, out, report)
-        subjects = sorted({c.sub for c in converted})
-        if not subjects:
-            report.problems.append("no series could be named in BIDS: the dataset is empty")
-        self._describe(studies, subjects, out, report)
+        if subjects := sorted({c.sub for c in converted}):
+            self._describe(studies, subjects, out, report)
+        else:   # no dataset at all: the job then fails with these problems, offers no empty zip
+            report.problems.append("no series could be named in BIDS: no dataset written")
 
     def _convert(self, series: SeriesInput, staging: Path, where: str,
                  report: ExportReport) -> tuple[Rule, Image] | None:
