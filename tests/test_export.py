@@ -18,7 +18,7 @@ import pytest
 from dicomgen import make_study
 from fiona.config import load, read_secret
 from fiona.control import open_control_plane
-from fiona.control.base import TransferRequest, now_iso
+from fiona.control.base import InventoryEntry, TransferRequest, now_iso
 from fiona.deid.pipeline import Pipeline, read, settings_for
 from fiona.export import job
 from fiona.export.dicom import DicomExport
@@ -28,6 +28,7 @@ from fiona.export.profile import Characteristics, ProfileError, parse
 from fiona.export.profile import load as load_profile
 from fiona.export.pure import PureExport
 from fiona.export.retrieve import ExportUnavailable, retrieve
+from fiona.export.spectroscopy import SIEMENS_SPECTROSCOPY, SpectroscopyExport
 from fiona.export.types import ExportReport, SeriesInput, StudyInput
 from fiona.send.destinations import DicomDestination
 from helpers import Gateway, free_port, wait_for
@@ -104,6 +105,18 @@ def test_hostile_series_descriptions_stay_inside_the_export(tmp_path, kind):
             {("PROJ", "P0001", "2026_unknown_etc")}
         assert {p.parent.name for p in report.files} >= {"0007_T1_MPRAGE_sag_æøå",
                                                          "unknown_etc_passwd", "0001_abs_path"}
+
+
+def test_spectroscopy_takes_only_siemens_spectroscopy_objects_in_the_pure_layout(tmp_path):
+    study = _study(tmp_path, ["svs_se_30", "t1_mprage"])
+    study.series[0].sop_classes = {SIEMENS_SPECTROSCOPY}
+    study.series[1].sop_classes = {"1.2.840.10008.5.1.4.1.1.4"}
+    out = tmp_path / "out"
+    out.mkdir()
+    report = ExportReport()
+    SpectroscopyExport().build([study], out, report)
+    assert [p.relative_to(out).parts[:4] for p in report.files] == \
+        [("PROJ", "P0001", "2026_unknown_etc", "unknown_svs_se_30")]
 
 
 def test_profiles_are_data_with_site_overrides(tmp_path):
@@ -237,6 +250,26 @@ def test_export_from_the_research_pacs_by_c_get(tmp_path):
         for path in extracted.rglob("*.dcm"):
             assert pydicom.dcmread(path).PixelData == pydicom.dcmread(out / path.name).PixelData
         assert not list((gw.datadir / "site" / "exports" / "tmp").iterdir())
+
+        # a study only the inventory knows (delivered by another FIONA): exported too
+        other = make_study(tmp_path / "o", n_series=1, images_per_series=2, rows=8, cols=8)
+        elsewhere = Pipeline(settings_for(project, "P0002", "baseline", b"x" * 32, gw.datadir))
+        files = []
+        for f in other["files"]:
+            result = elsewhere.process(read(f))
+            files.append(tmp_path / "deid" / f"{result.sop_uid}.dcm")
+            files[-1].write_bytes(result.encoded)
+        assert DicomDestination("research", {"aetitle": pacs.aet, "host": "127.0.0.1",
+                                             "port": pacs.dicom_port}).send(files).complete
+        control.add_participant("PROJ", "P0002")
+        control.replace_inventory("PROJ", [InventoryEntry(
+            elsewhere.mapped_uid(other["study"]), "PROJ", "P0002", "baseline")])
+        result = job.run(config, site, control, job.ExportRequest("PROJ", "pure", "tester",
+                                                                  participant="P0002"))
+        with zipfile.ZipFile(result.zip) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".dcm")]
+        assert sorted(Path(n).name for n in names) == sorted(f.name for f in files)
+        assert all(n.startswith("PROJ/P0002/") and "_baseline/" in n for n in names)
     # the PACS is down: a clear "unavailable" error, no zip
     before = sorted((gw.datadir / "site" / "exports").glob("*.zip"))
     with pytest.raises(ExportUnavailable, match="unavailable"):

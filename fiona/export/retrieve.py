@@ -1,12 +1,14 @@
 """Gathering a project's de-identified studies for an export, from where they were delivered.
 
 Which studies: the completed transfer requests of the control plane (a request's
-`mapped_uid` is the de-identified StudyInstanceUID), filtered by participant, event and study
-(its original or de-identified UID). Where from: the project's destination as the forwarder
-picks it (`send.forward.destination_name`): a `folder` destination by reading its files
-(`<root>/<mapped study>/<series>/<SOP>.dcm`), a `dicom` destination (the research PACS) by
-C-FIND and C-GET through Review's PACS client (storage contexts with SCP role selection,
-TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
+`mapped_uid` is the de-identified StudyInstanceUID), and the studies the inventory of the
+research PACS lists for the project that no request names (delivered by another FIONA; no
+original is known for them, so no labels or patient characteristics), filtered by participant,
+event and study (its original or de-identified UID). Where from: the project's destination
+as the forwarder picks it (`send.forward.destination_name`): a `folder` destination by reading
+its files (`<root>/<mapped study>/<series>/<SOP>.dcm`), a `dicom` destination (the research
+PACS) by C-FIND and C-GET through Review's PACS client (storage contexts with SCP role
+selection, TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
 
 Every object is passed through the export profile and written as `<work>/<mapped study>/
 <SOP>.dcm`; the series' classification labels are those of the ORIGINAL series, found through
@@ -96,6 +98,13 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
             continue
         found[req.mapped_uid] = Selected(req.study_uid, req.mapped_uid, req.participant,
                                          req.event)
+    for entry in control.inventory(project):  # delivered otherwise (another FIONA, by hand)
+        if entry.study_uid in found or entry.project != project:
+            continue
+        if (participant is None or entry.participant == participant) and \
+                (event is None or entry.event == event):
+            found[entry.study_uid] = Selected("", entry.study_uid, entry.participant,
+                                              entry.event)
     chosen = [s for s in found.values() if study is None or study in (s.original, s.mapped)]
     if not chosen:
         what = " ".join(f"{k} {v}" for k, v in (("participant", participant), ("event", event))
@@ -188,6 +197,8 @@ def open_source(config: Config, project: Project) -> Source:
 def original_labels(tree: Tree, pipeline: Pipeline, original: str) -> dict[str, list[str]]:
     """De-identified SeriesInstanceUID -> ClassifyType of the original series (raw/ JSONs)."""
     labels: dict[str, list[str]] = {}
+    if not original:
+        return labels
     folder = tree.study_raw(valid_uid(original, "StudyInstanceUID"))
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         try:
@@ -202,6 +213,8 @@ def original_labels(tree: Tree, pipeline: Pipeline, original: str) -> dict[str, 
 
 def original_characteristics(tree: Tree, original: str) -> Characteristics:
     """Sex, birth year and age at study from the first readable original object."""
+    if not original:
+        return Characteristics()
     folder = tree.study_raw(valid_uid(original, "StudyInstanceUID"))
     for path in sorted(folder.glob("*/*")) if folder.is_dir() else ():
         try:
