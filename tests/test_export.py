@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
+import stat
 import subprocess
 import zipfile
 from pathlib import Path
@@ -238,7 +239,11 @@ def test_export_from_the_research_pacs_by_c_get(tmp_path):
         assert [s.labels for s in studies[0].series] == [["T1", "3D"], ["DWI"]]
         assert studies[0].uid == req.mapped_uid and studies[0].event == "followup"
 
-        result = job.run(config, site, control, job.ExportRequest("PROJ", "dicom", "tester"))
+        steps: list[tuple[str, int, int]] = []
+        result = job.run(config, site, control, job.ExportRequest("PROJ", "dicom", "tester"),
+                         lambda *step: steps.append(step))
+        assert ("retrieving", 6, 0) in steps and steps[-1] == ("packing", 6, 6)
+        assert stat.S_IMODE(result.zip.stat().st_mode) == 0o640
         extracted = unzip(result.zip, tmp_path / "x")
         check_manifest(result.zip, extracted)
         got = sorted(p.relative_to(extracted).as_posix()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyzipper
 
-from ..tree import fsync_dir
+from ..tree import FILE_MODE, fsync_dir
 
 README = "README.txt"
 MANIFEST = "MANIFEST.csv"
@@ -89,6 +89,7 @@ def pack(layout: Path, about: About, work: Path, target: Path, password: bytes |
         manifest = ("\n".join(rows) + "\n").encode()
         zf.writestr(MANIFEST, manifest)
     with open(partial, "rb+") as fh:
+        os.fchmod(fh.fileno(), FILE_MODE)  # images of people: not for every local user
         os.fsync(fh.fileno())
     target.parent.mkdir(parents=True, exist_ok=True)
     _write(target.with_name(target.name + ".manifest.csv"), manifest)
@@ -116,4 +117,5 @@ def _open_zip(path: Path, password: bytes | None) -> zipfile.ZipFile:
 def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
+    tmp.chmod(FILE_MODE)
     os.replace(tmp, path)
