@@ -20,6 +20,8 @@ from dicomgen import make_study
 from fiona.config import load, read_secret
 from fiona.control import open_control_plane
 from fiona.control.base import InventoryEntry, TransferRequest, now_iso
+from fiona.deid.gate import check
+from fiona.deid.identifiers import Identifiers
 from fiona.deid.pipeline import Pipeline, read, settings_for
 from fiona.export import job
 from fiona.export.dicom import DicomExport
@@ -376,8 +378,13 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
     files = sorted(extracted.rglob("*.dcm"))
     assert len(files) == 2
     originals = {str(pydicom.dcmread(f).SOPInstanceUID) for f in waiting["files"]}
+    ids = Identifiers.from_dataset(pydicom.dcmread(waiting["files"][0]))
+    allowed = Pipeline(settings_for(control.project("PROJ"), "P0002", "baseline",
+                                    read_secret(gw.datadir / "config" / "secret.key"),
+                                    gw.datadir)).allowed
     for path in files:
         data = path.read_bytes()
+        check(pydicom.dcmread(path), data, ids, allowed)  # the verification gate's checks
         for text in (*IDENTIFIERS, waiting["study"], *waiting["series"], *originals):
             assert text.encode() not in data, text
         ds = pydicom.dcmread(path)
