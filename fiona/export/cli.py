@@ -67,16 +67,23 @@ def run(config: Config, args: argparse.Namespace) -> int:
     site = config.site(args.site)
     setup_logging(site, "export", args.verbose)
     tty = sys.stderr.isatty()
+    shown = {"phase": ""}  # the phase whose bar is on the current line ("" when none)
 
     def progress(phase: str, done: int, total: int) -> None:
         if not tty:
             return
+        if shown["phase"] and shown["phase"] != phase:
+            print(file=sys.stderr)  # keep the finished phase's line
         if total:
             filled = 30 * done // total
             bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
         else:
             bar = f"{done} images"
         print(f"\r\x1b[Kexport: {phase} {bar}", end="", file=sys.stderr, flush=True)
+        shown["phase"] = phase
+        if total and done == total:
+            print(file=sys.stderr)  # the bar is full: log lines may follow
+            shown["phase"] = ""
 
     try:
         password = read_password(args.password_file)
@@ -85,12 +92,10 @@ def run(config: Config, args: argparse.Namespace) -> int:
                                 args.noassign)
         result = run_export(config, site, open_control_plane(config, site), request, progress)
     except (ExportError, ProfileError, ControlPlaneError, OSError, ValueError) as exc:
-        if tty:
+        if shown["phase"]:
             print(file=sys.stderr)
         print(f"fiona export: {exc}", file=sys.stderr)
         return 1
-    if tty:
-        print(file=sys.stderr)
     for problem in result.report.problems:
         print(f"fiona export: not included: {problem}", file=sys.stderr)
     print(result.zip)

@@ -283,7 +283,7 @@ def retrieve(config: Config, control: ControlPlane, tree: Tree, key: bytes, proj
         studies.append(collector.study(project, sel, source.objects(sel.mapped),
                                        original_labels(tree, pipeline, sel.original),
                                        original_characteristics(tree, sel.original)))
-        log.info("export of %s: study %s retrieved (%d objects so far)", project, sel.mapped,
+        log.debug("export of %s: study %s retrieved (%d objects so far)", project, sel.mapped,
                  collector.count)
     return studies, collector
 
