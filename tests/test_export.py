@@ -358,6 +358,14 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
                     f"{ds.SOPInstanceUID}.dcm"
                     for ds in want.values()}
 
+    # the original series' labels (from the indexer, through the keyed UID mapping) reach
+    # the types that need them: BIDS names the T1 and T2 series by their classification
+    bids = Path(gw.run("export", "--project", "PROJ", "--type", "bids", "--out",
+                       str(out)).stdout.strip())
+    with zipfile.ZipFile(bids) as zf:
+        images = sorted(n.rsplit("/", 1)[-1] for n in zf.namelist() if n.endswith(".nii.gz"))
+    assert images == ["sub-P0001_ses-followup_T1w.nii.gz", "sub-P0001_ses-followup_T2w.nii.gz"]
+
     # unknown names: a clear error naming what exists
     bad = gw.run("export", "--project", "PROJ", "--participant", "P9999", "--type", "dicom",
                  check=False)
@@ -395,7 +403,7 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
 
     # audited, the password nowhere
     audit = (gw.datadir / "logs" / "audit.log").read_text()
-    assert audit.count('"action":"export"') == 2 and audit.count('"export-noassign"') == 1
+    assert audit.count('"action":"export"') == 3 and audit.count('"export-noassign"') == 1
     assert gw.run("audit", "verify").returncode == 0
     for path in gw.datadir.rglob("*"):
         if path.is_file():
