@@ -404,6 +404,7 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
     # audited, the password nowhere
     audit = (gw.datadir / "logs" / "audit.log").read_text()
     assert audit.count('"action":"export"') == 3 and audit.count('"export-noassign"') == 1
+    assert all('"user":"os:' in line for line in audit.splitlines() if '"export' in line)
     assert gw.run("audit", "verify").returncode == 0
     for path in gw.datadir.rglob("*"):
         if path.is_file():

@@ -6,7 +6,6 @@ the command line (where `ps` shows it), and is never logged or stored."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +55,7 @@ def read_password(source: str | None) -> bytes | None:
 
 def run(config: Config, args: argparse.Namespace) -> int:
     """`fiona export`: 0 with the zip's path on stdout, 1 with the reason on stderr."""
+    from ..actions import OsActor
     from ..control import open_control_plane
     from ..control.base import ControlPlaneError
     from ..daemon import setup_logging
@@ -87,7 +87,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
     try:
         password = read_password(args.password_file)
-        request = ExportRequest(args.project, args.type, getpass.getuser(), args.participant,
+        request = ExportRequest(args.project, args.type, OsActor.current().name, args.participant,
                                 args.event, args.study, args.profile, password, args.out,
                                 args.noassign)
         result = run_export(config, site, open_control_plane(config, site), request, progress)
