@@ -29,7 +29,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ..config import Config
-from ..control.base import ControlPlane, ControlPlaneError, Project
+from ..control.base import ControlPlane, ControlPlaneError, Project, Unavailable
 from ..deid.pipeline import Pipeline, ProjectRules, settings_for
 from ..review.pacs import ReviewPacs
 from ..send.destinations import DestinationError, DestinationUnavailable
@@ -76,6 +76,8 @@ def check_request(control: ControlPlane, project: str, participant: str | None,
         if event is not None:
             proj.check_event(event)
         known = sorted(control.participants(project))
+    except Unavailable as exc:
+        raise ExportUnavailable(f"the control plane is unavailable: {exc}") from None
     except ControlPlaneError as exc:
         raise ExportError(str(exc)) from None
     if participant is not None and participant not in known:
@@ -89,7 +91,11 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
     """The project and its delivered studies matching the filters (ExportError when none)."""
     proj = check_request(control, project, participant, event)
     found: dict[str, Selected] = {}
-    for req in control.requests():
+    try:
+        requests, inventory = control.requests(), control.inventory(project)
+    except Unavailable as exc:
+        raise ExportUnavailable(f"the control plane is unavailable: {exc}") from None
+    for req in requests:
         if req.project != project or not req.complete or not req.mapped_uid:
             continue
         if participant is not None and req.participant != participant:
@@ -98,7 +104,7 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
             continue
         found[req.mapped_uid] = Selected(req.study_uid, req.mapped_uid, req.participant,
                                          req.event)
-    for entry in control.inventory(project):  # delivered otherwise (another FIONA, by hand)
+    for entry in inventory:  # delivered otherwise (another FIONA, by hand)
         if entry.study_uid in found or entry.project != project:
             continue
         if (participant is None or entry.participant == participant) and \
