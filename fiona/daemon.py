@@ -38,6 +38,21 @@ def notify_forwarder(site: Site) -> None:
 #: data set, identifiers included): WARNING and up only, everything with -v
 QUIET_LOGGERS = ("pynetdicom", "pydicom", "urllib3", "watchdog", "uvicorn.access")
 
+
+class NoTraceback(logging.Filter):
+    """A third-party error without its traceback. pynetdicom logs a peer that drops the
+    connection (the research PACS restarting) as an exception with a stack; FIONA's own line
+    already says what happened and what it does next, and a traceback in a log means a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] in QUIET_LOGGERS:
+            kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+            record.msg = f"{record.getMessage()} ({kind})"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 #: set by `fiona up` in its daemons' environment: the daemon exits when that process dies
 SUPERVISOR_VAR = "FIONA_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
@@ -75,6 +90,8 @@ def log_to(path: Path, verbose: bool = False) -> Path:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
         handler.setFormatter(fmt)
+        if not verbose:  # a filter on the handler sees the child loggers' records too
+            handler.addFilter(NoTraceback())
         root.addHandler(handler)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)

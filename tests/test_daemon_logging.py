@@ -43,3 +43,23 @@ def test_third_party_loggers_quiet_unless_verbose(gateway: Gateway, verbose: boo
         assert any(" INFO " in line for line in pynetdicom_lines), log
     else:
         assert pynetdicom_lines == [], log
+
+
+def test_third_party_errors_are_logged_without_a_traceback(gateway: Gateway):
+    """pynetdicom logs a dropped connection with its stack (the soak found them in the
+    forwarder's log when Orthanc stopped mid-send); the daemons keep the line, not the stack."""
+    import logging
+
+    from fiona.config import load
+    from fiona.daemon import setup_logging
+
+    path = setup_logging(load(str(gateway.config)).site(None), "tbtest")
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError:
+        logging.getLogger("pynetdicom.transport").exception("Connection lost to %s", "PACS")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = path.read_text()
+    assert "Connection lost to PACS (ConnectionResetError)" in text
+    assert "Traceback" not in text
