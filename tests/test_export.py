@@ -400,10 +400,15 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
         assert ds.StudyInstanceUID != waiting["study"]
         assert path.relative_to(extracted).parts[:2] == ("P0002", "baseline")
     assert not control.requests(waiting["study"])  # no transfer request was made
+    bids = Path(gw.run("export", "--project", "PROJ", "--noassign", "--study",
+                       waiting["study"], "--participant", "P0002", "--event", "baseline",
+                       "--type", "bids", "--out", str(out)).stdout.strip())
+    with zipfile.ZipFile(bids) as zf:  # the labels of the original series, as for the others
+        assert "sub-P0002/ses-baseline/anat/sub-P0002_ses-baseline_T1w.nii.gz" in zf.namelist()
 
     # audited, the password nowhere
     audit = (gw.datadir / "logs" / "audit.log").read_text()
-    assert audit.count('"action":"export"') == 3 and audit.count('"export-noassign"') == 1
+    assert audit.count('"action":"export"') == 3 and audit.count('"export-noassign"') == 2
     assert all('"user":"os:' in line for line in audit.splitlines() if '"export' in line)
     assert gw.run("audit", "verify").returncode == 0
     for path in gw.datadir.rglob("*"):

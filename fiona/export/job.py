@@ -22,12 +22,14 @@ from .. import audit
 from ..config import Config, Site, read_secret
 from ..control.base import ControlPlane
 from ..tree import Tree, ensure_dir
-from . import dicom, noassign, pure, spectroscopy  # noqa: F401  (they register their types)
+
+# the type modules register their types on import
+from . import bids, dicom, nifti, noassign, pure, spectroscopy  # noqa: F401
 from .names import clean
 from .pack import About, pack
 from .profile import load as load_profile
 from .retrieve import Collector, ExportError, original_characteristics, retrieve
-from .types import REGISTRY, ExportReport, StudyInput
+from .types import REGISTRY, ExportReport, ExportType, StudyInput
 
 log = logging.getLogger("fiona.export")
 
@@ -60,23 +62,12 @@ def exports_dir(datadir: Path) -> Path:
     return Path(datadir) / "site" / "exports"
 
 
-def export_type(name: str, datadir: Path | None = None):
-    _load_types()
+def export_type(name: str, datadir: Path | None = None) -> ExportType:
+    """A new instance of the export type `name` for the site at `datadir`, or ExportError
+    naming the known types."""
     if name not in REGISTRY:
         raise ExportError(f"no export type {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](datadir)
-
-
-def _load_types() -> None:
-    """Register the optional types that live in their own modules when present."""
-    import importlib
-
-    for module in ("nifti", "bids"):
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
 
 
 def run(config: Config, site: Site, control: ControlPlane, req: ExportRequest,
@@ -96,7 +87,8 @@ def run(config: Config, site: Site, control: ControlPlane, req: ExportRequest,
             _proj, sel, pipeline = noassign.prepare(control, tree, key, req.project,
                                                     req.participant, req.event, req.study)
             studies = [collector.study(req.project, sel, noassign.objects(tree, pipeline, sel),
-                                       {}, original_characteristics(tree, sel.original))]
+                                       noassign.labels(pipeline),
+                                       original_characteristics(tree, sel.original))]
         else:
             studies, collector = retrieve(config, control, tree, key, req.project,
                                           req.participant, req.event, req.study, profile,

@@ -51,6 +51,11 @@ def prepare(control: ControlPlane, tree: Tree, key: bytes, project: str, partici
     return proj, Selected(uid, pipeline.mapped_uid(uid), participant, event), pipeline
 
 
+def labels(pipeline: Pipeline) -> dict[str, list[str]]:
+    """De-identified SeriesInstanceUID -> the original series' classification labels."""
+    return {pipeline.mapped_uid(uid): list(types) for uid, types in pipeline.rules.labels.items()}
+
+
 def objects(tree: Tree, pipeline: Pipeline, sel: Selected) -> Iterator[Dataset]:
     """The study's objects de-identified and gated; dropped ones left out."""
     for link in sorted(tree.study_raw(sel.original).glob("*/*")):
