@@ -35,6 +35,7 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
     "SCANNERPORT": (104, None),
     "SCANNERAETITLE": ("SCANNER", None),
     "MPPSPORT": (11114, None),
+    "CLINICAL_PACS": ({"aetitle": "PACS", "host": "10.0.0.6", "port": 104}, None),
     "CONTROL_PLANE": ({"type": "local"}, {"type": "local"}),
     "DESTINATIONS": ({"research": {"type": "folder", "path": "/data/research"}}, None),
     "STUDY_QUIET_SECONDS": (16, 16),
@@ -58,6 +59,10 @@ SITE_KEYS: dict[str, tuple[Any, Any]] = {
 #: class (fiona.send.destinations) is the one definition; this view is for readers of defaults
 DESTINATION_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     kind: cls.spec() for kind, cls in destination_kinds.SETTINGS.items()}
+
+#: the peer `fiona retrieve` asks for studies by accession number, when it is not the scanner
+CLINICAL_PACS_KEYS = {"aetitle": ("PACS", REQUIRED), "host": ("10.0.0.6", REQUIRED),
+                      "port": (104, REQUIRED)}
 
 CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "local": {},
@@ -126,6 +131,7 @@ class Config:
     web: dict[str, Any]
     scanner: dict[str, Any] = field(default_factory=dict)
     mpps_port: int | None = None
+    clinical_pacs: dict[str, Any] | None = None  # {aetitle, host, port}; None: the scanner
     workflows: list[dict[str, Any]] = field(default_factory=list)
     retention_days_unassigned: float = 30.0   # clear-old-files: unassigned studies kept this long
     cleanup_unassigned: bool = False          # clear-old-files may remove unassigned studies
@@ -288,6 +294,21 @@ def _workflows(value: Any, errors: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _clinical_pacs(value: Any, errors: list[str]) -> dict[str, Any] | None:
+    """CLINICAL_PACS, checked once: an AE title, a host name or address, a port."""
+    if value is None:
+        return None
+    pacs = _check_keys(value, CLINICAL_PACS_KEYS, "CLINICAL_PACS", errors)
+    if set(pacs) != set(CLINICAL_PACS_KEYS):  # not an object, or a key missing (reported)
+        return None
+    host = pacs["host"]
+    if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host.strip()):
+        errors.append(f"CLINICAL_PACS.host must be a host name or address; got {host!r}")
+    return {"aetitle": _aetitle(pacs["aetitle"], "CLINICAL_PACS.aetitle", errors),
+            "host": str(host).strip(),
+            "port": _int(pacs["port"], "CLINICAL_PACS.port", 1, 65535, errors)}
+
+
 def parse(raw: Any, path: Path) -> Config:
     """Validate a loaded config.json object. Relative paths are relative to the file's folder."""
     errors: list[str] = []
@@ -382,6 +403,7 @@ def parse(raw: Any, path: Path) -> Config:
                       f"DISK.refuse_store_percent ({refuse:g}), so cleanup starts before "
                       f"the receiver refuses studies")
     scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE") if top[k] is not None}
+    clinical = _clinical_pacs(top["CLINICAL_PACS"], errors)
     if errors:
         raise ConfigError(errors, path)
     return Config(
@@ -389,8 +411,8 @@ def parse(raw: Any, path: Path) -> Config:
         processing_user=str(top["PROCESSING_USER"]), timezone=top["LOCALTIMEZONE"], sites=sites,
         control_plane=control_plane, destinations=destinations, study_quiet_seconds=quiet,
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
-        mpps_port=mpps, workflows=workflows, retention_days_unassigned=retention,
-        cleanup_unassigned=cleanup_unassigned is True,
+        mpps_port=mpps, clinical_pacs=clinical, workflows=workflows,
+        retention_days_unassigned=retention, cleanup_unassigned=cleanup_unassigned is True,
     )
 
 
