@@ -16,7 +16,7 @@ import io
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
@@ -29,6 +29,9 @@ from .control.assign import COUPLING_HEADER, Assigner, CouplingReport
 from .control.base import ControlPlane, Project, Study, TransferRequest
 from .control.keyed import Keyed
 from .daemon import notify_forwarder
+from .scanner.retrieve import Line as RetrievalLine
+from .scanner.retrieve import Peer
+from .scanner.retrieve import retrieve as retrieve_by_accession
 from .web.sessions import SessionStore, sessions_path
 from .web.users import User, UserError, UserStore, check_role
 
@@ -199,7 +202,7 @@ class Actions:
         if not may_see_identified(actor, self.projects_of(study.uid)):
             raise Forbidden(f"you have no assign role for study {study.uid}")
         assigner = Assigner(self.control, self.keyed)
-        proj = assigner._checked(project, participant.strip(), event)
+        proj = assigner.checked(project, participant.strip(), event)
         return proj, assigner.existing(study.uid, project, participant.strip(), event)
 
     def assign(self, actor: Actor, study_uid: str, project: str, participant: str,
@@ -269,6 +272,34 @@ class Actions:
         if n:
             self._wake_forwarder()
         return n
+
+    def retrieve(self, actor: Actor, peer: Peer, accessions: Iterable[str] | None = None,
+                 project: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> list[RetrievalLine]:
+        """Ask the clinical PACS (`peer`) for the studies of these accession numbers that have
+        not arrived and move them here (`fiona.scanner.retrieve`). With `project`, the actor
+        needs the assign role there and only the project's coupling-list rows are asked for
+        (all of them by default); without, only admins (the CLI) may name any accession.
+        One audit entry, accession numbers by keyed reference."""
+        if project is not None:
+            self._need(actor, project, "assign")
+            listed = [r.accession for r in self.control.coupling_rows() if r.project == project]
+            accessions = listed if accessions is None else list(accessions)
+            if set(accessions) - set(listed):
+                raise Invalid(f"only accession numbers on project {project}'s coupling list "
+                              f"can be retrieved for it")
+        elif not actor.admin:
+            raise Forbidden("only admins can retrieve studies outside a project's coupling list")
+        studies = self.control.studies(include_hidden=True)
+        lines = retrieve_by_accession(
+            peer, self.site.aetitle, dict.fromkeys(accessions or ()),
+            {s.accession for s in studies if s.accession}, {s.uid for s in studies},
+            self.keyed, progress)
+        self.audit(actor, "retrieve", pacs=peer.label, project=project or "",
+                   images=sum(x.images for x in lines),
+                   lines=[{"accession": self.keyed.ref(x.accession), "status": x.status,
+                           "images": x.images, "studies": x.studies} for x in lines])
+        return lines
 
     def set_switch(self, actor: Actor, part: str, on: bool) -> bool:
         """Set one character of the `enabled` file (admins only); returns whether it changed."""

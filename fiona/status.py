@@ -29,8 +29,6 @@ from .tree import Tree
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 DELIVERED, PENDING, HELD, FAILED = "delivered", "pending", "held", "failed"
-#: how the forwarder begins the message of a request it holds (fiona.send.forward)
-HELD_PREFIX = "held:"
 
 
 def request_state(req: TransferRequest) -> str:
@@ -39,7 +37,7 @@ def request_state(req: TransferRequest) -> str:
     pending with the reason it waits (project closed); pending: waiting to be sent; failed:
     the last revision ended in an error and waits for a resend."""
     if req.pending:
-        return HELD if req.error_message.startswith(HELD_PREFIX) else PENDING
+        return HELD if req.held else PENDING
     if req.complete and not req.error_message:
         return DELIVERED
     return FAILED

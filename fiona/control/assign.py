@@ -110,7 +110,9 @@ class Assigner:
                 f"administrator can move the study to another participant (reassign).",
                 req.participant)
 
-    def _checked(self, project: str, participant: str, event: str) -> Project:
+    def checked(self, project: str, participant: str, event: str) -> Project:
+        """The project, when (participant, event) may be assigned to it now: open, naming rule,
+        known event; else Refused/ControlPlaneError saying why (the confirm page asks first)."""
         proj = self.control.project(project)
         self.check_open(proj)
         try:
@@ -125,7 +127,7 @@ class Assigner:
                 source: str) -> TransferRequest | None:
         """Make a request unless the same one exists; Refused (a ControlPlaneError) when a
         rule forbids it. Returns the new request, or None when it existed already."""
-        self._checked(project, participant, event)
+        self.checked(project, participant, event)
         if self.existing(study_uid, project, participant, event):
             return None
         self.control.add_participant(project, participant)
@@ -151,7 +153,7 @@ class Assigner:
                                     f"{project}; resolve them in the control plane first")
         [req] = mine
         event = event or req.event
-        self._checked(project, participant, event)
+        self.checked(project, participant, event)
         if (req.participant, req.event) == (participant, event):
             return req
         self.control.add_participant(project, participant)

@@ -117,6 +117,15 @@ class Study:
     hidden: bool = False       # removed from the Assign list by remove-old-entries
 
 
+#: how a held request's message starts (the forwarder writes it, status and cleanup read it)
+HELD_PREFIX = "held:"
+
+
+def held_message(reason: str) -> str:
+    """The message of a request the forwarder holds back while its project is closed."""
+    return f"{HELD_PREFIX} {reason}; it is sent when the project is open again"
+
+
 @dataclass
 class TransferRequest:
     """A request to de-identify and forward one study for (project, participant, event).
@@ -147,6 +156,11 @@ class TransferRequest:
     @property
     def pending(self) -> bool:
         return self.revision > self.done_revision
+
+    @property
+    def held(self) -> bool:
+        """Pending, and held back by the forwarder (its project closed): see `held_message`."""
+        return self.pending and self.error_message.startswith(HELD_PREFIX)
 
     def key(self) -> tuple[str, str, str, str]:
         return (self.study_uid, self.project, self.participant, self.event)

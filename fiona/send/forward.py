@@ -39,6 +39,7 @@ from ..control.base import (
     Project,
     TransferRequest,
     Unavailable,
+    held_message,
     now_iso,
 )
 from ..daemon import running
@@ -161,7 +162,7 @@ class Forwarder:
         """Keep the request pending, neither sent nor failed, with the reason on it (written
         once, not at every look); look again after HOLD_SECONDS."""
         self._backoff.hold(identity(req), HOLD_SECONDS)
-        message = f"held: {reason}; it is sent when the project is open again"
+        message = held_message(reason)
         if req.error_message == message and not req.error_flags:
             return
         req.error_message, req.error_flags, req.complete = message, set(), False
