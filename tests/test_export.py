@@ -321,6 +321,9 @@ def test_folder_destination_assign_forward_export_and_noassign(tmp_path):
     delivered = sorted((research / req.mapped_uid).glob("*/*.dcm"))
     assert len(delivered) == 6
 
+    # an inventory of some research PACS does not concern a folder destination
+    control.replace_inventory("PROJ", [InventoryEntry("1.2.3.4", "PROJ", "P0001", "followup")])
+
     # dicom layout, plain zip, file by file
     out = tmp_path / "exports"
     zip_path = Path(gw.run("export", "--project", "PROJ", "--type", "dicom", "--out",

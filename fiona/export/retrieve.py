@@ -1,14 +1,16 @@
 """Gathering a project's de-identified studies for an export, from where they were delivered.
 
 Which studies: the completed transfer requests of the control plane (a request's
-`mapped_uid` is the de-identified StudyInstanceUID), and the studies the inventory of the
-research PACS lists for the project that no request names (delivered by another FIONA; no
-original is known for them, so no labels or patient characteristics), filtered by participant,
-event and study (its original or de-identified UID). Where from: the project's destination
-as the forwarder picks it (`send.forward.destination_name`): a `folder` destination by reading
-its files (`<root>/<mapped study>/<series>/<SOP>.dcm`), a `dicom` destination (the research
-PACS) by C-FIND and C-GET through Review's PACS client (storage contexts with SCP role
-selection, TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
+`mapped_uid` is the de-identified StudyInstanceUID) and, when reading from the research PACS,
+the studies its inventory lists for the project that no request names (delivered by another
+FIONA; no original is known for them, so no labels or patient characteristics), filtered by
+participant, event and study (its original or de-identified UID).
+
+Where from: the project's destination as the forwarder picks it
+(`send.forward.destination_name`): a `folder` destination by reading its files
+(`<root>/<mapped study>/<series>/<SOP>.dcm`), a `dicom` destination (the research PACS) by
+C-FIND and C-GET through Review's PACS client (storage contexts with SCP role selection,
+TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
 
 Every object is passed through the export profile and written as `<work>/<mapped study>/
 <SOP>.dcm`; the series' classification labels are those of the ORIGINAL series, found through
@@ -87,12 +89,14 @@ def check_request(control: ControlPlane, project: str, participant: str | None,
 
 
 def select(control: ControlPlane, project: str, participant: str | None = None,
-           event: str | None = None, study: str | None = None) -> tuple[Project, list[Selected]]:
-    """The project and its delivered studies matching the filters (ExportError when none)."""
-    proj = check_request(control, project, participant, event)
+           event: str | None = None, study: str | None = None, inventory: bool = False
+           ) -> list[Selected]:
+    """The project's delivered studies matching the filters (ExportError when none); with
+    `inventory`, also those the research PACS's inventory lists."""
     found: dict[str, Selected] = {}
     try:
-        requests, inventory = control.requests(), control.inventory(project)
+        requests = control.requests()
+        listed = control.inventory(project) if inventory else []
     except Unavailable as exc:
         raise ExportUnavailable(f"the control plane is unavailable: {exc}") from None
     for req in requests:
@@ -104,7 +108,7 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
             continue
         found[req.mapped_uid] = Selected(req.study_uid, req.mapped_uid, req.participant,
                                          req.event)
-    for entry in inventory:  # delivered otherwise (another FIONA, by hand)
+    for entry in listed:  # delivered otherwise (another FIONA, by hand)
         if entry.study_uid in found or entry.project != project:
             continue
         if (participant is None or entry.participant == participant) and \
@@ -121,7 +125,7 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
                               f"{listing(sorted(found))}")
         raise ExportError(f"project {project}{' ' + what if what else ''} has no delivered "
                           f"study to export")
-    return proj, sorted(chosen, key=lambda s: (s.participant, s.event, s.mapped))
+    return sorted(chosen, key=lambda s: (s.participant, s.event, s.mapped))
 
 
 # --- where the de-identified objects are -------------------------------------------------------
@@ -279,8 +283,10 @@ def retrieve(config: Config, control: ControlPlane, tree: Tree, key: bytes, proj
              profile: ExportProfile, work: Path, progress: Progress | None = None
              ) -> tuple[list[StudyInput], Collector]:
     """The selected de-identified studies, through the profile, in `work`."""
-    proj, chosen = select(control, project, participant, event, study)
+    proj = check_request(control, project, participant, event)
     source = open_source(config, proj)
+    chosen = select(control, project, participant, event, study,
+                    inventory=isinstance(source, PacsSource))
     collector = Collector(work, profile, progress)
     studies = []
     for sel in chosen:
