@@ -20,6 +20,7 @@ from .export import cli as export
 from .ops import commands as ops
 from .ops import heartbeat
 from .ops import inventory_cli as inventory
+from .index import reindex
 from .scanner import retrieve_cli as retrieve
 from .send import outbox
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_parsers(sub, _site_arg)
     inventory.add_parser(sub, _site_arg)
     retrieve.add_parser(sub, _site_arg)
+    reindex.add_parser(sub, _site_arg)
     export.add_parser(sub, _site_arg)
     outbox.add_parser(sub, _site_arg)
     ctl.add_parser(sub, _site_arg)
@@ -246,6 +248,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return inventory.run(config, args)
     if cmd == retrieve.COMMAND:
         return retrieve.run(config, args)
+    if cmd == reindex.COMMAND:
+        return reindex.run(config, args)
     if cmd == export.COMMAND:
         return export.run(config, args)
     if cmd == outbox.COMMAND:

@@ -86,7 +86,9 @@ class Indexer:
         self._read_to: Position | None = None
 
     # --- one file ------------------------------------------------------------------------------
-    def index_file(self, event: FileEvent) -> None:
+    def index_file(self, event: FileEvent, announce: bool = True) -> None:
+        """Link one archived file and merge it into its series; `announce` touches the series
+        arrival file for the detector (`fiona reindex` does not: nothing arrived)."""
         path = event.path(self.tree)
         ds = read_image(path)
         study = valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
@@ -100,8 +102,9 @@ class Indexer:
         if str(ds.get("Modality", "")) == "SR":
             maker = safe_name(ds.get("Manufacturer"), default="_")
             symlink(path, ensure_dir(self.tree.srs / maker / study) / sop)
-        touch(self.tree.arrived / arrival_name(event.caller, event.called, event.ip, study,
-                                                 series))
+        if announce:
+            touch(self.tree.arrived / arrival_name(event.caller, event.called, event.ip, study,
+                                                     series))
 
         image = image_record(ds, event.caller, event.called, event.ip)
         labels = classify_image(self.rules, image, ds)
