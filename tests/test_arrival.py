@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Gateway, free_port, wait_for
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.control.base import ControlPlane, now_iso
+from helpers import Gateway, free_port, wait_for
 from redcap_emulator import RedcapEmulator
 
 pytestmark = pytest.mark.e2e  # the gateways here run their daemons

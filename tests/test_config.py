@@ -479,11 +479,11 @@ def test_cli_check_broken_config(tmp_path):
     assert res.returncode == 2
     assert res.stdout == ""
     lines = res.stderr.splitlines()
-    assert any("DICOMPORT" in l and "65535" in l for l in lines)
-    assert any("unknown key FOO" in l for l in lines)
-    assert any("unknown key DISK.bar" in l for l in lines)
+    assert any("DICOMPORT" in x and "65535" in x for x in lines)
+    assert any("unknown key FOO" in x for x in lines)
+    assert any("unknown key DISK.bar" in x for x in lines)
     # each error on its own line
-    error_lines = [l for l in lines if l.lstrip().startswith("- ")]
+    error_lines = [x for x in lines if x.lstrip().startswith("- ")]
     assert len(error_lines) == 3, res.stderr
 
 

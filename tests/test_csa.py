@@ -15,9 +15,9 @@ import json
 import struct
 from pathlib import Path
 
+import nibabel.nicom
 import pydicom
 import pytest
-import nibabel.nicom
 from pydicom.data import get_testdata_file
 
 from fiona.index.csa import siemens_diffusion_entry, siemens_series_fields
@@ -92,7 +92,8 @@ def test_dwi_b1000_diffusion_entry() -> None:
     assert entry is not None
     assert entry["B_value"] == 1000
     assert entry["DiffusionDirectionality"] == "DIRECTIONAL"
-    assert entry["DiffusionGradientDirection"] == pytest.approx([0.99997449, 0.00505012, -0.00505012])
+    assert entry["DiffusionGradientDirection"] == \
+        pytest.approx([0.99997449, 0.00505012, -0.00505012])
     assert entry["SOPInstanceUID"] == B1000_SOP
     assert entry["InstanceNumber"] == 2
 
@@ -111,7 +112,8 @@ def test_dwi_b0_has_no_gradient_direction() -> None:
 
 def test_values_are_plain_json_types() -> None:
     ds = _nibabel_dicom("siemens_dwi_1000.dcm.gz")
-    record = {**siemens_series_fields(ds), "siemensDiffusionInformation": [siemens_diffusion_entry(ds)]}
+    record = {**siemens_series_fields(ds),
+              "siemensDiffusionInformation": [siemens_diffusion_entry(ds)]}
 
     assert json.loads(json.dumps(record)) == record
     entry = record["siemensDiffusionInformation"][0]

@@ -28,8 +28,14 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageS
 
 from fiona.deid.anonymize import anonymize_folder
 from fiona.deid.clean import Rule, rule_for
-from fiona.deid.engine import (DEFAULT_OPTIONS, Deidentifier, Settings, load_profile,
-                               resolve_combined, with_profile)
+from fiona.deid.engine import (
+    DEFAULT_OPTIONS,
+    Deidentifier,
+    Settings,
+    load_profile,
+    resolve_combined,
+    with_profile,
+)
 from fiona.deid.gate import GateError, check
 from fiona.deid.identifiers import Identifiers, is_class_like_uid, is_well_known_uid
 from fiona.deid.table import Table, default_table
@@ -298,7 +304,7 @@ _WRITTEN_BY_FIONA = {"PatientID", "PatientName", "InstitutionName", "ClinicalTri
 def _all_rows_dataset(table: Table) -> tuple[Dataset, list[int]]:
     ds = base_dataset()
     tags = []
-    for tag, r in table.exact.items():
+    for tag in table.exact:
         if tag >> 16 in (0, 2):        # command group (always removed), file meta
             continue
         try:

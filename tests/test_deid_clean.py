@@ -19,13 +19,13 @@ import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from test_deid import base_dataset, encode, roundtrip, settings
 
 from fiona.deid.clean import RULE_VRS, RULES, Rule, clean_text, rule_for, shift_dt, valid_tz
 from fiona.deid.engine import DEFAULT_OPTIONS, Deidentifier, resolve_combined
 from fiona.deid.gate import check
 from fiona.deid.identifiers import Identifiers
 from fiona.deid.table import Row, default_table
+from test_deid import base_dataset, encode, roundtrip, settings
 
 TABLE = default_table()
 SHIFT = -400

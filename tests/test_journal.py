@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from fiona import journal
-from fiona.journal import (JournalReader, JournalWriter, Position, WakeupListener, WakeupSender,
-                           _segments)
+from fiona.journal import (
+    JournalReader,
+    JournalWriter,
+    Position,
+    WakeupListener,
+    WakeupSender,
+    _segments,
+)
 
 NAME = "events"
 
@@ -44,7 +50,7 @@ def test_round_trip(tmp_path):
     w.append("with\nnewline")  # a newline inside an entry must not split it
     r = JournalReader(tmp_path, NAME, "indexer")
     got = list(r.read())
-    assert [l for l, _ in got] == [f"line {i}" for i in range(5)] + ["with newline"]
+    assert [line for line, _ in got] == [f"line {i}" for i in range(5)] + ["with newline"]
     # each position is just after its line
     offsets = [p.offset for _, p in got]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
@@ -60,8 +66,8 @@ def test_read_limit_and_start(tmp_path):
         w.append(str(i))
     r = JournalReader(tmp_path, NAME, "c")
     first = list(r.read(limit=3))
-    assert [l for l, _ in first] == ["0", "1", "2"]
-    rest = [l for l, _ in r.read(start=first[-1][1])]
+    assert [line for line, _ in first] == ["0", "1", "2"]
+    rest = [line for line, _ in r.read(start=first[-1][1])]
     assert rest == [str(i) for i in range(3, 10)]
     assert lines_of(r) == [str(i) for i in range(10)]  # nothing committed yet
     w.close()
@@ -125,7 +131,7 @@ def test_torn_line_in_old_segment_is_skipped(tmp_path):
     w2.close()
     r = JournalReader(tmp_path, NAME, "c")
     got = list(r.read())
-    assert [l for l, _ in got] == ["good 1", "good 2"]
+    assert [line for line, _ in got] == ["good 1", "good 2"]
     assert got[-1][1].seq == 2
     r.commit(got[-1][1])
     assert lines_of(JournalReader(tmp_path, NAME, "c")) == []
@@ -139,7 +145,7 @@ def test_partial_line_in_newest_segment_is_waited_for(tmp_path):
         fh.write(b"being writ")  # a line still being written by the live writer
     r = JournalReader(tmp_path, NAME, "c")
     got = list(r.read())
-    assert [l for l, _ in got] == ["complete"]
+    assert [line for line, _ in got] == ["complete"]
     r.commit(got[-1][1])
     with open(seg, "ab") as fh:
         fh.write(b"ten\n")

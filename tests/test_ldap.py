@@ -9,7 +9,7 @@ import pytest
 from ldap3.core.exceptions import LDAPException
 
 from fiona.web.ldap_auth import LdapAuthenticator, LdapConfigError, LdapSettings
-from slapd import PEOPLE, USERS, slapd  # noqa: F401 - the fixture
+from slapd import PEOPLE, USERS
 
 pytestmark = pytest.mark.e2e
 

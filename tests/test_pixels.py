@@ -24,11 +24,23 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
-                         RLELossless, SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
-from fiona.deid.pixels import (MaskResult, PixelMaskingError, TesseractNotFound, frame_words,
-                               mask_burned_in_text, needs_masking)
+from fiona.deid.pixels import (
+    MaskResult,
+    PixelMaskingError,
+    TesseractNotFound,
+    frame_words,
+    mask_burned_in_text,
+    needs_masking,
+)
 
 SIZE = 512
 TEXT = ("PATIENT DOE JOHN", "1980-01-01")

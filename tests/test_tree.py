@@ -9,9 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from fiona.tree import (DIR_MODE, FILE_MODE, DurableCreator, InvalidValue, Tree, atomic_write,
-                        ensure_dir, filesystem_type, modality_prefix, safe_name, symlink, touch,
-                        valid_uid)
+from fiona.tree import (
+    DIR_MODE,
+    FILE_MODE,
+    DurableCreator,
+    InvalidValue,
+    Tree,
+    atomic_write,
+    ensure_dir,
+    filesystem_type,
+    modality_prefix,
+    safe_name,
+    symlink,
+    touch,
+    valid_uid,
+)
 
 
 def mode(path: Path) -> int:
@@ -69,7 +81,8 @@ def test_uid_with_a_trailing_newline_is_refused():
 
 # ---------------------------------------------------------------- safe_name
 
-UNSAFE = [". ..", ". .x", ". .", "../x", "a/b", ".hidden", "\x00ab", "", None, "..", "...", "/", "/etc/passwd",
+UNSAFE = [". ..", ". .x", ". .", "../x", "a/b", ".hidden", "\x00ab", "", None, "..", "...", "/",
+          "/etc/passwd",
           "a\\b", "x\ny", " .x", "\x7f", "." * 70, "A" * 200, " " * 80 + "B" * 80,
           "ab/" * 40, 12345]
 

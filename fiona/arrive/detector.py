@@ -56,7 +56,7 @@ class TouchFile:
     mtime: float
 
     @classmethod
-    def parse(cls, path: Path) -> "TouchFile":
+    def parse(cls, path: Path) -> TouchFile:
         """A touch file (`fiona.tree.arrival_name`) with its modification time."""
         return cls(path, arrival_study(path.name), path.stat().st_mtime)
 

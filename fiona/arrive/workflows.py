@@ -30,7 +30,7 @@ class Workflow:
     timeout: float = 3600.0
 
     @classmethod
-    def from_config(cls, entry: dict) -> "Workflow":
+    def from_config(cls, entry: dict) -> Workflow:
         """`{"name", "command": [argv...]}` or `{"name", "image", "runtime"?, "args"?}`; a
         container sees the study folder read-only at /input."""
         if "command" in entry:

@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 import rstr
 
 from ..clock import SYSTEM_CLOCK, Clock
-from .base import (ControlPlane, ControlPlaneError, CouplingRow, Project, Study,
-                   TransferRequest, now_iso)
+from .base import (
+    ControlPlane,
+    ControlPlaneError,
+    CouplingRow,
+    Project,
+    Study,
+    TransferRequest,
+    now_iso,
+)
 from .keyed import Keyed
 
 log = logging.getLogger("fiona.assign")

@@ -25,7 +25,7 @@ class Keyed:
         self._key = key
 
     @classmethod
-    def from_datadir(cls, datadir: Path) -> "Keyed":
+    def from_datadir(cls, datadir: Path) -> Keyed:
         return cls(read_secret(datadir / "config" / "secret.key"))
 
     def hash(self, value: str, purpose: str) -> str:

@@ -122,7 +122,7 @@ class Table:
         return Row(tag, m, r.get("keyword"), r.get("vr"), basic, opts, r.get("name"))
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Table":
+    def load(cls, path: str | Path | None = None) -> Table:
         p = Path(path) if path else DEFAULT_PATH
         try:
             data = json.loads(p.read_text(encoding="utf-8"))

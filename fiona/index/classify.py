@@ -228,7 +228,7 @@ def _single_numbers(found: _Values, expected: _Values) -> tuple[float, float] | 
 
 def _equal(found: _Values, expected: _Values, _clause: _TagClause) -> bool:
     if len(found.items) == len(expected.items):
-        return all(_item_equal(a, b) for a, b in zip(found.items, expected.items))
+        return all(_item_equal(a, b) for a, b in zip(found.items, expected.items, strict=True))
     return found.text() == expected.text()
 
 
@@ -261,10 +261,10 @@ def _approx(found: _Values, expected: _Values, clause: _TagClause) -> bool:
     a, b = _numbers(found), _numbers(expected)
     if a is None or b is None or len(a) != len(b):
         return False
-    return all(abs(x - y) <= clause.approx_level for x, y in zip(a, b))
+    return all(abs(x - y) <= clause.approx_level for x, y in zip(a, b, strict=True))
 
 
-_COMPARE: dict[str, Callable[[_Values, _Values, "_TagClause"], bool]] = {
+_COMPARE: dict[str, Callable[[_Values, _Values, _TagClause], bool]] = {
     "regexp": _regexp, "==": _equal, "!=": _not_equal, "<": _less, ">": _greater,
     "contains": _contains, "approx": _approx,
 }
@@ -401,7 +401,8 @@ def _parse_clause(clause: object, where: str) -> _Clause:
         raise RuleError(f"{where}: clause has no tag (nor rule/notrule)")
     operator = clause.get("operator", "regexp")
     if operator not in OPERATORS:
-        raise RuleError(f"{where}: unknown operator {operator!r}; use one of {', '.join(OPERATORS)}")
+        raise RuleError(f"{where}: unknown operator {operator!r}; "
+                        f"use one of {', '.join(OPERATORS)}")
     value = _parse_value(clause, operator, where)
     pattern = None
     if operator == "regexp":
@@ -442,7 +443,8 @@ def _parse_rule(raw: object, index: int, source: str) -> _Rule:
     if unknown:
         raise RuleError(f"{where}: unknown key(s) {', '.join(unknown)}")
     for key in ("type", "id", "description"):
-        if key in raw and (not isinstance(raw[key], str) or (key != "description" and not raw[key])):
+        if key in raw and (not isinstance(raw[key], str)
+                           or (key != "description" and not raw[key])):
             raise RuleError(f"{where}: {key} must be a non-empty string, got {raw[key]!r}")
     if "type" not in raw:
         raise RuleError(f"{where}: missing type")

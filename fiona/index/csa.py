@@ -169,7 +169,8 @@ def _num_slices(phoenix: str, image: CsaHeader | None) -> int | None:
 
 def _os_level(phoenix: str) -> str | None:
     """The scanner software release, e.g. 'VE11C', from the protocol's baseline string."""
-    for key in ("sProtConsistencyInfo.tMeasuredBaselineString", "sProtConsistencyInfo.tBaselineString"):
+    for key in ("sProtConsistencyInfo.tMeasuredBaselineString",
+                "sProtConsistencyInfo.tBaselineString"):
         baseline = _phoenix_value(phoenix, key)
         if baseline:
             release = _BASELINE_RELEASE.search(baseline)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import DSfloat, IS, PersonName
+from pydicom.valuerep import IS, DSfloat, PersonName
 
 from .csa import siemens_series_fields
 

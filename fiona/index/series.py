@@ -30,7 +30,7 @@ class SeriesRecord:
     dirty: bool = False
 
     @classmethod
-    def load(cls, path: Path, folder: Path) -> "SeriesRecord":
+    def load(cls, path: Path, folder: Path) -> SeriesRecord:
         """Continue from the JSON on disk (after a restart), or start empty."""
         try:
             data = json.loads(path.read_text())
