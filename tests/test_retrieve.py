@@ -116,3 +116,35 @@ def test_bad_accession_and_no_peer(tmp_path):
         "CLINICAL_PACS": {"aetitle": "PACS", "host": "127.0.0.1", "port": free_port()}})
     res = gw2.run("retrieve", "--accession", "ACC*", check=False)
     assert res.returncode == 1 and res.stdout.startswith("ACC*: invalid")
+
+
+def test_coupling_report_button_retrieves_the_missing_lines(setup):
+    from fastapi.testclient import TestClient
+
+    from fiona.control.base import Project
+    from fiona.web.app import create_app
+    from fiona.web.users import UserStore
+    from webapp import PASSWORD, csrf_of, login
+
+    gw, pacs, studies = setup
+    config = load(str(gw.config))
+    open_control_plane(config).save_project(Project("A", naming=r"^A[0-9]{3}$"))
+    users = UserStore(gw.datadir)
+    users.add("alice", PASSWORD, ["project:A:assign"])
+    client = TestClient(create_app(config), follow_redirects=False)
+    assert login(client, "alice").status_code == 303
+    page = client.post("/coupling", data={"csrf_token": csrf_of(client.get("/coupling").text)},
+                       files={"file": ("c.csv", b"ACC1,A,A001,baseline\nACC2,A,A002,baseline\n"
+                                                b"ACC3,B,B003,baseline\n", "text/csv")})
+    assert page.status_code == 200
+    assert "Retrieve 2 study(ies) of A" in page.text and "of B" not in page.text
+    form = {"csrf_token": csrf_of(page.text), "project": "A", "accession": ["ACC1", "ACC2"]}
+    assert client.post("/coupling/retrieve", data={**form, "csrf_token": ""}).status_code == 403
+    done = client.post("/coupling/retrieve", data=form)
+    assert done.status_code == 200, done.text
+    assert done.text.count(f"moved {2 * IMAGES} image(s)") == 2
+    assert set(archived_studies(gw)) == {studies["ACC1"]["study"], studies["ACC2"]["study"]}
+    # an accession that is not on project A's coupling list is refused
+    refused = client.post("/coupling/retrieve", data={**form, "accession": ["ACC9"]})
+    assert refused.status_code >= 400 and set(archived_studies(gw)) == {
+        studies["ACC1"]["study"], studies["ACC2"]["study"]}

@@ -183,7 +183,10 @@ def add_parser(sub, site_arg) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    from ..daemon import setup_logging
+
     site = config.site(args.site)
+    setup_logging(site, COMMAND, args.verbose)
     tree = Tree(site.datadir)
     try:
         studies = select_studies(tree, args.study, args.patient, args.last_days)

@@ -44,6 +44,7 @@ def accessions_of(text: str) -> list[str]:
 def run(config: Config, args: argparse.Namespace) -> int:
     from ..actions import ActionError, Actions, OsActor
     from ..control.base import ControlPlaneError
+    from ..daemon import setup_logging
     from .retrieve import Peer
 
     if args.file is not None:
@@ -55,6 +56,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     else:
         accessions = args.accession
     peer = Peer.from_config(config)
+    setup_logging(config.site(args.site), COMMAND, args.verbose)
     tty = sys.stderr.isatty()
 
     def progress(text: str) -> None:

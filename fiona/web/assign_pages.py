@@ -8,6 +8,8 @@ identified values (accession numbers, the "Before" column of the preview) is aud
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from dataclasses import asdict
 from math import ceil
@@ -336,7 +338,45 @@ def _coupling(c: Ctx, user: User, text: str, filename: str) -> dict:
         raise http_error(user, exc) from None
     return {"lines": [{"line": x.line, "status": x.status, "detail": x.detail}
                       for x in report.lines],
-            "accepted": report.accepted, "requests": len(report.requests)}
+            "accepted": report.accepted, "requests": len(report.requests),
+            "retrievable": _retrievable(c, user, text, report.lines)}
+
+
+def _retrievable(c: Ctx, user: User, text: str, lines) -> dict[str, list[str]]:
+    """project -> accession numbers of the upload's stored lines whose studies have not
+    arrived, for the projects where `user` may assign (the retrieve button's lines)."""
+    stored = {x.line for x in lines if x.status in ("accepted", "duplicate")}
+    here = {s.accession for s in c.control.studies(include_hidden=True) if s.accession}
+    listed = {(r.project, r.accession) for r in c.control.coupling_rows()}
+    out: dict[str, list[str]] = {}
+    for number, fields in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if number in stored and len(fields) > 1:
+            accession, project = fields[0].strip(), fields[1].strip()
+            if ((project, accession) in listed and accession not in here
+                    and user.can(project, "assign")):
+                out.setdefault(project, []).append(accession)
+    return {p: list(dict.fromkeys(a)) for p, a in sorted(out.items())}
+
+
+@router.post("/coupling/retrieve", include_in_schema=False,
+             dependencies=[Depends(csrf.require_csrf)])
+def coupling_retrieve(request: Request, project: str = Form(""),
+                      accession: list[str] = Form([]), user: User = Depends(current_user),
+                      c: Ctx = Depends(ctx)):
+    """The coupling report's button: fetch the listed studies from the clinical PACS."""
+    from ..config import ConfigError
+    from ..scanner.retrieve import Peer
+
+    _need_assign(user)
+    try:
+        lines = actions(c).retrieve(user, Peer.from_config(c.config), accession, project)
+    except ConfigError as exc:
+        return render(request, "coupling.html", 409, report=None, error="; ".join(exc.errors))
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    return render(request, "coupling.html", report=None, retrieval=[
+        {"accession": x.accession, "status": x.status, "text": x.text(), "ok": x.ok}
+        for x in lines])
 
 
 @router.post("/coupling", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
