@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="index what the journal holds now, then exit")
 
+    p = sub.add_parser("mpps", help="the MPPS SCP daemon on MPPSPORT (mppsctl.sh)",
+                       description="Receive Modality Performed Procedure Steps (N-CREATE, N-SET) "
+                       "on MPPSPORT; each step is kept under site/mpps and makes its study "
+                       "active for pull-from-scanner. Refuses associations while the enabled "
+                       "file's second character is 0. Runs in the foreground.")
+    p = sub.add_parser("pull-from-scanner", help="fetch missing series of active scans from "
+                       "the scanner (moveFromScanner.sh)",
+                       description="Every 15 s (or once with --once): for each study an MPPS "
+                       "step made active, C-FIND its series at SCANNERAETITLE@SCANNERIP:"
+                       "SCANNERPORT, C-MOVE those FIONA lacks to DICOMAETITLE, and mark the scan "
+                       "finished (all series here, step COMPLETED or DISCONTINUED) or failed "
+                       "(not so after --deadline-hours).")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--deadline-hours", type=float, default=24.0, metavar="H",
+                   help="a scan not complete H hours after its step began fails (default 24)")
+
     p = sub.add_parser("classify", help="show how the rules label DICOM files",
                        description="Run classifyRules.json on each FILE and print the labels and "
                        "the clauses that decided them.")
@@ -230,6 +246,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _classify(config, args)
     if cmd in ACTIONS:
         return _action(config, args)
+    if cmd == "mpps":
+        from .scanner import mpps
+
+        return mpps.run(config, args.verbose)
+    if cmd == "pull-from-scanner":
+        from .scanner import pull
+
+        return pull.run(config, args.verbose, args.once, args.deadline_hours)
     if cmd == "detect-study-arrival":
         from .arrive import detector
 

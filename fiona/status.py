@@ -52,11 +52,14 @@ def _tail(path: Path, size: int = 256 * 1024) -> list[str]:
         return []
 
 
-def daemons(datadir: Path, site: Site, admin: bool) -> list[dict]:
-    """Each daemon: running (pid lock), pid, last activity and last error from its log."""
+def daemons(datadir: Path, site: Site, admin: bool, config: Config | None = None) -> list[dict]:
+    """Each daemon: running (pid lock), pid, last activity and last error from its log
+    (with `config`, only those it runs: MPPS only with MPPSPORT)."""
     site = replace(site, datadir=datadir)
     out = []
     for daemon in DAEMONS:
+        if config is not None and not daemon.wanted(config):
+            continue
         running, pid = lock_state(daemon.pid_path(site))
         lines = _tail(daemon.log_path(site))
         last = next((m.group(1) for line in reversed(lines) if (m := _STAMP.match(line))), "")
@@ -114,6 +117,13 @@ def quarantine_counts(datadir: Path) -> dict[str, int]:
             for stage in stages}
 
 
+def scans(datadir: Path) -> dict[str, int]:
+    """Scans announced by MPPS: active (images still awaited), finished, failed."""
+    from .scanner.steps import Steps
+
+    return Steps(datadir).counts()
+
+
 def gather(config: Config, site: Site, control: ControlPlane, admin: bool,
            usage: Callable[[Path], Any] = shutil.disk_usage, strict: bool = True) -> dict:
     """Every fact for one site. With `strict`, an unreachable control plane raises
@@ -124,9 +134,10 @@ def gather(config: Config, site: Site, control: ControlPlane, admin: bool,
         if strict:
             raise
         queue_facts = {"error": f"control plane unreachable: {exc}"}
-    return {"daemons": daemons(site.datadir, site, admin), "queues": queue_facts,
+    return {"daemons": daemons(site.datadir, site, admin, config), "queues": queue_facts,
             "disk": disk(config, site.datadir, admin, usage),
             "quarantine": quarantine_counts(site.datadir), "switches": switches(site.datadir),
+            "scans": scans(site.datadir),
             "heartbeat": last_beat(site)}
 
 

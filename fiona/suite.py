@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Site
+from .config import Config, Site
 from .tree import Tree
 
 #: readiness rules: the daemon is ready once its pid file is locked and logging is set up
@@ -40,6 +40,12 @@ class Daemon:
     pipe: str = ""          #: base name of its wake-up pipe ("" when it has none)
     quiet_limit: float = 0.0  #: seconds it may log nothing before the heartbeat restarts it
     #: (0: no limit; such a daemon logs only when it has work)
+    requires: tuple[str, ...] = ()  #: the Config attributes that must be set for it to run
+    #: (MPPS: "mpps_port"); `fiona up` and the heartbeat leave it alone otherwise
+
+    def wanted(self, config: Config) -> bool:
+        """Whether this installation runs it (every `requires` setting is set)."""
+        return all(getattr(config, name) for name in self.requires)
 
     def suffix(self, site: Site) -> str:
         return site.suffix if self.per_site else ""
@@ -86,9 +92,15 @@ DAEMONS: tuple[Daemon, ...] = (
     Daemon("anonymize-and-send", "anonymizeAndSend.py", "anonymizeAndSend", True,
            "fiona.forward", "fiona-anonymize-and-send", pipe="anonymizeAndSendPipe"),
     Daemon("web", "", "web", False, "fiona.web", "fiona-web"),
+    Daemon("mpps", "mppsctl.sh", "mpps", False, "fiona.mpps", "fiona-mpps", ready=LISTENING,
+           requires=("mpps_port",)),
+    Daemon("pull-from-scanner", "moveFromScanner.sh", "moveFromScanner", False, "fiona.pull",
+           "fiona-pull-from-scanner", requires=("mpps_port", "scanner")),
+    Daemon("export-worker", "", "exportWorker", True, "fiona.exportworker",
+           "fiona-export-worker", pipe="exportWorkerPipe"),
 )
 
-RECEIVER, INDEXER, ARRIVAL, FORWARDER, WEB = DAEMONS
+RECEIVER, INDEXER, ARRIVAL, FORWARDER, WEB, MPPS, PULL, EXPORTER = DAEMONS
 
 
 class UnknownDaemon(KeyError):

@@ -363,6 +363,16 @@ class Tree:
         return self.site / "journal"
 
     @property
+    def mpps(self) -> Path:
+        """Modality Performed Procedure Steps, one JSON each (`fiona.scanner.steps`)."""
+        return self.site / "mpps"
+
+    @property
+    def scans(self) -> Path:
+        """Outcomes of scans (finished or failed), one JSON per study (`fiona.scanner.steps`)."""
+        return self.site / "scans"
+
+    @property
     def run(self) -> Path:
         """Named pipes and pid files; inside the tree so no other local user can hijack them."""
         return self.site / "run"

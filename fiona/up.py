@@ -29,6 +29,8 @@ def _commands(config: Config) -> list[list[str]]:
     base = [sys.executable, "-m", "fiona", "--config", str(config.path)]
     out = []
     for daemon in DAEMONS:
+        if not daemon.wanted(config):
+            continue
         sites = [s.name for s in config.all_sites()] if daemon.per_site else [""]
         for site in sites:
             out.append(base + [daemon.command] + (["--site", site] if site else []))

@@ -175,6 +175,7 @@ def format_status(facts: dict) -> str:
     lines.append("quarantine: " + (", ".join(f"{k} {v}" for k, v in held.items()) or "empty"))
     lines.append("switches: " + ", ".join(f"{w['part']} {'on' if w['enabled'] else 'off'}"
                                           for w in facts["switches"]))
+    lines.append("scans: " + ", ".join(f"{k} {v}" for k, v in facts["scans"].items()))
     beat = facts["heartbeat"]
     lines.append("last heartbeat: " + (f"{beat['at']}, {beat['outcome']}" if beat else "none yet"))
     lines.append("attention: " + ("; ".join(facts["attention"]) or "none, all is well"))

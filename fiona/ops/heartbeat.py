@@ -168,7 +168,7 @@ class Heartbeat:
         restarted: list[str] = []
         failed: list[str] = []
         for daemon in DAEMONS:
-            if not daemon.per_site and self.site.name:
+            if (not daemon.per_site and self.site.name) or not daemon.wanted(self.config):
                 continue
             why = self.check(daemon)
             if why:
