@@ -274,7 +274,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return retrieve.run(config, args)
     if cmd == reindex.COMMAND:
         return reindex.run(config, args)
-    if cmd == export.COMMAND:
+    if cmd in export.COMMANDS:
         return export.run(config, args)
     if cmd == outbox.COMMAND:
         return outbox.run(config, args)

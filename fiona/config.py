@@ -46,6 +46,10 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
     "WEB": ({"host": "127.0.0.1", "port": 8080, "auth": "local"},
             {"host": "127.0.0.1", "port": 8080, "auth": "local"}),
     "RETENTION_DAYS_UNASSIGNED": (30, 30),
+    "SMTP": ({"host": "smtp.example.org", "port": 587, "starttls": True, "user": "fiona",
+              "password_file": "/data/config/smtp.password", "from": "fiona@example.org"}, None),
+    "EXPORTS": ({"retention_days": 7, "cleanup_percent": 80, "refuse_percent": 95,
+                 "url": "https://fiona.example.org"}, {}),
 }
 
 SITE_KEYS: dict[str, tuple[Any, Any]] = {
@@ -77,6 +81,17 @@ WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("
             "session_idle_minutes": (30, 30), "session_hours": (12, 12),
             "ldap": ({"url": "ldaps://ldap.example.org", "user_dn": "uid={user},ou=people,"
                       "dc=example,dc=org"}, None)}
+
+#: the mail server for "export ready" mails (optional; no SMTP key: no mail)
+SMTP_KEYS = {"host": ("smtp.example.org", REQUIRED), "port": (587, 587),
+             "starttls": (True, True), "user": ("fiona", None),
+             "password_file": ("/data/config/smtp.password", None),
+             "from": ("fiona@example.org", REQUIRED)}
+#: exports: how long a finished zip is kept, the disk watermarks (percent of the exports file
+#: system) above which `fiona clear-exports` removes the oldest and the worker refuses new
+#: ones, and the web address the "export ready" mail links to
+EXPORTS_KEYS = {"retention_days": (7, 7), "cleanup_percent": (80, 80),
+                "refuse_percent": (95, 95), "url": ("https://fiona.example.org", None)}
 
 _AE_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -135,6 +150,9 @@ class Config:
     workflows: list[dict[str, Any]] = field(default_factory=list)
     retention_days_unassigned: float = 30.0   # clear-old-files: unassigned studies kept this long
     cleanup_unassigned: bool = False          # clear-old-files may remove unassigned studies
+    smtp: dict[str, Any] | None = None        # SMTP_KEYS, checked; None: no mail
+    exports: dict[str, Any] = field(default_factory=lambda: {
+        k: default for k, (_example, default) in EXPORTS_KEYS.items()})
 
     def site(self, name: str | None = None) -> Site:
         """The site called `name` (None or "" is the main receiver)."""
@@ -309,6 +327,59 @@ def _clinical_pacs(value: Any, errors: list[str]) -> dict[str, Any] | None:
             "port": _int(pacs["port"], "CLINICAL_PACS.port", 1, 65535, errors)}
 
 
+def _smtp(value: Any, base: Path, errors: list[str]) -> dict[str, Any] | None:
+    """SMTP, checked once: host, port, starttls, optional user with a 0600 password file,
+    from address."""
+    if value is None:
+        return None
+    smtp = _check_keys(value, SMTP_KEYS, "SMTP", errors)
+    if "host" not in smtp or "from" not in smtp:
+        return None  # not an object, or a key missing (reported)
+    out = {k: smtp.get(k, default) for k, (_example, default) in SMTP_KEYS.items()}
+    host = out["host"]
+    if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host.strip()):
+        errors.append(f"SMTP.host must be a host name or address; got {host!r}")
+    out["port"] = _int(out["port"], "SMTP.port", 1, 65535, errors)
+    if not isinstance(out["starttls"], bool):
+        errors.append(f"SMTP.starttls must be true or false; got {out['starttls']!r}")
+    sender = out["from"]
+    if not isinstance(sender, str) or "@" not in sender or any(c.isspace() for c in sender):
+        errors.append(f"SMTP.from must be an e-mail address; got {sender!r}")
+    if (out["user"] is None) != (out["password_file"] is None):
+        errors.append("SMTP.user and SMTP.password_file go together (both or neither)")
+    elif out["password_file"] is not None:
+        pw = Path(str(out["password_file"]))
+        out["password_file"] = pw if pw.is_absolute() else base / pw
+        try:
+            read_secret(out["password_file"])
+        except ConfigError as exc:
+            errors.append(f"SMTP.password_file: {'; '.join(exc.errors)}")
+    return out
+
+
+def _exports(value: Any, errors: list[str]) -> dict[str, Any]:
+    """EXPORTS, checked once: retention in days and the disk watermarks in percent."""
+    given = _check_keys(value, EXPORTS_KEYS, "EXPORTS", errors)
+    out: dict[str, Any] = {k: given.get(k, default)
+                           for k, (_example, default) in EXPORTS_KEYS.items()}
+    out["retention_days"] = _number(out["retention_days"], "EXPORTS.retention_days", 0.01,
+                                    36500, errors)
+    out["cleanup_percent"] = _number(out["cleanup_percent"], "EXPORTS.cleanup_percent", 1, 100,
+                                     errors)
+    out["refuse_percent"] = _number(out["refuse_percent"], "EXPORTS.refuse_percent", 1, 100,
+                                    errors)
+    if out["cleanup_percent"] >= out["refuse_percent"]:
+        errors.append(f"EXPORTS.cleanup_percent ({out['cleanup_percent']:g}) must be below "
+                      f"EXPORTS.refuse_percent ({out['refuse_percent']:g})")
+    url = out["url"]
+    if url is not None and (not isinstance(url, str)
+                            or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url)):
+        errors.append(f"EXPORTS.url must be an http(s) address; got {url!r}")
+    elif url:
+        out["url"] = url.rstrip("/")
+    return out
+
+
 def parse(raw: Any, path: Path) -> Config:
     """Validate a loaded config.json object. Relative paths are relative to the file's folder."""
     errors: list[str] = []
@@ -404,6 +475,8 @@ def parse(raw: Any, path: Path) -> Config:
                       f"the receiver refuses studies")
     scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE") if top[k] is not None}
     clinical = _clinical_pacs(top["CLINICAL_PACS"], errors)
+    smtp = _smtp(top["SMTP"], base, errors)
+    exports = _exports(top["EXPORTS"], errors)
     if errors:
         raise ConfigError(errors, path)
     return Config(
@@ -413,6 +486,7 @@ def parse(raw: Any, path: Path) -> Config:
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
         mpps_port=mpps, clinical_pacs=clinical, workflows=workflows,
         retention_days_unassigned=retention, cleanup_unassigned=cleanup_unassigned is True,
+        smtp=smtp, exports=exports,
     )
 
 

@@ -373,6 +373,21 @@ class Tree:
         return self.site / "scans"
 
     @property
+    def exports(self) -> Path:
+        """Finished export zips, each with its .sha256 and .manifest.csv (`fiona.export`)."""
+        return self.site / "exports"
+
+    @property
+    def export_jobs(self) -> Path:
+        """Export jobs, one JSON each (`fiona.export.jobs`)."""
+        return self.exports / "jobs"
+
+    @property
+    def export_tmp(self) -> Path:
+        """Work folders of exports being made, one per job."""
+        return self.exports / "tmp"
+
+    @property
     def run(self) -> Path:
         """Named pipes and pid files; inside the tree so no other local user can hijack them."""
         return self.site / "run"
@@ -410,7 +425,7 @@ class Tree:
     def series_json(self, study: str, series: str) -> Path:
         return self.raw / study / f"{series}.json"
 
-    def make(self) -> "Tree":
+    def make(self) -> Tree:
         """Create the fixed folders (idempotent)."""
         for p in (self.config, self.logs, self.archive, self.raw, self.participants, self.srs,
                   self.arrived, self.quarantine, self.outbox, self.journal, self.run):

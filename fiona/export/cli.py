@@ -13,10 +13,12 @@ from pathlib import Path
 from ..config import Config
 
 COMMAND = "export"
+WORKER, CLEAR = "export-worker", "clear-exports"
+COMMANDS = (COMMAND, WORKER, CLEAR)
 
 
 def add_parser(sub: argparse._SubParsersAction, site_arg: Callable) -> None:
-    """Register `fiona export` on the `fiona` parser."""
+    """Register `fiona export`, `fiona export-worker` and `fiona clear-exports`."""
     p = sub.add_parser(COMMAND, help="export a project's de-identified studies as one zip",
                        description="Gather the de-identified studies of a project (optionally "
                        "one participant, event or study) from where they were delivered (a "
@@ -39,6 +41,26 @@ def add_parser(sub: argparse._SubParsersAction, site_arg: Callable) -> None:
                    help="where the zip goes (default: DATADIR/site/exports)")
     p.add_argument("--noassign", action="store_true", help="de-identify a study waiting "
                    "unassigned (needs --study, --participant, --event)")
+    p.add_argument("--queue", action="store_true", help="queue the export for the export "
+                   "worker and print the job id, instead of making it now; the job file "
+                   "(DATADIR/site/exports/jobs/ID.json) shows its state and progress")
+    p.add_argument("--mail", metavar="ADDRESS", help="with --queue: mail ADDRESS when the "
+                   "export is ready (needs the SMTP config key)")
+    site_arg(p)
+
+    p = sub.add_parser(WORKER, help="the export worker daemon (queued exports)",
+                       description="Make the queued exports (`fiona export --queue`, the "
+                       "Exports page) one at a time: on start every job that is queued or was "
+                       "in progress, then whenever a job is queued. A research PACS that "
+                       "cannot be reached makes the job wait with back-off. Runs in the "
+                       "foreground until SIGTERM or Ctrl-C.")
+    site_arg(p)
+
+    p = sub.add_parser(CLEAR, help="remove expired exports and stale export work folders",
+                       description="Remove export work folders older than a day, the exports "
+                       "past EXPORTS.retention_days, and above EXPORTS.cleanup_percent of the "
+                       "disk the oldest finished exports; failed jobs are forgotten after the "
+                       "retention time. One log line and one audit entry per export removed.")
     site_arg(p)
 
 
@@ -54,6 +76,74 @@ def read_password(source: str | None) -> bytes | None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
+    """One of COMMANDS."""
+    if args.command == WORKER:
+        from .worker import run as run_worker
+
+        return run_worker(config, args.site, args.verbose)
+    if args.command == CLEAR:
+        from .cleanup import run as run_cleanup
+
+        return run_cleanup(config, args)
+    if args.queue:
+        return queue(config, args)
+    if args.mail:
+        print("fiona export: --mail goes with --queue", file=sys.stderr)
+        return 2
+    return export_now(config, args)
+
+
+def queue(config: Config, args: argparse.Namespace) -> int:
+    """`fiona export --queue`: 0 with the job id on stdout, 1 with the reason on stderr. The
+    request is checked now (unknown names fail here, not in the worker); the password is
+    sealed at once and never written in clear."""
+    from ..actions import OsActor
+    from ..config import read_secret
+    from ..control import open_control_plane
+    from ..control.base import ControlPlaneError
+    from ..tree import Tree
+    from .job import export_type
+    from .jobs import JobStore, seal
+    from .profile import ProfileError
+    from .profile import load as load_profile
+    from .retrieve import ExportError, ExportUnavailable, check_request
+    from .worker import wake
+
+    site = config.site(args.site)
+    if args.out:
+        print("fiona export: --out does not go with --queue (queued exports go to "
+              "DATADIR/site/exports)", file=sys.stderr)
+        return 2
+    if args.mail and not config.smtp:
+        print("fiona export: --mail needs the SMTP config key", file=sys.stderr)
+        return 2
+    try:
+        password = read_password(args.password_file)
+        export_type(args.type, site.datadir)
+        load_profile(args.profile, site.datadir)
+        try:
+            check_request(open_control_plane(config, site), args.project, args.participant,
+                          args.event)
+        except ExportUnavailable:
+            pass  # the worker waits for the control plane
+        store = JobStore(site.datadir)
+        job = store.new(project=args.project, type=args.type,
+                        requester=OsActor.current().name, participant=args.participant,
+                        event=args.event, study=args.study, profile=args.profile,
+                        noassign=args.noassign, email=args.mail)
+        if password:
+            job.sealed_password = seal(read_secret(Tree(site.datadir).config / "secret.key"),
+                                       job.id, password)
+            store.save(job)
+    except (ExportError, ProfileError, ControlPlaneError, OSError, ValueError) as exc:
+        print(f"fiona export: {exc}", file=sys.stderr)
+        return 1
+    wake(site)
+    print(job.id)
+    return 0
+
+
+def export_now(config: Config, args: argparse.Namespace) -> int:
     """`fiona export`: 0 with the zip's path on stdout, 1 with the reason on stderr."""
     from ..actions import OsActor
     from ..control import open_control_plane

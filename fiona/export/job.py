@@ -49,6 +49,7 @@ class ExportRequest:
     password: bytes | None = field(default=None, repr=False)
     out: Path | None = None
     noassign: bool = False
+    job: str = ""  #: the export job's id (the worker's; a new one when empty)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ExportResult:
 
 
 def exports_dir(datadir: Path) -> Path:
-    return Path(datadir) / "site" / "exports"
+    return Tree(Path(datadir)).exports
 
 
 def export_type(name: str, datadir: Path | None = None) -> ExportType:
@@ -77,8 +78,8 @@ def run(config: Config, site: Site, control: ControlPlane, req: ExportRequest,
     profile = load_profile(req.profile, site.datadir)
     tree = Tree(site.datadir)
     key = read_secret(site.datadir / "config" / "secret.key")
-    job = uuid.uuid4().hex[:12]
-    work = ensure_dir(exports_dir(site.datadir) / "tmp" / job)
+    job = req.job or uuid.uuid4().hex[:12]
+    work = ensure_dir(tree.export_tmp / job)
     tell = progress or (lambda phase, done, total: None)
     try:
         objects = ensure_dir(work / "objects")
@@ -95,6 +96,7 @@ def run(config: Config, site: Site, control: ControlPlane, req: ExportRequest,
                                           objects, collector.progress)
         report = ExportReport(total=sum(len(s.files) for st in studies for s in st.series))
         layout = ensure_dir(work / "layout")
+        tell("converting", 0, report.total)
         kind.build(studies, layout, report)
         if not report.files:
             raise ExportError(f"nothing to export: the {req.type} layout took no file of the "
