@@ -148,3 +148,32 @@ def test_coupling_report_button_retrieves_the_missing_lines(setup):
     refused = client.post("/coupling/retrieve", data={**form, "accession": ["ACC9"]})
     assert refused.status_code >= 400 and set(archived_studies(gw)) == {
         studies["ACC1"]["study"], studies["ACC2"]["study"]}
+
+
+def test_pacs_that_does_not_know_fiona_refuses_on_the_line(tmp_path):
+    """Without FIONA among Orthanc's modalities the C-MOVE is refused: said on the line."""
+    with Orthanc(tmp_path, extra={"DicomAlwaysAllowMove": True}) as pacs:
+        study = make_study(tmp_path / "src", n_series=1, images_per_series=2, accession="ACC5")
+        for path in study["files"]:
+            pacs.post("/instances", path.read_bytes())
+        gw = Gateway(tmp_path / "data", free_port(), {
+            "CLINICAL_PACS": {"aetitle": pacs.aet, "host": "127.0.0.1",
+                              "port": pacs.dicom_port}})
+        res = gw.run("retrieve", "--accession", "ACC5", check=False)
+    assert res.returncode == 1
+    assert res.stdout.startswith("ACC5: refused (") and "refused a C-MOVE: status 0x" in res.stdout
+
+
+@pytest.mark.parametrize("value, error", [
+    ({"aetitle": "PACS", "host": "127.0.0.1"}, "missing required key CLINICAL_PACS.port"),
+    ({"aetitle": "PACS", "host": "127.0.0.1", "port": 0}, "CLINICAL_PACS.port"),
+    ({"aetitle": "A\\B", "host": "127.0.0.1", "port": 104}, "CLINICAL_PACS.aetitle"),
+    ({"aetitle": "PACS", "host": "", "port": 104}, "CLINICAL_PACS.host"),
+    ("PACS@host:104", "CLINICAL_PACS must be an object"),
+])
+def test_clinical_pacs_config_is_checked(tmp_path, value, error):
+    gw = Gateway(tmp_path / "data", free_port())
+    raw = json.loads(gw.config.read_text())
+    gw.config.write_text(json.dumps({**raw, "CLINICAL_PACS": value}))
+    res = gw.run("config", "check", check=False)
+    assert res.returncode == 2 and error in res.stderr

@@ -200,7 +200,9 @@ class Refused(PeerError):
 
 def _status(status: Dataset, peer: Peer, what: str) -> int:
     if "Status" not in status:
-        raise PeerError(f"{peer.label} did not answer a {what} (aborted or timed out)")
+        hint = ("; a PACS that does not know FIONA's AE title may abort a C-MOVE"
+                if what == "C-MOVE" else "")
+        raise PeerError(f"{peer.label} did not answer a {what} (aborted or timed out){hint}")
     return int(status.Status)
 
 
