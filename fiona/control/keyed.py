@@ -56,7 +56,8 @@ class Keyed:
         """`text` with each identifier replaced by its reference wherever it occurs, and each
         part of a person name (`Doe^Jane`) wherever it stands as a word, whatever the case:
         for log lines that quote an error or a tool's output that may name the patient."""
-        whole, words = set(), set()
+        whole: set[str] = set()
+        words: set[str] = set()
         for value in identifiers:
             value = (value or "").strip()
             if value:

@@ -88,6 +88,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -101,7 +102,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from .clean import CODE_KEYWORDS, RULE_VRS, Rule, clean_text, clean_value, rule_for, shift_values
@@ -135,6 +136,10 @@ _DUMMY_TEXT = {"AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "1900
                "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "urn:anonymized"}
 _DUMMY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "FD": 8, "SV": 8, "UV": 8}
 _META_KEEP = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010})
+_SOP_INSTANCE_UID = BaseTag(0x00080018)
+
+#: a dataset's elements as pydicom keeps them (`Dataset._dict`): decoded or still raw
+Elements = MutableMapping[BaseTag, DataElement | RawDataElement]
 
 _IMPL_UID = PYDICOM_IMPLEMENTATION_UID.encode() + (b"\x00" if len(PYDICOM_IMPLEMENTATION_UID) & 1
                                                    else b"")
@@ -265,7 +270,7 @@ class Deidentifier:
                           for row in self.table.exact.values() for n, c in row.options.items())
         self._ops: dict[tuple[int, str, bool], int] = {}
         self._meta_action = self.table.action(0x00020003, self._opts, False)
-        self._written_cache: dict[tuple[bool, bool], list[tuple[int, Any]]] = {}
+        self._written_cache: dict[tuple[bool, bool], list[tuple[BaseTag, Any]]] = {}
         self._markers = self._marker_values()
 
     # --- keyed values ---------------------------------------------------------------------------
@@ -322,8 +327,7 @@ class Deidentifier:
         for tag, elem in self._written(ds):
             d[tag] = elem
         if import_value is not None:
-            tag, value = import_value
-            _put(ds, tag, value)
+            _put(ds, *import_value)
         # profile
         for tag, elem in kept.items():
             d[tag] = elem
@@ -333,14 +337,16 @@ class Deidentifier:
             d.pop(tag, None)
         return ds
 
-    def _written(self, ds: Dataset) -> list[tuple[int, Any]]:
+    def _written(self, ds: Dataset) -> list[tuple[BaseTag, Any]]:
         """The elements written after the table: project values and markers. For a dataset
         read from a file (known encoding) they are raw elements encoded once per encoding."""
         implicit, little = ds.original_encoding
-        key = (implicit, little)
-        cached = self._written_cache.get(key) if implicit is not None else None
-        if cached is not None:
-            return cached
+        # pydicom sets both or neither: (None, None) for a dataset not read from a file
+        encoding = None if implicit is None or little is None else (implicit, little)
+        if encoding is not None:
+            cached = self._written_cache.get(encoding)
+            if cached is not None:
+                return cached
         s = self.settings
         method, codes, temporal = self._markers
         values: list[tuple[str, Any]] = [
@@ -351,32 +357,31 @@ class Deidentifier:
                        ("ClinicalTrialTimePointDescription", s.event)]
         values += [("PatientIdentityRemoved", "YES"), ("DeidentificationMethod", method),
                    ("LongitudinalTemporalInformationModified", temporal)]
-        out: list[tuple[int, Any]] = []
+        out: list[tuple[BaseTag, Any]] = []
         for kw, value in values:
-            tag = BaseTag(tag_for_keyword(kw))
+            tag = Tag(kw)
             vr = dictionary_VR(tag)
             text = "\\".join(value) if isinstance(value, list) else value
-            if implicit is not None and text.isascii():
+            if encoding is not None and text.isascii():
                 raw = text.encode("ascii")
                 if len(raw) & 1:
                     raw += b" "
-                out.append((tag, RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, implicit,
-                                                little)))
+                out.append((tag, RawDataElement(tag, vr, len(raw), raw, 0, *encoding)))
             else:
                 out.append((tag, DataElement(tag, vr, value)))
-        seq_tag = BaseTag(tag_for_keyword("DeidentificationMethodCodeSequence"))
+        seq_tag = Tag("DeidentificationMethodCodeSequence")
         seq = DataElement(seq_tag, "SQ", Sequence([_code_item(v, m) for v, m in codes]))
-        if implicit is None:
+        if encoding is None:
             out.append((seq_tag, seq))
             return out                     # encoding unknown: plain elements, not cached
+        implicit, little = encoding
         fp = DicomBytesIO()
         fp.is_implicit_VR, fp.is_little_endian = implicit, little
         write_data_element(fp, seq)
         body = fp.getvalue()[8 if implicit else 12:]
-        out.append((seq_tag, RawDataElement(BaseTag(seq_tag), "SQ", len(body), body, 0,
-                                            implicit, little)))
+        out.append((seq_tag, RawDataElement(seq_tag, "SQ", len(body), body, 0, implicit, little)))
         out.sort(key=lambda te: te[0])
-        self._written_cache[key] = out
+        self._written_cache[encoding] = out
         return out
 
     def _needs_identifiers(self) -> bool:
@@ -404,26 +409,28 @@ class Deidentifier:
                 if vr == "UN" and p[0] is not None and elem.is_raw:
                     elem = ds[tag]        # pydicom converts UN to the dictionary's VR
                     vr = elem.VR
-                op = self._ops.get((tag, vr, clean))
-                if op is None:
-                    op = self._ops[(tag, vr, clean)] = self._plan(tag, vr, clean)[1]
+                cached_op = self._ops.get((tag, vr, clean))
+                if cached_op is None:
+                    cached_op = self._ops[(tag, vr, clean)] = self._plan(tag, vr, clean)[1]
+                op = cached_op
             if op == KEEP:
                 continue
             if vr is None:
                 vr = p[0]
             if op == RECURSE or op == RECURSE_CLEAN:
-                if elem.is_raw:
+                if isinstance(elem, RawDataElement):
                     elem = ds[tag]
                 for item in elem.value or ():
                     self._walk(item, clean or op == RECURSE_CLEAN)
             elif op == CLEAN:
+                assert vr is not None    # `_plan` gives CLEAN only for a VR of the rule's
                 self._clean(ds, tag, elem, vr)
             else:
                 self._do(ds, tag, elem, vr, op)
         if private:
             self._private(ds)
 
-    def _do(self, ds: Dataset, tag: int, elem, vr: str | None, op: int) -> None:
+    def _do(self, ds: Dataset, tag: BaseTag, elem, vr: str | None, op: int) -> None:
         """One operation on one element that is not a sequence to walk."""
         d = ds._dict
         if op == DEL:
@@ -469,6 +476,7 @@ class Deidentifier:
             action = self.table.action(tag, self._opts, False)
             if action == "C" and v != "SQ":
                 row = self.table.row(tag)
+                assert row is not None    # `action` gave a code: the table has the row
                 rule = rule_for(row.keyword, row.name)
                 fallback = resolve_combined(row.basic, kw)
                 if rule is None or rule in (Rule.NARRATIVE, Rule.BINARY) or \
@@ -509,7 +517,7 @@ class Deidentifier:
             return SCRUB_CODE if kw in CODE_KEYWORDS else SCRUB
         return KEEP
 
-    def _clean(self, ds: Dataset, tag: int, elem, vr: str) -> None:
+    def _clean(self, ds: Dataset, tag: BaseTag, elem, vr: str) -> None:
         """The clean action on one element (see `fiona.deid.clean`): the cleaned value, or
         the row's fallback when the value is not of the strict form of its rule."""
         rule, fallback = self._cleaning[tag]
@@ -529,7 +537,7 @@ class Deidentifier:
             else:
                 elem.value = out.split("\\") if "\\" in out else out
 
-    def _map_uids(self, d: dict, tag: int, elem) -> None:
+    def _map_uids(self, d: Elements, tag: BaseTag, elem) -> None:
         if elem.is_raw:
             raw = elem.value
             if not raw:
@@ -560,7 +568,7 @@ class Deidentifier:
         self._shifted[key] = out
         return out
 
-    def _shift_dates(self, d: dict, tag: int, elem, op: int) -> None:
+    def _shift_dates(self, d: Elements, tag: BaseTag, elem, op: int) -> None:
         dt = op == DATETIME
         if elem.is_raw:
             raw = elem.value
@@ -654,7 +662,7 @@ class Deidentifier:
             if t not in _META_KEEP:
                 del d[t]
         if self._meta_action != "K":
-            sop = ds._dict.get(0x00080018)
+            sop = ds._dict.get(_SOP_INSTANCE_UID)
             if sop is not None:
                 value = sop.value
                 value = value.decode("ascii", "replace") if isinstance(value, bytes) \
@@ -687,8 +695,8 @@ class Deidentifier:
         names = sorted(pattern.groupindex.items(), key=lambda kv: kv[1])
         return tag, "_".join(m.group(i) for _n, i in names if m.group(i))
 
-    def _kept_source(self, ds: Dataset) -> dict[int, Any]:
-        out = {}
+    def _kept_source(self, ds: Dataset) -> dict[BaseTag, DataElement | RawDataElement]:
+        out: dict[BaseTag, DataElement | RawDataElement] = {}
         for tag in self._keep:
             elem = ds._dict.get(tag)
             if elem is None:
@@ -746,7 +754,7 @@ def _values(value) -> list:
     return [value]
 
 
-def _set(d: dict, tag: int, elem, raw: bytes, value: Any) -> None:
+def _set(d: Elements, tag: BaseTag, elem, raw: bytes, value: Any) -> None:
     if elem.is_raw:
         d[tag] = elem._replace(value=raw, length=len(raw))
     else:
@@ -759,7 +767,7 @@ def _padded(text: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) & 1 else raw
 
 
-def _set_dummy(d: dict, tag: int, elem, vr: str) -> None:
+def _set_dummy(d: Elements, tag: BaseTag, elem, vr: str | None) -> None:
     if vr in _DUMMY_TEXT:
         text = _DUMMY_TEXT[vr]
         raw = text.encode("ascii")
@@ -767,7 +775,7 @@ def _set_dummy(d: dict, tag: int, elem, vr: str) -> None:
             raw += b" "
         _set(d, tag, elem, raw, text)
     elif vr in _DUMMY_SIZE or (vr or "").startswith("US"):
-        n = _DUMMY_SIZE.get(vr, 2)
+        n = _DUMMY_SIZE.get(vr or "", 2)
         _set(d, tag, elem, bytes(n), 0)
     else:
         _set(d, tag, elem, bytes(8), bytes(8))

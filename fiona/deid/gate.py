@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from .engine import _DUMMY_TEXT, FIONA_VERSION, method_prefix, profile_names
 from .identifiers import Identifiers, Needle, values_of
@@ -48,7 +49,7 @@ from .table import BASIC_PROFILE, STANDARD_OPTIONS, default_table
 
 PIXEL_MIN_LEN = 6
 
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_PIXEL_TAGS = (BaseTag(0x7FE00010), BaseTag(0x7FE00008), BaseTag(0x7FE00009))
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
                        "UI", "UR", "UT"})
 _NUMERIC_TEXT = frozenset({"DS", "IS"})
@@ -179,7 +180,7 @@ def _find_bytes_from(low: bytes, needle: bytes, cls: str, skip: tuple[int, int] 
             return i
 
 
-def _is_encapsulated(value: bytes) -> bool:
+def _is_encapsulated(value: bytes | bytearray) -> bool:
     return value[:4] in (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
 
 

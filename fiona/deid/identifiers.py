@@ -44,8 +44,8 @@ _NEEDLE_CACHE: dict[tuple, Needle] = {}
 
 def is_class_like_uid(keyword: str | None) -> bool:
     """A UI attribute that names a class or coding scheme (its value is never replaced)."""
-    return bool(keyword) and (keyword.endswith(("ClassUID", "SyntaxUID")) or
-                              keyword in _CLASS_LIKE)
+    return bool(keyword and (keyword.endswith(("ClassUID", "SyntaxUID")) or
+                             keyword in _CLASS_LIKE))
 
 
 def is_well_known_uid(value: str) -> bool:

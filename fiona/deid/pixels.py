@@ -350,7 +350,8 @@ def mask_burned_in_text(ds: Dataset, lang: str = "eng", min_confidence: float = 
         raise PixelMaskingError(f"cannot decode {tsyntax.name} pixel data (install the "
                                 f"pylibjpeg plugins): {missing}")
     try:
-        arr, image_pixel = decoder.as_array(ds, as_rgb=True)
+        # pydicom types **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
+        arr, image_pixel = decoder.as_array(ds, as_rgb=True)  # type: ignore[arg-type]
     except Exception as exc:  # the decoders raise many kinds
         raise PixelMaskingError(f"cannot decode {tsyntax.name} pixel data: {exc}") from exc
 

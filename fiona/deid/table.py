@@ -140,7 +140,7 @@ class Table:
         if row is not None:
             return row
         for r in self.masked:
-            if tag & r.mask == r.tag:  # type: ignore[operator]
+            if tag & r.mask == r.tag:  # type: ignore[operator]  # masked rows have a mask
                 return r
         return None
 

@@ -142,8 +142,8 @@ def _number(value: object) -> float | None:
 
 def _numbers(values: _Values) -> list[float] | None:
     """Every item as a number, or None when any item does not parse."""
-    numbers = [_number(item) for item in values.items]
-    return None if any(n is None for n in numbers) else numbers  # type: ignore[return-value]
+    numbers = [n for n in map(_number, values.items) if n is not None]
+    return numbers if len(numbers) == len(values.items) else None
 
 
 def _item_equal(a: object, b: object) -> bool:
@@ -177,12 +177,14 @@ class _TagRef:
     def show(self) -> str:
         if self.keyword is not None:
             return self.keyword
-        text = f"({self.tag.group:04X},{self.tag.element:04X})"  # type: ignore[union-attr]
+        assert self.tag is not None          # `_parse_tag` sets the keyword or the tag
+        text = f"({self.tag.group:04X},{self.tag.element:04X})"
         return text if self.index is None else f"{text}[{self.index}]"
 
     def resolve(self, image: _Image) -> _Values | None:
         if self.keyword is not None:
-            return self._by_keyword(image)
+            return self._by_keyword(image, self.keyword)
+        assert self.tag is not None          # `_parse_tag` sets the keyword or the tag
         found = _values(image.ds.get(self.tag))
         if found is None or self.index is None:
             return found
@@ -190,13 +192,13 @@ class _TagRef:
             return _values(found.items[self.index])
         return None
 
-    def _by_keyword(self, image: _Image) -> _Values | None:
-        if self.keyword == "ClassifyType":
+    def _by_keyword(self, image: _Image, keyword: str) -> _Values | None:
+        if keyword == "ClassifyType":
             return _values(image.labels)
-        found = _values(image.record.get(self.keyword))
+        found = _values(image.record.get(keyword))
         if found is not None:
             return found
-        tag = tag_for_keyword(self.keyword)  # not ds.get(keyword): that also finds methods
+        tag = tag_for_keyword(keyword)  # not ds.get(keyword): that also finds methods
         return None if tag is None else _values(image.ds.get(tag))
 
 
@@ -247,7 +249,8 @@ def _greater(found: _Values, expected: _Values, _clause: _TagClause) -> bool:
 
 
 def _regexp(found: _Values, _expected: _Values, clause: _TagClause) -> bool:
-    return clause.pattern.search(found.text()) is not None  # type: ignore[union-attr]
+    assert clause.pattern is not None    # `_parse_clause` compiles it for every regexp
+    return clause.pattern.search(found.text()) is not None
 
 
 def _contains(found: _Values, expected: _Values, _clause: _TagClause) -> bool:
@@ -407,7 +410,9 @@ def _parse_clause(clause: object, where: str) -> _Clause:
     pattern = None
     if operator == "regexp":
         try:
-            pattern = re.compile(str(value.items[0]))  # type: ignore[union-attr]
+            # `_parse_value` gives a literal for regexp: never None, never a tag reference
+            assert isinstance(value, _Values)
+            pattern = re.compile(str(value.items[0]))
         except re.error as err:
             raise RuleError(f"{where}: bad regular expression {clause['value']!r}: {err}") from err
     return _TagClause(tag=_parse_tag(clause["tag"], where), operator=operator, value=value,

@@ -45,9 +45,11 @@ class SeriesRecord:
         first = not data
         for key, value in image.items():
             if key == "SliceLocation":
-                if _number(value) is not None and (
-                        _number(data.get(key)) is None or _number(value) < _number(data[key])):
-                    data[key] = value
+                new = _number(value)
+                if new is not None:
+                    old = _number(data.get(key))
+                    if old is None or new < old:
+                        data[key] = value
             elif first or key not in data:
                 data[key] = value
         had = set(data.get("ClassifyType", []))
