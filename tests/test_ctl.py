@@ -41,7 +41,9 @@ def pid_of(gw: Gateway, name: str, site: str | None = None) -> int:
 
 @pytest.fixture
 def gw(make_gateway) -> Gateway:
-    return make_gateway(WEB={"host": "127.0.0.1", "port": free_port()})
+    # MPPSPORT and a scanner (no one listens there): the MPPS SCP and the pull run only with them
+    return make_gateway(WEB={"host": "127.0.0.1", "port": free_port()}, MPPSPORT=free_port(),
+                        SCANNERIP="127.0.0.1", SCANNERPORT=free_port(), SCANNERAETITLE="SCANNER")
 
 
 @pytest.mark.parametrize("name", [d.command for d in DAEMONS])
