@@ -15,7 +15,7 @@ from fiona.control.local import LocalControlPlane
 from helpers import Gateway, free_port, wait_for
 
 DAEMONS = ("storescp", "process-single-file", "detect-study-arrival", "anonymize-and-send",
-           "web")
+           "web", "export-worker")
 Usage = namedtuple("Usage", "total used free")
 
 
