@@ -100,8 +100,14 @@ def all_bytes_under(root: Path) -> list[tuple[Path, bytes]]:
 @pytest.mark.e2e
 def test_queued_job_through_the_daemon_with_kill_9_mid_job_and_a_sealed_password(tmp_path):
     gw, research = gateway(tmp_path)
-    deliver(tmp_path, gw, research, n_series=3, images=40)
+    mapped = deliver(tmp_path, gw, research, n_series=3, images=40)
     store = JobStore(gw.datadir)
+    # the worker reads the delivered files in order; the last one is a named pipe, so it stops
+    # there mid-job (opening a pipe blocks until a writer comes) until it is killed
+    last = sorted((research / mapped).glob("*/*.dcm"))[-1]
+    content = last.read_bytes()
+    last.unlink()
+    os.mkfifo(last)
 
     # queued while no worker runs: the job waits in its file
     job_id = queue(gw, password=PASSWORD)
@@ -111,13 +117,15 @@ def test_queued_job_through_the_daemon_with_kill_9_mid_job_and_a_sealed_password
 
     # the worker takes it up; killed with -9 while it works on it
     gw.start("export-worker")
-    wait_for(lambda: store.load(job_id).state in IN_PROGRESS, 120, "the job to start")
+    objects = gw.tree.export_tmp / job_id / "objects"
+    wait_for(lambda: len(list(objects.rglob("*.dcm"))) == 119, 120, "the job to stop at the pipe")
     gw.stop("export-worker", signal.SIGKILL)
-    killed = store.load(job_id)
-    assert killed.state in IN_PROGRESS, "the job finished before the kill: make it bigger"
+    assert store.load(job_id).state in IN_PROGRESS
     assert not [n for n in zips(gw, job_id) if n.endswith(".zip")]  # no zip offered
 
     # restarted, it finishes the job once
+    last.unlink()
+    last.write_bytes(content)
     gw.start("export-worker")
     done = wait_for(lambda: (j := store.load(job_id)).state == READY and j, 300, "ready")
     assert done.total == done.done == 120
