@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
-from dicomgen import make_study
+from dicomgen import make_study, part10
 from fiona.config import load
 from fiona.control import open_control_plane
 from fiona.deid.pixels import ocr_words
@@ -110,14 +109,7 @@ def _text_image(path: Path) -> str:
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=40)
     draw.text((30, 200), "HANSEN INGRID 1980", fill=250, font=font)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = part10(SecondaryCaptureImageStorage)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID, ds.AccessionNumber = "Hansen^Ingrid", "NID0303", "OCR1"
     ds.Modality, ds.StudyDate, ds.StudyTime = "OT", "20260101", "120000"

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -29,10 +29,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
+from dicomgen import roundtrip, secondary_capture, to_bytes
 from fiona.deid.pixels import (
     MaskResult,
     PixelMaskingError,
@@ -62,35 +61,6 @@ def anatomy(size: int = SIZE) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     r = np.hypot(yy - size * 0.62, xx - size * 0.5) / (size * 0.3)
     return np.clip(1.0 - r, 0, 1)
-
-
-def secondary_capture(arr: np.ndarray, photometric: str, bits_stored: int,
-                      signed: bool = False) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^John", "PAT0001", "19800101"
-    ds.Modality, ds.ConversionType = "OT", "WSD"
-    ds.SeriesDescription = "Screen capture"
-    ds.BurnedInAnnotation = "YES"
-    ds.SamplesPerPixel = 3 if photometric in ("RGB", "YBR_FULL_422", "YBR_FULL") else 1
-    ds.PhotometricInterpretation = photometric
-    if ds.SamplesPerPixel == 3:
-        ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = arr.shape[-3:-1] if ds.SamplesPerPixel == 3 else arr.shape[-2:]
-    if arr.ndim == (4 if ds.SamplesPerPixel == 3 else 3):
-        ds.NumberOfFrames = arr.shape[0]
-    ds.BitsAllocated = arr.dtype.itemsize * 8
-    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.PixelData = arr.tobytes()
-    return ds
 
 
 def mono8() -> Dataset:
@@ -148,12 +118,6 @@ def decoded(ds: Dataset) -> tuple[np.ndarray, str]:
 def all_words(ds: Dataset) -> list[list[str]]:
     frames, photometric = decoded(ds)
     return [[w.text for w in frame_words(f, photometric, ds)] for f in frames]
-
-
-def roundtrip(ds: Dataset) -> Dataset:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
 
 
 def assert_native(ds: Dataset) -> None:
@@ -366,16 +330,10 @@ def test_missing_language_names_its_package_and_leaves_the_dataset():
 def test_implicit_vr_input_is_written_explicit():
     ds = mono8()
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    ds = pydicom.dcmread(io.BytesIO(_bytes(ds)))
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
     mask_burned_in_text(ds)
     assert_native(ds)
     assert all_words(roundtrip(ds)) == [[]]
-
-
-def _bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
