@@ -20,12 +20,13 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from dicomgen import roundtrip, to_bytes
 from fiona.deid.clean import RULE_VRS, RULES, Rule, clean_text, rule_for, shift_dt, valid_tz
 from fiona.deid.engine import DEFAULT_OPTIONS, Deidentifier, resolve_combined
 from fiona.deid.gate import check
 from fiona.deid.identifiers import Identifiers
 from fiona.deid.table import Row, default_table
-from test_deid import base_dataset, encode, roundtrip, settings
+from test_deid import base_dataset, settings
 
 TABLE = default_table()
 SHIFT = -400
@@ -167,7 +168,7 @@ def _run(rows: list[tuple[Row, str]], option: str, value) -> tuple[Dataset, byte
     ids = Identifiers.from_dataset(src)
     engine = Deidentifier(settings(options=DEFAULT_OPTIONS | {option}, date_shift_days=SHIFT))
     out = engine.apply(src, ids)
-    data = encode(out)
+    data = to_bytes(out)
     check(out, data, ids, engine.authored_values())           # the gate agrees
     return pydicom.dcmread(io.BytesIO(data)), data
 
@@ -267,7 +268,7 @@ def test_sequence_items_are_cleaned(row, option):
     ids = Identifiers.from_dataset(src)
     engine = Deidentifier(settings(options=DEFAULT_OPTIONS | {option}, date_shift_days=SHIFT))
     out = engine.apply(src, ids)
-    data = encode(out)
+    data = to_bytes(out)
     check(out, data, ids, engine.authored_values())
     for frag in FRAGMENTS + sorted(SOURCE_DATES):
         assert frag.encode() not in data, frag
