@@ -17,10 +17,10 @@ from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
 from .export import cli as export
+from .index import reindex
 from .ops import commands as ops
 from .ops import heartbeat
 from .ops import inventory_cli as inventory
-from .index import reindex
 from .scanner import retrieve_cli as retrieve
 from .send import outbox
 

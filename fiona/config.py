@@ -162,7 +162,8 @@ class Config:
             return self.sites[name]
         except KeyError:
             known = ", ".join(sorted(self.sites)) or "none"
-            raise ConfigError([f"unknown site {name!r}; SITES in {self.path} has: {known}"]) from None
+            raise ConfigError([f"unknown site {name!r}; SITES in {self.path} has: "
+                               f"{known}"]) from None
 
     def all_sites(self) -> list[Site]:
         return [self.site(None), *self.sites.values()]
@@ -187,7 +188,8 @@ def config_path(explicit: str | None) -> Path:
 def _check_keys(obj: Any, spec: dict[str, tuple[Any, Any]], where: str, errors: list[str]) -> dict:
     """Unknown keys and missing required keys, each named with an example value."""
     if not isinstance(obj, dict):
-        errors.append(f"{where} must be an object, e.g. {json.dumps({k: v[0] for k, v in spec.items()})}")
+        example = json.dumps({k: v[0] for k, v in spec.items()})
+        errors.append(f"{where} must be an object, e.g. {example}")
         return {}
     for key in obj:
         if key not in spec:
@@ -388,8 +390,10 @@ def parse(raw: Any, path: Path) -> Config:
     if not top:
         raise ConfigError(errors, path)
     datadir = _dir(top["DATADIR"], "DATADIR", base, errors)
-    ip = top["DICOMIP"] if isinstance(top["DICOMIP"], str) else errors.append(
-        f"DICOMIP must be an address string, e.g. \"0.0.0.0\"; got {top['DICOMIP']!r}") or "0.0.0.0"
+    ip = top["DICOMIP"]
+    if not isinstance(ip, str):
+        errors.append(f"DICOMIP must be an address string, e.g. \"0.0.0.0\"; got {ip!r}")
+        ip = "0.0.0.0"
     port = _int(top["DICOMPORT"], "DICOMPORT", 1, 65535, errors)
     aet = _aetitle(top["DICOMAETITLE"], "DICOMAETITLE", errors)
 
@@ -446,7 +450,8 @@ def parse(raw: Any, path: Path) -> Config:
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
     workflows = _workflows(top["ARRIVAL_WORKFLOWS"], errors)
     disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
-    refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100, errors)
+    refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100,
+                     errors)
     cleanup = _number(disk.get("cleanup_percent", 80), "DISK.cleanup_percent", 0, 100, errors)
     cleanup_unassigned = disk.get("cleanup_unassigned", False)
     if not isinstance(cleanup_unassigned, bool):
@@ -473,7 +478,8 @@ def parse(raw: Any, path: Path) -> Config:
         errors.append(f"DISK.cleanup_percent ({cleanup:g}) must be below "
                       f"DISK.refuse_store_percent ({refuse:g}), so cleanup starts before "
                       f"the receiver refuses studies")
-    scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE") if top[k] is not None}
+    scanner = {k: top[k] for k in ("SCANNERIP", "SCANNERPORT", "SCANNERAETITLE")
+               if top[k] is not None}
     clinical = _clinical_pacs(top["CLINICAL_PACS"], errors)
     smtp = _smtp(top["SMTP"], base, errors)
     exports = _exports(top["EXPORTS"], errors)

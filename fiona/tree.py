@@ -154,6 +154,8 @@ class DurableCreator:
     def _prepare(self) -> None:
         while not self._closed.is_set():
             fd = self._open_unnamed()
+            if fd is None:  # the file system stopped offering O_TMPFILE: callers fall back
+                return
             while not self._closed.is_set():
                 try:
                     self._spares.put(fd, timeout=0.5)
@@ -171,7 +173,10 @@ class DurableCreator:
         try:
             fd = self._spares.get_nowait()
         except queue.Empty:
-            fd = self._open_unnamed()
+            spare = self._open_unnamed()
+            if spare is None:  # the file system stopped offering O_TMPFILE
+                return _create_via_temp_name(self.root / relative, data)
+            fd = spare
         try:
             _write_all(fd, data)
             os.fsync(fd)

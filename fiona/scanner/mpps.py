@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 from dataclasses import replace
+from typing import Any
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
@@ -141,7 +142,7 @@ class MppsServer:
         self.port = port
         self.store = MppsStore(Steps(site.datadir), clock)
         self._enabled: bool | None = None
-        self.server = None
+        self.server: Any = None  # pynetdicom's ThreadedAssociationServer once started
 
     def accepting(self) -> bool:
         """The `enabled` file's scanner switch; a change is logged once."""
@@ -195,13 +196,13 @@ class MppsServer:
         from pynetdicom import AE, _config, evt
         from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 
-        from ..send.destinations import _nodelay
+        from ..dicom_client import nodelay
 
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(self.site.aetitle)
         ae.add_supported_context(ModalityPerformedProcedureStep)
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_CONN_OPEN, _nodelay),
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_CONN_OPEN, nodelay),
                     (evt.EVT_N_CREATE, self._n_create), (evt.EVT_N_SET, self._n_set)]
         self.accepting()
         self.server = ae.start_server((host, self.port), block=False, evt_handlers=handlers)
@@ -216,6 +217,7 @@ def run(config: Config, verbose: bool = False) -> int:
         return 0
     site = config.site(None)
     with running(site, MPPS.command, verbose) as stop:
+        assert config.mpps_port is not None  # MPPS.wanted(config) checked it
         mpps = MppsServer(site, config.mpps_port)
         try:
             server = mpps.start(site.ip)
