@@ -6,6 +6,7 @@ files its figures are based on. Also the folder source's "N of M" and the config
 from __future__ import annotations
 
 import json
+import re
 import stat
 import urllib.request
 from pathlib import Path
@@ -226,3 +227,48 @@ def test_review_settings_of_a_dicom_destination_are_checked(tmp_path, key, value
     del raw["DESTINATIONS"]["research"][key]
     settings = parse(raw, tmp_path / "config.json").destinations["research"]
     assert (settings["review_sample"], settings["review_max_age_hours"]) == (5, 24)
+
+
+# --- the Review page with a dicom destination -------------------------------------------------
+PASSWORD = "correct horse battery"
+
+
+def logged_in(config, user: str):
+    from fastapi.testclient import TestClient
+
+    from fiona.web.app import create_app
+
+    client = TestClient(create_app(config), follow_redirects=False)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
+    r = client.post("/login", data={"username": user, "password": PASSWORD, "csrf_token": token})
+    assert r.status_code == 303, r.text
+    return client
+
+
+def test_review_page_reads_the_research_pacs(tmp_path, pacs, filled):
+    from fiona.config import load
+    from fiona.control import open_control_plane
+    from fiona.control.base import Project
+    from fiona.web.users import UserStore
+
+    gw = Gateway(tmp_path / "site", free_port(), {"DESTINATIONS": {"research": {
+        "type": "dicom", "aetitle": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}}})
+    config = load(str(gw.config))
+    control = open_control_plane(config)
+    for name in ("A", "B"):
+        control.save_project(Project(name, naming=rf"^{name}[0-9]{{3}}$"))
+    UserStore(gw.datadir).add("alice", PASSWORD, ["project:A:review", "project:B:review"])
+    alice = logged_in(config, "alice")
+
+    page = alice.get("/review/A")
+    assert page.status_code == 200
+    assert "based on 13 of 18 files" in page.text and "A001" in page.text
+    assert "B001" not in page.text and "Doe^Jane" not in page.text
+    assert "based on 2 files" in alice.get("/review/B").text
+    data = alice.get("/api/review/A").json()
+    assert (data["kind"], data["files"], data["files_total"]) == ("dicom", 13, 18)
+    assert list((gw.datadir / "site" / "cache" / "review" / "A").glob("*/*.json"))
+
+    pacs.stop(kill=True)
+    down = alice.get("/review/A")
+    assert down.status_code == 200 and "unreachable" in down.text
