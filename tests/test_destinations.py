@@ -17,6 +17,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from dicomgen import make_study
+from fiona import dicom_client
 from fiona.clock import FakeClock
 from fiona.config import ConfigError, parse
 from fiona.send.destinations import (
@@ -335,13 +336,13 @@ def test_dicom_count_falls_back_to_image_level(orthanc, tmp_path, monkeypatch):
 
 def test_dicom_sets_tcp_nodelay(orthanc, monkeypatch):
     flags = []
-    real = dest._nodelay
+    real = dicom_client.nodelay
 
     def spy(event):
         real(event)
         sock = event.assoc.dul.socket.socket
         flags.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-    monkeypatch.setattr(dest, "_nodelay", spy)
+    monkeypatch.setattr(dicom_client, "nodelay", spy)
     pacs_destination(orthanc).test_connection()
     assert flags and all(flags)
 

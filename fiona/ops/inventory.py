@@ -38,7 +38,7 @@ under the limit, usually a few digits.
 
 One association for the whole run, with TCP_NODELAY (each C-FIND otherwise waits ~40 ms for
 a delayed ACK) and pynetdicom's reactor paused safely before each request
-(`fiona.send.destinations._quiesce`: without it the first pending answer can be lost, and a
+(`fiona.dicom_client.quiesce`: without it the first pending answer can be lost, and a
 study would silently leave the inventory). Progress goes to a terminal; the log gets one line
 per run with counts, never a PatientID.
 """
@@ -58,15 +58,9 @@ from pydicom.dataset import Dataset
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import ConfigError
 from ..control.base import ControlPlane, InventoryEntry, now_iso
+from ..dicom_client import Timeouts, open_session, quiesce
 from ..review.pacs import PROJECT_ATTRIBUTE, matchable
-from ..send.destinations import (
-    CALLING_AE,
-    DestinationError,
-    DicomDestination,
-    _nodelay,
-    _quiesce,
-    _release,
-)
+from ..send.destinations import CALLING_AE, DestinationError, DicomDestination
 from ..tree import InvalidValue, valid_uid
 
 log = logging.getLogger("fiona.inventory")
@@ -176,41 +170,27 @@ class ResearchPacs:
     @contextmanager
     def session(self) -> Iterator[ResearchPacs]:
         """One association for Study Root C-FIND, released (or aborted) at the end."""
-        from pynetdicom import AE, _config, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-        # pynetdicom's debug log (`-v`) would print every query and answer, PatientIDs with them
-        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
-        ae = AE(CALLING_AE)
-        ae.connection_timeout = self.connection_timeout
-        ae.acse_timeout = self.acse_timeout
-        ae.dimse_timeout = self.dimse_timeout
-        ae.network_timeout = self.network_timeout
-        ae.add_requested_context(FIND)
-        assoc = ae.associate(self.host, self.port, ae_title=self.aetitle,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-        if not assoc.is_established:
-            rsp = assoc.acceptor.primitive if assoc.is_rejected else None
-            why = (f"rejected the association ({rsp.result_str}, {rsp.source_str}: "
-                   f"{rsp.reason_str})" if rsp is not None else "cannot be reached")
-            raise InventoryError(f"the research PACS {self.label} {why}")
-        if not assoc.accepted_contexts:
-            _release(assoc)
-            raise InventoryError(f"the research PACS {self.label} does not accept Study Root "
-                                 f"C-FIND")
-        self._assoc = assoc
-        try:
-            yield self
-        finally:
-            self._assoc = None
-            _release(assoc)
+        timeouts = Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
+                            self.network_timeout)
+        with open_session(CALLING_AE, self.host, self.port, self.aetitle, [FIND],
+                          "Study Root C-FIND", timeouts, self._failed) as assoc:
+            self._assoc = assoc
+            try:
+                yield self
+            finally:
+                self._assoc = None
+
+    def _failed(self, why: str) -> InventoryError:
+        return InventoryError(f"the research PACS {self.label} {why}")
 
     def find(self, query: Dataset) -> tuple[list[Dataset], bool]:
         """The answers to one C-FIND and whether they are complete."""
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
         self.queries += 1
-        if not _quiesce(self._assoc):
+        if not quiesce(self._assoc):
             raise InventoryError(f"the research PACS {self.label} closed the association")
         answers: list[Dataset] = []
         for status, ident in self._assoc.send_c_find(query, FIND):

@@ -27,14 +27,8 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
-from ..send.destinations import (
-    DestinationError,
-    DestinationUnavailable,
-    DicomDestination,
-    _quiesce,
-    _release,
-    _status_text,
-)
+from ..dicom_client import quiesce, release, status_text
+from ..send.destinations import DestinationError, DestinationUnavailable, DicomDestination
 from ..tree import InvalidValue, valid_uid
 
 log = logging.getLogger(__name__)
@@ -91,7 +85,7 @@ class ReviewPacs(DicomDestination):
         try:
             yield assoc
         finally:
-            _release(assoc)
+            release(assoc)
 
     def studies(self, assoc, project: str) -> list[str]:
         """StudyInstanceUIDs of the studies the PACS holds for `project`."""
@@ -170,7 +164,7 @@ class ReviewPacs(DicomDestination):
                 yield inst, ds
         finally:
             received.clear()
-            _release(assoc)
+            release(assoc)
 
     def _get(self, assoc, inst: Instance) -> None:
         query = Dataset()
@@ -178,7 +172,7 @@ class ReviewPacs(DicomDestination):
         query.StudyInstanceUID = inst.study
         query.SeriesInstanceUID = inst.series
         query.SOPInstanceUID = inst.sop
-        if not _quiesce(assoc):
+        if not quiesce(assoc):
             raise DestinationUnavailable(f"the research PACS {self.label}: association lost")
         for status, _ident in assoc.send_c_get(query, GET):
             if "Status" not in status:
@@ -189,7 +183,7 @@ class ReviewPacs(DicomDestination):
                 continue
             if code not in (0x0000, 0xB000):
                 log.warning("review: C-GET of instance %s from %s failed with %s", inst.sop,
-                            self.label, _status_text(code, status))
+                            self.label, status_text(code, status))
             return
 
 

@@ -30,6 +30,7 @@ from ..backoff import Backoff, Schedule
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, ConfigError, Site, enabled_path, is_enabled
 from ..daemon import running, setup_logging
+from ..dicom_client import Timeouts, open_session, quiesce
 from ..suite import PULL
 from ..tree import InvalidValue, Tree, valid_uid
 from .steps import FAILED, FINAL, FINISHED, Step, Steps
@@ -72,39 +73,22 @@ class Scanner:
     @contextmanager
     def session(self) -> Iterator[Scanner]:
         """One association with C-FIND and C-MOVE, released (or aborted) at the end."""
-        from pynetdicom import AE, _config, evt
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelFind as FIND,
-        )
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelMove as MOVE,
-        )
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
-        from ..send.destinations import _nodelay, _release
-
-        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
-        ae = AE(self.calling)
-        ae.connection_timeout = ae.acse_timeout = self.timeout
-        ae.dimse_timeout = ae.network_timeout = 4 * self.timeout
-        ae.add_requested_context(FIND)
-        ae.add_requested_context(MOVE)
-        assoc = ae.associate(self.host, self.port, ae_title=self.aetitle,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-        if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else "cannot be reached"
-            raise ScannerError(f"the scanner {self.label} {why}")
-        self._assoc = assoc
-        try:
-            yield self
-        finally:
-            self._assoc = None
-            _release(assoc)
+        timeouts = Timeouts(self.timeout, self.timeout, 4 * self.timeout, 4 * self.timeout)
+        with open_session(self.calling, self.host, self.port, self.aetitle, [FIND, MOVE],
+                     "Study Root C-FIND and C-MOVE", timeouts,
+                     lambda why: ScannerError(f"the scanner {self.label} {why}")) as assoc:
+            self._assoc = assoc
+            try:
+                yield self
+            finally:
+                self._assoc = None
 
     def _request(self) -> None:
         """Pause the reactor for the next request (as `fiona inventory` does)."""
-        from ..send.destinations import _quiesce
-
-        if not _quiesce(self._assoc):
+        if not quiesce(self._assoc):
             raise ScannerError(f"the scanner {self.label} closed the association")
 
     def _responses(self, what: str, responses) -> Iterator[Dataset]:

@@ -14,7 +14,7 @@ again. Each line gets its own outcome: received already, moved N images, not fou
 here raises for a peer's behaviour.
 
 One association for the run, with TCP_NODELAY and pynetdicom's reactor paused before each
-request (`fiona.send.destinations._quiesce`), as `fiona inventory` does. Log lines name
+request (`fiona.dicom_client.quiesce`), as `fiona inventory` does. Log lines name
 accession numbers only by keyed reference (`Keyed.ref`).
 """
 
@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from ..config import Config, ConfigError
 from ..control.keyed import Keyed
-from ..send.destinations import _nodelay, _quiesce, _release
+from ..dicom_client import Timeouts, open_session, quiesce
 from ..tree import InvalidValue, valid_uid
 
 log = logging.getLogger("fiona.retrieve")
@@ -112,42 +112,22 @@ class Association:
 
     @contextmanager
     def open(self) -> Iterator[Association]:
-        from pynetdicom import AE, _config, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
-        # pynetdicom's debug log would print every query, accession numbers with it
-        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
-        ae = AE(self.own)
-        ae.connection_timeout = self.connection_timeout
-        ae.acse_timeout = self.acse_timeout
-        ae.dimse_timeout = self.dimse_timeout
-        ae.network_timeout = self.network_timeout
-        ae.add_requested_context(FIND)
-        ae.add_requested_context(MOVE)
-        try:
-            assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.aetitle,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-        except (OSError, ValueError) as exc:
-            raise PeerError(f"{self.peer.label} cannot be reached: {exc}") from None
-        if not assoc.is_established:
-            rsp = assoc.acceptor.primitive if assoc.is_rejected else None
-            why = (f"rejected the association ({rsp.result_str}, {rsp.source_str}: "
-                   f"{rsp.reason_str})" if rsp is not None else "cannot be reached")
-            raise PeerError(f"{self.peer.label} {why}")
-        accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
-        if {str(FIND), str(MOVE)} - accepted:
-            _release(assoc)
-            raise PeerError(f"{self.peer.label} does not accept Study Root C-FIND and C-MOVE")
-        self._assoc = assoc
-        try:
-            yield self
-        finally:
-            self._assoc = None
-            _release(assoc)
+        timeouts = Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
+                            self.network_timeout)
+        with open_session(self.own, self.peer.host, self.peer.port, self.peer.aetitle, [FIND, MOVE],
+                     "Study Root C-FIND and C-MOVE", timeouts,
+                     lambda why: PeerError(f"{self.peer.label} {why}")) as assoc:
+            self._assoc = assoc
+            try:
+                yield self
+            finally:
+                self._assoc = None
 
     def _ready(self) -> None:
-        if self._assoc is None or not _quiesce(self._assoc):
+        if self._assoc is None or not quiesce(self._assoc):
             raise PeerError(f"{self.peer.label} closed the association")
 
     def find_studies(self, accession: str) -> list[str]:

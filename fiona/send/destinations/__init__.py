@@ -31,15 +31,7 @@ from .base import (
     SendResult,
     validate,
 )
-from .dicom import (
-    CALLING_AE,
-    DicomDestination,
-    DicomSettings,
-    _nodelay,
-    _quiesce,
-    _release,
-    _status_text,
-)
+from .dicom import CALLING_AE, DicomDestination, DicomSettings
 from .folder import FolderDestination, FolderSettings
 from .sftp import SftpDestination, SftpSettings
 
@@ -49,8 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["CALLING_AE", "REGISTRY", "SETTINGS", "Destination", "DestinationError",
            "DestinationSettings", "DestinationUnavailable", "DicomDestination", "DicomSettings",
            "FolderDestination", "FolderSettings", "SendResult", "SftpDestination",
-           "SftpSettings", "_nodelay", "_quiesce", "_release", "_status_text",
-           "open_destination", "validate"]
+           "SftpSettings", "open_destination", "validate"]
 
 
 def open_destination(name: str, config: Config) -> Destination:

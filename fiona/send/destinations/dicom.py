@@ -1,16 +1,14 @@
 """The `dicom` destination: a DICOM peer (the research PACS), C-STORE out, C-FIND to verify.
 
-`_associate`, `_quiesce`, `_release`, `_nodelay` and `_status_text` are shared with the Review
-page's PACS client (`fiona.review.pacs`) and the inventory (`fiona.ops.inventory`).
+`_associate` is shared with the Review page's PACS client (`fiona.review.pacs`); the association
+plumbing itself is `fiona.dicom_client`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any
 
 from ...backoff import Schedule, attempts
 from ...clock import SYSTEM_CLOCK, Clock
+from ...dicom_client import Timeouts, associate, quiesce, release, status_text
 from ...tree import valid_uid
 from .base import (
     Destination,
@@ -259,7 +258,7 @@ class DicomDestination(Destination):
                         f"keeps dropping the association: {exc}") from None
                 self.clock.sleep(self._schedule().delay(losses))
             finally:
-                _release(assoc)
+                release(assoc)
 
     def _store(self, assoc, item: _Item, accepted: set[tuple[str, str]]) -> str | None:
         """None when stored, else the reason; raises _Lost when the association broke."""
@@ -280,7 +279,7 @@ class DicomDestination(Destination):
             except Exception as exc:
                 return (f"the destination does not accept {_name(item.ts)} and the file "
                         f"cannot be decompressed here: {exc}")
-        if not _quiesce(assoc):
+        if not quiesce(assoc):
             raise _Lost("association closed by the peer")
         try:
             status = assoc.send_c_store(ds)
@@ -299,21 +298,13 @@ class DicomDestination(Destination):
         """An established association, None when the peer accepted no context; raises
         DestinationUnavailable / DestinationError. `ext_neg` (e.g. SCP/SCU role selection for
         C-GET) and extra event `handlers` go to the association request."""
-        from pynetdicom import AE, evt
-
+        timeouts = Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
+                            self.network_timeout)
         last = "no attempt"
         for _attempt in attempts(self._schedule(), self.connect_attempts, self.clock):
-            ae = AE(CALLING_AE)
-            ae.connection_timeout = self.connection_timeout
-            ae.acse_timeout = self.acse_timeout
-            ae.dimse_timeout = self.dimse_timeout
-            ae.network_timeout = self.network_timeout
-            assoc = ae.associate(self.host, port, contexts=contexts, ae_title=aetitle,
-                                 ext_neg=ext_neg,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *(handlers or [])])
+            assoc = associate(CALLING_AE, self.host, port, aetitle, contexts, timeouts, ext_neg,
+                              handlers)
             if assoc.is_established:
-                if not isinstance(assoc._reactor_checkpoint, _Checkpoint):
-                    assoc._reactor_checkpoint = _Checkpoint()
                 return assoc
             rsp = assoc.acceptor.primitive
             if assoc.is_rejected and rsp is not None:
@@ -344,7 +335,7 @@ class DicomDestination(Destination):
         try:
             return self._series_counts(assoc, study)
         finally:
-            _release(assoc)
+            release(assoc)
 
     def _series_counts(self, assoc, study: str) -> dict[str, int]:
         """`count_instances` on an open association that accepted Study Root C-FIND."""
@@ -384,7 +375,7 @@ class DicomDestination(Destination):
                     for i in self._find(assoc, query, model)} - {""})
 
     def _find(self, assoc, query, model):
-        if not _quiesce(assoc):
+        if not quiesce(assoc):
             raise DestinationUnavailable(f"destination {self.name!r}: association lost")
         results = []
         for status, ident in assoc.send_c_find(query, model):
@@ -399,7 +390,7 @@ class DicomDestination(Destination):
                 break
             else:
                 raise DestinationError(f"destination {self.name!r}: C-FIND failed with "
-                                       f"{_status_text(code, status)}")
+                                       f"{status_text(code, status)}")
         return results
 
     def test_connection(self) -> None:
@@ -415,87 +406,18 @@ class DicomDestination(Destination):
                 raise DestinationError(f"destination {self.name!r}: {aetitle} does not accept "
                                        f"Verification (C-ECHO)")
             try:
-                if not _quiesce(assoc):
+                if not quiesce(assoc):
                     raise DestinationUnavailable(f"destination {self.name!r}: {aetitle} "
                                                  f"closed the association")
                 status = assoc.send_c_echo()
             finally:
-                _release(assoc)
+                release(assoc)
             if "Status" not in status:
                 raise DestinationUnavailable(f"destination {self.name!r}: no C-ECHO response "
                                              f"from {aetitle}@{self.host}:{port}")
             if int(status.Status) != 0:
                 raise DestinationError(f"destination {self.name!r}: C-ECHO to {aetitle} "
-                                       f"answered {_status_text(int(status.Status), status)}")
-
-
-class _Checkpoint(threading.Event):
-    """Stands in for pynetdicom's `Association._reactor_checkpoint` and knows when the
-    association's reactor thread is really blocked on it.
-
-    pynetdicom 3.0 pauses its reactor before each request by clearing the checkpoint and
-    waiting for `_is_paused`, but the reactor sets `_is_paused = True` on every loop pass,
-    also when the checkpoint is set: if a request starts in that window, the reactor wakes,
-    takes the peer's response off the DIMSE queue ("Received unexpected C-STORE service
-    message") and the request waits for the DIMSE timeout (pynetdicom issues #842, #875;
-    seen here in about one send in three with 4 associations). `_quiesce` waits until the
-    reactor is blocked inside `wait`, and `wait` only returns while the checkpoint is set,
-    which closes the window.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocked = False
-        self.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        # threading.Event internals (_cond, _flag); unlike Event.wait, a wake-up whose set()
-        # was already undone by clear() goes back to waiting instead of passing
-        end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:  # type: ignore[attr-defined]
-            if self._flag:  # type: ignore[attr-defined]
-                return True
-            self.blocked = True
-            try:
-                while not self._flag:  # type: ignore[attr-defined]
-                    left = None if end is None else end - time.monotonic()
-                    if left is not None and left <= 0:
-                        return False
-                    self._cond.wait(left)  # type: ignore[attr-defined]
-                return True
-            finally:
-                self.blocked = False
-
-
-def _quiesce(assoc, timeout: float = 5.0) -> bool:
-    """Pause `assoc`'s reactor for the next request; False if the reactor is gone."""
-    checkpoint = assoc._reactor_checkpoint
-    if not isinstance(checkpoint, _Checkpoint):
-        checkpoint = assoc._reactor_checkpoint = _Checkpoint()
-    checkpoint.clear()
-    deadline = time.monotonic() + timeout
-    while not checkpoint.blocked:
-        if not assoc.is_established or time.monotonic() > deadline:
-            checkpoint.set()
-            return False
-        time.sleep(0.0001)
-    return True
-
-
-def _release(assoc) -> None:
-    """Release an association (abort it if it is broken or the peer does not answer)."""
-    if assoc.is_established and _quiesce(assoc):
-        assoc.release()
-    if not assoc.is_released:
-        assoc.abort()
-
-
-def _nodelay(event) -> None:
-    """EVT_CONN_OPEN: no Nagle on the association's socket (pynetdicom has no option)."""
-    try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError) as exc:  # e.g. a TLS wrapper without the option
-        log.debug("cannot set TCP_NODELAY: %s", exc)
+                                       f"answered {status_text(int(status.Status), status)}")
 
 
 def _inspect(path: Path) -> tuple[_Item | None, str]:
@@ -555,17 +477,7 @@ def _store_failure(code: int, status) -> str | None:
 
     if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
         return None
-    return _status_text(code, status)
-
-
-def _status_text(code: int, status) -> str:
-    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-
-    text = f"status 0x{code:04X}"
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, (None, ""))[1]
-    comment = str(status.get("ErrorComment", "") or "").strip()
-    detail = ", ".join(x for x in (meaning, comment) if x)
-    return f"{text} ({detail})" if detail else text
+    return status_text(code, status)
 
 
 def _name(uid: str) -> str:
