@@ -39,6 +39,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:`port` (a server is up)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",
              interval: float = 0.1):
     deadline = time.monotonic() + timeout

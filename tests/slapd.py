@@ -6,7 +6,6 @@ The directory `dc=example,dc=org` holds people under `ou=people` and `groupOfNam
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import textwrap
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, wait_for
+from helpers import free_port, listening, wait_for
 
 SLAPD = "/usr/sbin/slapd"
 SUFFIX = "dc=example,dc=org"
@@ -80,14 +79,6 @@ def _ldif() -> str:
     return "\n".join(parts)
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def slapd(tmp_path: Path):
     """A running slapd with TLS on two loopback ports (ldap:// with StartTLS, ldaps://)."""
@@ -122,7 +113,7 @@ def slapd(tmp_path: Path):
     proc = subprocess.Popen([SLAPD, "-d", "0", "-f", str(conf), "-h", urls],
                             stdout=log, stderr=log)
     try:
-        wait_for(lambda: _listening(tls_port), 20, "slapd to listen")
+        wait_for(lambda: listening(tls_port), 20, "slapd to listen")
         yield Directory(f"ldap://127.0.0.1:{port}", f"ldaps://127.0.0.1:{tls_port}", ca, proc)
     finally:
         proc.terminate()

@@ -42,13 +42,19 @@ def test_wrong_password_empty_password_and_unknown_user_are_refused(slapd):
     assert auth.authenticate("nobody", "whatever-password") is None
 
 
-def test_user_names_cannot_inject_into_dn_or_filter(slapd, tmp_path: Path):
+def search_then_bind(directory, tmp_path: Path) -> LdapAuthenticator:
+    """An authenticator that finds users with the service account `svc` (its password in a
+    0600 file), then binds as them."""
     secret = tmp_path / "bind.secret"
     secret.write_text(USERS["svc"][0] + "\n")
     os.chmod(secret, 0o600)
-    auth = LdapAuthenticator(settings(
-        slapd, user_dn="", search_base=PEOPLE, search_filter="(uid={user})",
+    return LdapAuthenticator(settings(
+        directory, user_dn="", search_base=PEOPLE, search_filter="(uid={user})",
         bind_dn=f"uid=svc,{PEOPLE}", bind_password_file=str(secret)))
+
+
+def test_user_names_cannot_inject_into_dn_or_filter(slapd, tmp_path: Path):
+    auth = search_then_bind(slapd, tmp_path)
     assert auth.authenticate("*", USERS["alice"][0]) is None
     assert auth.authenticate("alice)(uid=*", USERS["alice"][0]) is None
     assert LdapAuthenticator(settings(slapd)).authenticate(
@@ -56,12 +62,7 @@ def test_user_names_cannot_inject_into_dn_or_filter(slapd, tmp_path: Path):
 
 
 def test_search_then_bind_with_a_service_account(slapd, tmp_path: Path):
-    secret = tmp_path / "bind.secret"
-    secret.write_text(USERS["svc"][0] + "\n")
-    os.chmod(secret, 0o600)
-    auth = LdapAuthenticator(settings(
-        slapd, user_dn="", search_base=PEOPLE, search_filter="(uid={user})",
-        bind_dn=f"uid=svc,{PEOPLE}", bind_password_file=str(secret)))
+    auth = search_then_bind(slapd, tmp_path)
     bob = auth.authenticate("bob", USERS["bob"][0])
     assert bob is not None and bob.dn == f"uid=bob,{PEOPLE}"
     assert "project:PROJ1:assign" in bob.roles

@@ -20,7 +20,7 @@ from fiona.config import Site, enabled_path, load
 from fiona.scanner.mpps import MppsServer
 from fiona.scanner.pull import Puller, Scanner
 from fiona.scanner.steps import FAILED, FINISHED, Steps
-from helpers import Gateway, dcmtk, free_port, wait_for
+from helpers import Gateway, dcmtk, free_port, listening, wait_for
 from orthanc import Orthanc
 
 pytestmark = pytest.mark.e2e
@@ -109,15 +109,6 @@ def to_scanner(scanner: Orthanc, files: list[Path]) -> None:
                           str(scanner.dicom_port), *map(str, files)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-
-
-def listening(port: int) -> bool:
-    import socket
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def scan_state(gw: Gateway, study: str) -> str | None:
