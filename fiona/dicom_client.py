@@ -159,3 +159,21 @@ def status_text(code: int, status) -> str:
     comment = str(status.get("ErrorComment", "") or "").strip()
     detail = ", ".join(x for x in (meaning, comment) if x)
     return f"{text} ({detail})" if detail else text
+
+
+def answers(responses, what: str, fail: Callable[[str], Exception]) -> tuple[list, int, Any]:
+    """The identifiers of the pending responses to a C-FIND/C-MOVE/C-GET (`what`), with the
+    final status code and dataset. A response without a status (the peer aborted or the DIMSE
+    timeout passed) or no final status raises `fail(<why, as the end of a sentence about the
+    peer>)`; what a final status means is the caller's."""
+    found = []
+    for status, ident in responses:
+        if "Status" not in status:
+            raise fail(f"did not answer a {what} (aborted or timed out)")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            if ident is not None:
+                found.append(ident)
+            continue
+        return found, code, status
+    raise fail(f"ended a {what} without a final status")

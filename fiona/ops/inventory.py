@@ -58,7 +58,7 @@ from pydicom.dataset import Dataset
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import ConfigError
 from ..control.base import ControlPlane, InventoryEntry, now_iso
-from ..dicom_client import Timeouts, open_session, quiesce
+from ..dicom_client import Timeouts, answers, open_session, quiesce
 from ..review.pacs import PROJECT_ATTRIBUTE, matchable
 from ..send.destinations import CALLING_AE, DestinationError, DicomDestination
 from ..tree import InvalidValue, valid_uid
@@ -192,24 +192,14 @@ class ResearchPacs:
         self.queries += 1
         if not quiesce(self._assoc):
             raise InventoryError(f"the research PACS {self.label} closed the association")
-        answers: list[Dataset] = []
-        for status, ident in self._assoc.send_c_find(query, FIND):
-            if "Status" not in status:
-                raise InventoryError(f"the research PACS {self.label} did not answer a C-FIND "
-                                     f"(aborted or timed out)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                if ident is not None:
-                    answers.append(ident)
-                continue
-            if code == 0x0000:
-                return answers, self.limit is None or len(answers) < self.limit
-            if code in CUT_OFF:
-                return answers, False
-            raise InventoryError(f"the research PACS {self.label} failed a C-FIND with status "
-                                 f"0x{code:04X} ({str(status.get('ErrorComment', '') or '')})")
-        raise InventoryError(f"the research PACS {self.label} ended a C-FIND without a final "
-                             f"status")
+        found, code, status = answers(self._assoc.send_c_find(query, FIND), "C-FIND",
+                                      self._failed)
+        if code == 0x0000:
+            return found, self.limit is None or len(found) < self.limit
+        if code in CUT_OFF:
+            return found, False
+        raise InventoryError(f"the research PACS {self.label} failed a C-FIND with status "
+                             f"0x{code:04X} ({str(status.get('ErrorComment', '') or '')})")
 
 
 class Inventory:

@@ -30,7 +30,7 @@ from ..backoff import Backoff, Schedule
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, ConfigError, Site, enabled_path, is_enabled
 from ..daemon import running, setup_logging
-from ..dicom_client import Timeouts, open_session, quiesce
+from ..dicom_client import Timeouts, answers, open_session, quiesce
 from ..suite import PULL
 from ..tree import InvalidValue, Tree, valid_uid
 from .steps import FAILED, FINAL, FINISHED, Step, Steps
@@ -78,8 +78,7 @@ class Scanner:
 
         timeouts = Timeouts(self.timeout, self.timeout, 4 * self.timeout, 4 * self.timeout)
         with open_session(self.calling, self.host, self.port, self.aetitle, [FIND, MOVE],
-                     "Study Root C-FIND and C-MOVE", timeouts,
-                     lambda why: ScannerError(f"the scanner {self.label} {why}")) as assoc:
+                          "Study Root C-FIND and C-MOVE", timeouts, self._failed) as assoc:
             self._assoc = assoc
             try:
                 yield self
@@ -91,21 +90,15 @@ class Scanner:
         if not quiesce(self._assoc):
             raise ScannerError(f"the scanner {self.label} closed the association")
 
-    def _responses(self, what: str, responses) -> Iterator[Dataset]:
-        for status, ident in responses:
-            if "Status" not in status:
-                raise ScannerError(f"the scanner {self.label} did not answer a {what} "
-                                   f"(aborted or timed out)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                if ident is not None:
-                    yield ident
-                continue
-            if code == 0x0000:
-                return
+    def _responses(self, what: str, responses) -> list[Dataset]:
+        found, code, _status = answers(responses, what, self._failed)
+        if code != 0x0000:
             raise ScannerError(f"the scanner {self.label} failed a {what} with status "
                                f"0x{code:04X}")
-        raise ScannerError(f"the scanner {self.label} ended a {what} without a final status")
+        return found
+
+    def _failed(self, why: str) -> ScannerError:
+        return ScannerError(f"the scanner {self.label} {why}")
 
     def series(self, study: str) -> dict[str, int | None]:
         """SeriesInstanceUID -> its number of images at the scanner (None: not said)."""
@@ -137,8 +130,7 @@ class Scanner:
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
         self._request()
-        for _ in self._responses("C-MOVE", self._assoc.send_c_move(query, destination, MOVE)):
-            pass
+        self._responses("C-MOVE", self._assoc.send_c_move(query, destination, MOVE))
 
 
 def _count(ident: Dataset) -> int | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ...backoff import Schedule, attempts
 from ...clock import SYSTEM_CLOCK, Clock
-from ...dicom_client import Timeouts, associate, quiesce, release, status_text
+from ...dicom_client import Timeouts, answers, associate, quiesce, release, status_text
 from ...tree import valid_uid
 from .base import (
     Destination,
@@ -377,20 +377,12 @@ class DicomDestination(Destination):
     def _find(self, assoc, query, model):
         if not quiesce(assoc):
             raise DestinationUnavailable(f"destination {self.name!r}: association lost")
-        results = []
-        for status, ident in assoc.send_c_find(query, model):
-            if "Status" not in status:
-                raise DestinationUnavailable(f"destination {self.name!r}: no C-FIND response "
-                                             f"(peer aborted or timed out)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                if ident is not None:
-                    results.append(ident)
-            elif code == 0x0000:
-                break
-            else:
-                raise DestinationError(f"destination {self.name!r}: C-FIND failed with "
-                                       f"{status_text(code, status)}")
+        results, code, status = answers(
+            assoc.send_c_find(query, model), "C-FIND",
+            lambda why: DestinationUnavailable(f"destination {self.name!r}: the peer {why}"))
+        if code != 0x0000:
+            raise DestinationError(f"destination {self.name!r}: C-FIND failed with "
+                                   f"{status_text(code, status)}")
         return results
 
     def test_connection(self) -> None:
