@@ -88,7 +88,7 @@ class Gateway:
             proc = spawn(self.command(daemon), stdout=log, stderr=log, env=env)
         self.procs[daemon] = proc
         if daemon == "storescp":
-            wait_for(self._listening, 20, "the receiver to listen")
+            wait_for(lambda: listening(self.port), 20, "the receiver to listen")
         return proc
 
     def stop(self, daemon: str, sig: int = signal.SIGTERM) -> None:
@@ -99,13 +99,6 @@ class Gateway:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     def storescu(self, *paths: Path | str, aec: str = "FIONA", aet: str = "STORESCU",
                  extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
