@@ -31,14 +31,13 @@ from pydicom.dataset import Dataset
 
 from ..config import Config, ConfigError
 from ..control.keyed import Keyed
-from ..dicom_client import Timeouts, open_session, quiesce
+from ..dicom_client import Timeouts, answers, open_session, quiesce
 from ..tree import InvalidValue, valid_uid
 
 log = logging.getLogger("fiona.retrieve")
 
 #: an AccessionNumber (SH) that C-FIND matches literally: no wildcards, no delimiter
 ACCESSION = re.compile(r"^[^*?\\\x00-\x1f]{1,16}$")
-PENDING = (0xFF00, 0xFF01)
 #: final C-MOVE statuses that mean the PACS would not (rather than could not) move
 REFUSED = {0xA801: "move destination unknown: declare FIONA's AE title at the PACS",
            0x0122: "SOP class not supported", 0x0124: "not authorized"}
@@ -117,9 +116,9 @@ class Association:
 
         timeouts = Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
                             self.network_timeout)
-        with open_session(self.own, self.peer.host, self.peer.port, self.peer.aetitle, [FIND, MOVE],
-                     "Study Root C-FIND and C-MOVE", timeouts,
-                     lambda why: PeerError(f"{self.peer.label} {why}")) as assoc:
+        with open_session(self.own, self.peer.host, self.peer.port, self.peer.aetitle,
+                          [FIND, MOVE], "Study Root C-FIND and C-MOVE", timeouts,
+                          self._failed) as assoc:
             self._assoc = assoc
             try:
                 yield self
@@ -139,20 +138,16 @@ class Association:
         query.AccessionNumber = accession
         query.StudyInstanceUID = ""
         self._ready()
-        uids: list[str] = []
-        for status, ident in self._assoc.send_c_find(query, FIND):
-            code = _status(status, self.peer, "C-FIND")
-            if code in PENDING:
-                try:
-                    uids.append(valid_uid(ident.get("StudyInstanceUID") if ident else None,
-                                          "StudyInstanceUID"))
-                except InvalidValue as exc:
-                    raise PeerError(f"{self.peer.label} answered with {exc}") from None
-                continue
-            if code == 0x0000:
-                return list(dict.fromkeys(uids))
+        found, code, status = answers(self._assoc.send_c_find(query, FIND), "C-FIND",
+                                      self._failed)
+        if code != 0x0000:
             raise _refusal(status, code, self.peer, "C-FIND")
-        raise PeerError(f"{self.peer.label} ended a C-FIND without a final status")
+        try:
+            uids = [valid_uid(ident.get("StudyInstanceUID"), "StudyInstanceUID")
+                    for ident in found]
+        except InvalidValue as exc:
+            raise PeerError(f"{self.peer.label} answered with {exc}") from None
+        return list(dict.fromkeys(uids))
 
     def move_study(self, study_uid: str) -> tuple[int, int]:
         """C-MOVE one study to FIONA; (images moved, images failed)."""
@@ -162,28 +157,21 @@ class Association:
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
         self._ready()
-        for status, _ident in self._assoc.send_c_move(query, self.own, MOVE):
-            code = _status(status, self.peer, "C-MOVE")
-            if code in PENDING:
-                continue
-            done = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
-            failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-            if code in (0x0000, 0xB000):
-                return done, failed
+        _found, code, status = answers(
+            self._assoc.send_c_move(query, self.own, MOVE), "C-MOVE",
+            lambda why: self._failed(f"{why}; a PACS that does not know FIONA's AE title may "
+                                     f"abort a C-MOVE"))
+        if code not in (0x0000, 0xB000):
             raise _refusal(status, code, self.peer, "C-MOVE")
-        raise PeerError(f"{self.peer.label} ended a C-MOVE without a final status")
+        return (int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+                int(status.get("NumberOfFailedSuboperations", 0) or 0))
+
+    def _failed(self, why: str) -> PeerError:
+        return PeerError(f"{self.peer.label} {why}")
 
 
 class Refused(PeerError):
     """The peer answered a request with a failure status."""
-
-
-def _status(status: Dataset, peer: Peer, what: str) -> int:
-    if "Status" not in status:
-        hint = ("; a PACS that does not know FIONA's AE title may abort a C-MOVE"
-                if what == "C-MOVE" else "")
-        raise PeerError(f"{peer.label} did not answer a {what} (aborted or timed out){hint}")
-    return int(status.Status)
 
 
 def _refusal(status: Dataset, code: int, peer: Peer, what: str) -> Refused:
