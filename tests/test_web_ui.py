@@ -128,3 +128,19 @@ def test_a_poll_does_not_keep_an_idle_session_alive(site: WebSite):
     site.clock.advance(20 * 60)  # 40 minutes since the poller's last click: idle limit 30
     assert poller.get("/api/status", headers=poll).status_code == 401
     assert worker.get("/api/status").status_code == 200
+
+
+def test_status_shows_the_scans_and_the_last_heartbeat(site: WebSite):
+    """Issue 9: the Status page shows active, finished and failed scans (MPPS), and issue 13
+    the last heartbeat, as `fiona status` does."""
+    from fiona.ops.heartbeat import DONE, LOG_NAME
+    from fiona.scanner.steps import Steps
+
+    Steps(site.gw.datadir).conclude("1.2.3.4", "failed", ["1.2.3.4.1"], 0.0)
+    logs = site.gw.datadir / "logs"
+    logs.mkdir(exist_ok=True)
+    (logs / f"{LOG_NAME}.log").write_text(f"2026-11-29 10:00:00,000 INFO [fiona.heartbeat] "
+                                         f"{DONE} all receivers answered\n")
+    page = site.client("alice").get("/status").text
+    assert 'id="scans-failed">1<' in page and 'id="scans-active">0<' in page
+    assert "Last heartbeat: 2026-11-29 10:00" in page and "all receivers answered" in page
