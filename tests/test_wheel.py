@@ -58,7 +58,7 @@ def installed(tmp_path_factory) -> Path:
     return venv / "bin"
 
 
-def test_fiona_init_and_anonymize_from_the_wheel(installed: Path, tmp_path: Path):
+def test_init_anonymize_check_and_a_daemon_pass_from_the_wheel(installed: Path, tmp_path: Path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     where = run(installed / "python", "-c", "import fiona; print(fiona.__file__)", cwd=cwd)
@@ -77,3 +77,7 @@ def test_fiona_init_and_anonymize_from_the_wheel(installed: Path, tmp_path: Path
             ds = pydicom.dcmread(f)
             assert ds.PatientID == "P0001" and ds.StudyInstanceUID != made["study"]
             assert f"FIONA profile {profile}" in str(ds.DeidentificationMethod)
+    # what the systemd units run: the configuration check and a daemon's single pass
+    checked = run(installed / "fiona", "--config", config, "config", "check", cwd=cwd)
+    assert "DATADIR" in checked.stdout
+    run(installed / "fiona", "--config", config, "process-single-file", "--once", cwd=cwd)
