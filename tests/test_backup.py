@@ -107,3 +107,21 @@ def test_backup_of_a_running_gateway_restores_and_pending_requests_complete(tmp_
              "the restored gateway to send the pending requests")
     assert len(list(research.rglob("*.dcm"))) == 6
     new.stop_all()
+
+
+def test_a_backup_never_carries_permissions_for_others(tmp_path):
+    """A file someone left world-writable in DATADIR/config is backed up and restored with at
+    most owner read/write and group read."""
+    from fiona.ops.backup import backup, restore
+
+    gw = Gateway(tmp_path / "data", free_port())
+    loose = gw.datadir / "config" / "profiles-note.txt"
+    loose.write_text("site note\n")
+    loose.chmod(0o666)
+    config = load(str(gw.config))
+    backup(config, config.site(None), tmp_path / "bk", "test")
+    assert mode(tmp_path / "bk" / "config" / "profiles-note.txt") == 0o640
+    manifest = json.loads((tmp_path / "bk" / "manifest.json").read_text())
+    assert all(int(r["mode"], 8) & 0o007 == 0 for r in manifest["files"].values())
+    restored, _ = restore(tmp_path / "bk", tmp_path / "fresh", "test")
+    assert mode(restored / "config" / "profiles-note.txt") == 0o640

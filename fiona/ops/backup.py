@@ -69,11 +69,21 @@ def _digest(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+#: the most a copied file may allow: owner read/write, group read; never anything for others,
+#: whatever mode the source (or a manifest) carried
+MODE_MASK = 0o640
+
+
+def _mode(path: Path) -> int:
+    """`path`'s permission bits as a backup keeps them (see MODE_MASK)."""
+    return os.stat(path).st_mode & MODE_MASK
+
+
 def _copy(src: Path, dst: Path, mode: int) -> None:
     ensure_dir(dst.parent)
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, mode & MODE_MASK)
         with open(src, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 view = memoryview(chunk)
@@ -126,10 +136,9 @@ def backup(config: Config, site: Site, dest: Path, actor: str) -> list[Entry]:
 
     def add(rel: PurePosixPath, src: Path, restore_to: str = "") -> None:
         target = dest / rel
-        _copy(src, target, os.stat(src).st_mode & 0o777)
+        _copy(src, target, _mode(src))
         digest, size = _digest(target)
-        entries.append(Entry(str(rel), digest, size, os.stat(target).st_mode & 0o777,
-                             restore_to))
+        entries.append(Entry(str(rel), digest, size, _mode(target), restore_to))
 
     for root, dirs, files in os.walk(tree.config):
         dirs.sort()
@@ -166,7 +175,7 @@ def _backup_db(src: Path, dst: Path) -> Entry | None:
     finally:
         target.close()
         source.close()
-    mode = os.stat(src).st_mode & 0o777
+    mode = _mode(src)
     os.chmod(dst, mode)
     digest, size = _digest(dst)
     return Entry(str(CONTROL_DB), digest, size, mode)
@@ -183,9 +192,9 @@ def _backup_audit(datadir: Path, dest: Path) -> list[Entry]:
         fcntl.flock(fd, fcntl.LOCK_SH)  # writers (audit.append) hold LOCK_EX
         for rel, src in ((LOG, log), (HEAD, head)):
             if src.exists():
-                _copy(src, dest / rel, os.stat(src).st_mode & 0o777)
+                _copy(src, dest / rel, _mode(src))
                 digest, size = _digest(dest / rel)
-                out.append(Entry(str(rel), digest, size, os.stat(src).st_mode & 0o777))
+                out.append(Entry(str(rel), digest, size, _mode(src)))
     finally:
         os.close(fd)
     return out
@@ -265,7 +274,7 @@ def restore(source: Path, target: Path | None, actor: str) -> tuple[Path, dict]:
         raw = json.loads(config_file.read_text())
         raw["DATADIR"] = str(datadir)
         atomic_write(config_file, (json.dumps(raw, indent=2) + "\n").encode(),
-                     mode=int(files["config/config.json"]["mode"], 8))
+                     mode=int(files["config/config.json"]["mode"], 8) & MODE_MASK)
     if config_file.exists():
         load(str(config_file))  # what was restored must still be a valid configuration
     audit.append(datadir, actor, "restore", {"from": str(source),
