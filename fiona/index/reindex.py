@@ -6,8 +6,10 @@ by archive modification time within the last N days) it removes the study's raw/
 links and series JSONs), its participants/ and srs/ links, and indexes every archived file
 again with the indexer's own code (`Indexer.index_file`) and the site's current
 classifyRules.json: after a rule change, or when raw/ was lost or damaged. Files are taken in
-arrival order (modification time), as the indexer first saw them, so a series JSON comes out as
-it was built on arrival; the sender (IncomingConnection) is taken from the receiver's journal
+arrival order (the receiver journal's order where it still holds the files, then modification
+time), as the indexer first saw them, so a series JSON comes out as it was built on arrival
+(modification times alone are coarse: the kernel stamps files with a clock tick, so several
+files of a fast sender share one); the sender (IncomingConnection) is taken from the receiver's journal
 where it still holds the file's line, else from the study's old series JSONs. Running it twice
 gives the same tree. Nothing is announced to the arrival detector: the study did not arrive
 again, so nothing is assigned or forwarded again. Run it while the study is not arriving.
@@ -50,10 +52,26 @@ class Result:
     failed: int = 0
 
 
-def _files(folder: Path) -> list[os.DirEntry]:
-    """A study's archived files in arrival order (hidden temporary files left out)."""
+@dataclass(frozen=True)
+class Received:
+    """What the receiver journal still says of one archived file."""
+
+    order: int
+    sender: tuple[str, str, str]
+
+
+def _files(folder: Path, journal: dict[str, Received] | None = None) -> list[os.DirEntry]:
+    """A study's archived files in arrival order (hidden temporary files left out): by
+    modification time, ties broken by the journal's order, then by name."""
+    journal = journal or {}
     entries = [e for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
-    return sorted(entries, key=lambda e: (e.stat().st_mtime_ns, e.name))
+    last = len(journal)
+
+    def key(e: os.DirEntry) -> tuple[int, int, str]:
+        seen = journal.get(e.path)
+        return (e.stat().st_mtime_ns, seen.order if seen else last, e.name)
+
+    return sorted(entries, key=key)
 
 
 def select_studies(tree: Tree, study: str | None = None, patient: str | None = None,
@@ -84,16 +102,17 @@ def _patient_of(tree: Tree, study: str) -> str | None:
     return None
 
 
-def _senders(tree: Tree, studies: set[str]) -> dict[str, tuple[str, str, str]]:
-    """archive file path -> (caller, called, ip), from the journal lines it still holds."""
-    out = {}
+def _received(tree: Tree, studies: set[str]) -> dict[str, Received]:
+    """archive file path -> its place and sender in the journal lines it still holds."""
+    out: dict[str, Received] = {}
     for line, _pos in JournalReader(tree.journal, RECEIVED, "reindex").read(limit=10**12):
         try:
             event = FileEvent.parse(line)
         except InvalidValue:
             continue
         if event.study_dir.name[len(ARCHIVE_PREFIX):] in studies:
-            out[str(event.study_dir / event.name)] = (event.caller, event.called, event.ip)
+            out.setdefault(str(event.study_dir / event.name),
+                           Received(len(out), (event.caller, event.called, event.ip)))
     return out
 
 
@@ -140,15 +159,16 @@ def reindex(site: Site, studies: Iterable[str], progress: Progress | None = None
     studies = list(studies)
     tree = Tree(site.datadir)
     indexer = Indexer(site, load_rules(site))
-    senders = _senders(tree, set(studies))
+    received = _received(tree, set(studies))
     result = Result()
     for n, study in enumerate(studies, 1):
         fallback = _old_sender(tree, study)
         _clear(tree, study)
         folder = tree.study_archive(study)
-        files = _files(folder)
+        files = _files(folder, received)
         for i, entry in enumerate(files, 1):
-            caller, called, ip = senders.get(entry.path, fallback)
+            seen = received.get(entry.path)
+            caller, called, ip = seen.sender if seen else fallback
             try:
                 indexer.index_file(FileEvent(caller, called, ip, folder, entry.name),
                                    announce=False)
