@@ -9,8 +9,9 @@ classifyRules.json: after a rule change, or when raw/ was lost or damaged. Files
 arrival order (the receiver journal's order where it still holds the files, then modification
 time), as the indexer first saw them, so a series JSON comes out as it was built on arrival
 (modification times alone are coarse: the kernel stamps files with a clock tick, so several
-files of a fast sender share one); the sender (IncomingConnection) is taken from the receiver's journal
-where it still holds the file's line, else from the study's old series JSONs. Running it twice
+files of a fast sender share one); the sender (IncomingConnection) is taken from the
+receiver's journal where it still holds the file's line, else from the study's old series
+JSONs. Running it twice
 gives the same tree. Nothing is announced to the arrival detector: the study did not arrive
 again, so nothing is assigned or forwarded again. Run it while the study is not arriving.
 
