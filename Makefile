@@ -4,9 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the tests use as real peers and tools (DCMTK clients, Orthanc, tesseract,
 # Chromium for browser tests, strace to prove no unredacted file is written, OpenLDAP slapd,
-# systemd-analyze to verify the units, sshd for SFTP, 7-Zip and unzip to open exports)
+# systemd-analyze to verify the units, sshd for SFTP, 7-Zip and unzip to open exports,
+# libturbojpeg0 for wsidicomizer's whole-slide conversion)
 SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace slapd ldap-utils systemd \
-                   openssh-server p7zip-full unzip
+                   openssh-server p7zip-full unzip libturbojpeg0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint system-deps venv bench clean
