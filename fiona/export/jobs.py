@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..clock import SYSTEM_CLOCK, Clock
+from ..mail import valid_address
 from ..tree import Tree, atomic_write, ensure_dir
 
 QUEUED, RETRIEVING, CONVERTING, PACKING, READY, FAILED, EXPIRED = (
@@ -33,7 +34,6 @@ OPEN = (QUEUED, *IN_PROGRESS)
 FINISHED = (READY, FAILED, EXPIRED)
 
 _ID = re.compile(r"^[0-9a-f]{12}$")
-_EMAIL = re.compile(r"^[^@\s<>,;\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
 _SEAL_LABEL = b"fiona-export-password-v1"
 
 
@@ -96,7 +96,7 @@ class JobStore:
         """A queued job with a fresh id, saved; JobError for an e-mail address that is not one
         (it becomes a mail header)."""
         email = details.get("email")
-        if email is not None and not _EMAIL.fullmatch(email):
+        if email is not None and not valid_address(email):
             raise JobError(f"not an e-mail address: {email!r}")
         job = Job(id=uuid.uuid4().hex[:12], created=self.stamp(), **details)
         self.save(job)
