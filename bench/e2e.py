@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""End to end: how long after the last image arrives is the whole study verified in the
+research PACS, compared with the time DCMTK needs to send the study to FIONA.
+
+One command, loopback only:
+
+    python bench/e2e.py [--images 1000] [--series 4] [--quiet 3] [--workers N]
+
+It starts Orthanc (the research PACS) and `fiona up` on a scratch data folder with a project
+and a coupling row for the study, then sends one study of `--images` 256x256 MR images in
+`--series` series with DCMTK `storescu` (one association, TCP_NODELAY=1). While the study goes
+through, it polls the control plane and Orthanc every 50 ms and samples each daemon's resident
+memory (the forwarder's de-identification workers too). It prints:
+
+- send: storescu's time for the whole study (its last image is acknowledged when it exits);
+- last-in -> in-PACS: from then until the study's transfer request is complete (the forwarder
+  has verified every series in Orthanc), and its ratio to the send time;
+- stages, seen from outside: quiet period (configured), arrival (last image in + quiet ->
+  transfer request exists), de-identify (request -> first image in Orthanc), send (first ->
+  last image in Orthanc) and verify (last image in Orthanc -> request complete); with the
+  pooled forwarder, de-identifying and sending overlap, so "de-identify" is only the time
+  until the first image leaves;
+- the forwarder's own line for the request (de-identify, send and verify times as it logs them);
+- each daemon's peak RSS;
+- the goal (issue 10): (last-in -> in-PACS - quiet) <= 1.5 x send time;
+- the de-identification rate of the forwarder's pool (`fiona.send.pool`) against one process
+  on the same corpus (goal: >= 1.6 x on 2 cores), unless --no-deid-rate.
+
+Exit status 0 when the study arrived complete (the goal lines are figures, not a pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # orthanc.py lives there
+
+from bench.common import (  # noqa: E402 (repo root)
+    PeakRss,
+    fiona_daemon_pid,
+    free_port,
+    log_tail,
+    port_open,
+    progress,
+    run_in_scratch,
+    stop_process,
+    wait_until,
+)
+from bench.soak_faults import DAEMONS  # noqa: E402
+from fiona.bootstrap import init  # noqa: E402
+from fiona.config import load  # noqa: E402
+from fiona.control import open_control_plane  # noqa: E402
+from fiona.tree import Tree  # noqa: E402
+from orthanc import Orthanc  # noqa: E402
+from tests.dicomgen import make_study  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"  # DCMTK's; a same-named pynetdicom shim may be earlier on PATH
+ACCESSION = "E2E0001"
+POLL = 0.05
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1000, help="images in the study")
+    p.add_argument("--series", type=int, default=4, help="series in the study")
+    p.add_argument("--quiet", type=int, default=3, help="STUDY_QUIET_SECONDS")
+    p.add_argument("--workers", type=int, default=0,
+                   help="de-identification processes for the rate figure (default: cores)")
+    p.add_argument("--no-deid-rate", action="store_true", help="skip the pool rate figure")
+    p.add_argument("--json", type=Path, help="write the figures to this file")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data)")
+    return p.parse_args(argv)
+
+
+def children(pid: int | None) -> list[int]:
+    """The child processes of `pid` (the forwarder's de-identification workers)."""
+    if not pid:
+        return []
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, root: Path):
+        self.args = args
+        self.root = root
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "TCP_NODELAY": "1"}
+        self.env.pop("FIONA_CONFIG", None)
+        self.up: subprocess.Popen | None = None
+
+    def fiona(self, *args: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "fiona", "--config", str(self.config), *args],
+                             capture_output=True, text=True, env=self.env, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"fiona {' '.join(args)}: {res.stdout}{res.stderr}")
+
+    def pids(self) -> dict[str, int | None]:
+        found = {name: fiona_daemon_pid(self.tree.run, pid_name, sub)
+                 for name, (pid_name, sub) in DAEMONS.items()}
+        for i, child in enumerate(children(found.get("forwarder")), start=1):
+            found[f"forwarder worker {i}"] = child
+        return found
+
+    def set_up(self) -> None:
+        self.pacs = Orthanc(self.root).start()
+        self.port = free_port()
+        self.config = init(self.root / "data", port=self.port, ip="127.0.0.1", extra={
+            "STUDY_QUIET_SECONDS": self.args.quiet,
+            "DESTINATIONS": {"research": {"type": "dicom", "aetitle": self.pacs.aet,
+                                          "host": "127.0.0.1", "port": self.pacs.dicom_port}},
+            "WEB": {"host": "127.0.0.1", "port": free_port()}})
+        self.tree = Tree(self.root / "data")
+        self.fiona("project", "add", "PROJ", "--naming", "^P[0-9]{4}$", "--events", "baseline")
+        coupling = self.root / "coupling.csv"
+        with open(coupling, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["AccessionNumber", "ProjectName", "subjectid", "eventname"])
+            writer.writerow([ACCESSION, "PROJ", "P0001", "baseline"])
+        self.fiona("coupling", "upload", str(coupling))
+        with open(self.root / "up.log", "ab") as log:
+            self.up = subprocess.Popen(
+                [sys.executable, "-m", "fiona", "--config", str(self.config), "up"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
+                env=self.env, start_new_session=True)
+        wait_until(lambda: port_open(self.port) and all(self.pids().values()), 120,
+                   "fiona up", self.up, interval=0.2)
+
+    def run(self) -> dict:
+        per_series = -(-self.args.images // self.args.series)
+        progress(f"writing one study of {self.args.images} 256x256 MR images in "
+                 f"{self.args.series} series ...")
+        study = make_study(self.root / "study", self.args.series, per_series, rows=256,
+                           cols=256, accession=ACCESSION)
+        for extra in study["files"][self.args.images:]:
+            extra.unlink()
+        figures: dict = {"images": self.args.images, "series": self.args.series,
+                         "quiet_s": self.args.quiet}
+        if not self.args.no_deid_rate:
+            figures.update(deid_rate(self.root / "study", self.args.workers))
+        try:
+            self.set_up()
+            control = open_control_plane(load(str(self.config)))
+            with PeakRss(self.pids, interval=0.1) as rss:
+                progress("sending with one storescu association (TCP_NODELAY=1) ...")
+                t0 = time.monotonic()
+                sent = subprocess.run([STORESCU, "+sd", "-aec", "FIONA", "127.0.0.1",
+                                       str(self.port), str(self.root / "study")],
+                                      capture_output=True, text=True, env=self.env,
+                                      timeout=1800)
+                last_in = time.monotonic()
+                if sent.returncode != 0:
+                    raise RuntimeError(f"storescu failed ({sent.returncode}): "
+                                       f"{sent.stderr[-2000:]}")
+                marks = self.watch(control, study["study"], last_in)
+            figures["peak_rss_mb"] = {k: round(v, 1) for k, v in sorted(rss.peak.items())}
+        except BaseException:
+            print(f"--- last lines of up.log:\n{log_tail(self.root / 'up.log')}",
+                  file=sys.stderr)
+            raise
+        finally:
+            if self.up is not None:
+                stop_process(self.up, 60)
+            self.pacs.stop(kill=True)
+        send = last_in - t0
+        total = marks["complete"] - last_in
+        figures.update({
+            "send_s": round(send, 2),
+            "last_in_to_pacs_s": round(total, 2),
+            "ratio": round(total / send, 2),
+            "ratio_minus_quiet": round((total - self.args.quiet) / send, 2),
+            "stages_s": {
+                "quiet": self.args.quiet,
+                "arrival": round(marks["request"] - last_in - self.args.quiet, 2),
+                "until first image in PACS": round(marks["first"] - marks["request"], 2),
+                "first -> last image in PACS": round(marks["last"] - marks["first"], 2),
+                "last image in PACS -> verified": round(marks["complete"] - marks["last"], 2)},
+            "forwarder_says": self.forwarder_line(),
+            "in_orthanc": marks["count"]})
+        figures["goal"] = total - self.args.quiet <= 1.5 * send
+        return figures
+
+    def watch(self, control, study_uid: str, last_in: float) -> dict:
+        """Poll until the study's request is complete; the moments each stage was seen."""
+        marks: dict = {}
+        deadline = last_in + 900
+        while "complete" not in marks:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the study was not complete after 900 s: {marks}")
+            now = time.monotonic()
+            reqs = control.requests(study_uid)
+            if reqs and "request" not in marks:
+                marks["request"] = now
+            count = self.pacs.count()
+            if count and "first" not in marks:
+                marks["first"] = now
+            if count >= self.args.images and "last" not in marks:
+                marks["last"] = now
+            if reqs and reqs[0].complete:
+                marks.setdefault("request", now)
+                marks.setdefault("first", now)
+                marks.setdefault("last", now)
+                marks["complete"], marks["count"] = now, count
+                if reqs[0].error_message:
+                    raise RuntimeError(f"the request failed: {reqs[0].error_message}")
+            if reqs and reqs[0].error_flags and not reqs[0].pending:
+                raise RuntimeError(f"the request failed: {reqs[0].error_message}")
+            time.sleep(POLL)
+        return marks
+
+    def forwarder_line(self) -> str:
+        """The forwarder's log line that says how the request went (stage times)."""
+        pattern = re.compile(r"(de-identified .*|sent and verified .*)")
+        found = ""
+        for log in sorted(self.tree.logs.glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                m = pattern.search(line)
+                if m:
+                    found = m.group(1)
+        return found
+
+
+def deid_rate(corpus: Path, workers: int) -> dict:
+    """Files/s of the forwarder's de-identification, one process vs the pool (goal 4)."""
+    try:
+        from fiona.send.pool import rate
+    except ImportError:  # a forwarder without a pool
+        return {}
+    n = workers or len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="fiona-e2e-rate-") as out:
+        progress("de-identification rate: one process ...")
+        single = rate(corpus, Path(out) / "single", 1)
+        progress(f"de-identification rate: pool of {n} ...")
+        pooled = rate(corpus, Path(out) / "pool", n)
+    return {"deid_files_per_s": {"single": round(single), f"pool of {n}": round(pooled)},
+            "deid_pool_ratio": round(pooled / single, 2)}
+
+
+def report(f: dict) -> str:
+    lines = [f"study: {f['images']} images in {f['series']} series, quiet period "
+             f"{f['quiet_s']} s",
+             f"send (DCMTK storescu -> FIONA): {f['send_s']:.2f} s",
+             f"last image in -> whole study verified in Orthanc: {f['last_in_to_pacs_s']:.2f} s "
+             f"= {f['ratio']:.2f} x send; without the quiet period "
+             f"{f['last_in_to_pacs_s'] - f['quiet_s']:.2f} s = {f['ratio_minus_quiet']:.2f} x send",
+             "stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in f["stages_s"].items()),
+             f"forwarder: {f['forwarder_says'] or '(no stage line in its log)'}",
+             "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in f["peak_rss_mb"].items())]
+    if "deid_pool_ratio" in f:
+        rates = ", ".join(f"{k} {v} files/s" for k, v in f["deid_files_per_s"].items())
+        lines.append(f"de-identification: {rates}: {f['deid_pool_ratio']:.2f} x one process "
+                     f"(goal >= 1.6 x on 2 cores)")
+    lines.append(f"goal (last-in -> in-PACS - quiet) <= 1.5 x send: "
+                 f"{f['ratio_minus_quiet']:.2f} x: {'met' if f['goal'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    figures: dict = {}
+
+    def body(root: Path) -> dict:
+        figures.update(Run(args, root).run())
+        return figures
+
+    status = run_in_scratch(args, "fiona-e2e-", body)
+    if status != 0 or not figures:
+        return status or 1
+    print(report(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
