@@ -95,19 +95,15 @@ def run(config: Config, args: argparse.Namespace) -> int:
 
 def queue(config: Config, args: argparse.Namespace) -> int:
     """`fiona export --queue`: 0 with the job id on stdout, 1 with the reason on stderr. The
-    request is checked now (unknown names fail here, not in the worker); the password is
-    sealed at once and never written in clear."""
-    from ..actions import OsActor
-    from ..config import read_secret
+    request is checked and audited now by `orders.request`, as the Exports page's is (unknown
+    names fail here, not in the worker); the password is sealed at once, never written in
+    clear."""
+    from ..actions import ActionError, OsActor
     from ..control import open_control_plane
     from ..control.base import ControlPlaneError
-    from ..tree import Tree
-    from .job import export_type
-    from .jobs import JobStore, seal
+    from .orders import Order, request
     from .profile import ProfileError
-    from .profile import load as load_profile
-    from .retrieve import ExportError, ExportUnavailable, check_request
-    from .worker import wake
+    from .retrieve import ExportError
 
     site = config.site(args.site)
     if args.out:
@@ -119,26 +115,13 @@ def queue(config: Config, args: argparse.Namespace) -> int:
         return 2
     try:
         password = read_password(args.password_file)
-        export_type(args.type, site.datadir)
-        load_profile(args.profile, site.datadir)
-        try:
-            check_request(open_control_plane(config, site), args.project, args.participant,
-                          args.event)
-        except ExportUnavailable:
-            pass  # the worker waits for the control plane
-        store = JobStore(site.datadir)
-        job = store.new(project=args.project, type=args.type,
-                        requester=OsActor.current().name, participant=args.participant,
-                        event=args.event, study=args.study, profile=args.profile,
-                        noassign=args.noassign, email=args.mail)
-        if password:
-            job.sealed_password = seal(read_secret(Tree(site.datadir).config / "secret.key"),
-                                       job.id, password)
-            store.save(job)
-    except (ExportError, ProfileError, ControlPlaneError, OSError, ValueError) as exc:
+        job = request(config, site, open_control_plane(config, site), OsActor.current(),
+                      Order(args.project, args.type, args.participant, args.event, args.study,
+                            args.profile, args.noassign, args.mail, password))
+    except (ActionError, ExportError, ProfileError, ControlPlaneError, OSError,
+            ValueError) as exc:
         print(f"fiona export: {exc}", file=sys.stderr)
         return 1
-    wake(site)
     print(job.id)
     return 0
 

@@ -268,9 +268,10 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
         """The logged-in user, roles and the CSRF token for JSON POSTs."""
         return {"user": user.name, "roles": user.roles, "csrf_token": csrf.token(request)}
 
-    from . import admin_pages, assign_pages, review_pages, status_pages
+    from . import admin_pages, assign_pages, export_pages, review_pages, status_pages
     app.include_router(admin_pages.router)
     app.include_router(assign_pages.router)
+    app.include_router(export_pages.router)
     app.include_router(review_pages.router)
     app.include_router(status_pages.router)
     app.mount("/static/swagger", StaticFiles(directory=SWAGGER), name="swagger")

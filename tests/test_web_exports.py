@@ -1,0 +1,178 @@
+"""The Exports page and its endpoints (issue 14, web part), in process: a real data tree with a
+study delivered to a folder destination (as the forwarder leaves it), Starlette's TestClient on
+`create_app`, and the export worker's own `process` making the queued job ready.
+
+Who may ask (the project's export role; a refusal is audited), the job from the form to a
+download whose bytes equal the zip and its `.sha256`, HTTP Range (206, a resumed download, 416),
+and who may download (the requester, the project's export role; others 403, audited)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fiona.clock import FakeClock
+from fiona.config import load
+from fiona.export.jobs import QUEUED, READY, JobStore
+from fiona.export.worker import Worker
+from fiona.web.app import create_app
+from fiona.web.users import UserStore
+from test_export_worker import deliver, gateway
+from webapp import PASSWORD, csrf_of, login
+
+USERS = {"admin": ["admin"], "carol": ["project:PROJ:export"],
+         "dave": ["project:PROJ:assign"], "erin": ["project:OTHER:export"],
+         "fred": ["project:PROJ:export"]}
+
+
+class Site:
+    def __init__(self, tmp: Path):
+        self.gw, research = gateway(tmp)
+        self.mapped = deliver(tmp, self.gw, research)
+        self.gw.run("project", "add", "OTHER", "--naming", "^O[0-9]{4}$", "--events",
+                    "baseline")
+        users = UserStore(self.gw.datadir)
+        for name, roles in USERS.items():
+            users.add(name, PASSWORD, roles)
+        self.config = load(str(self.gw.config))
+        self.app = create_app(self.config, clock=FakeClock())
+        self.store = JobStore(self.gw.datadir)
+        self.worker = Worker(self.config, self.config.site())
+
+    def client(self, user: str) -> TestClient:
+        c = TestClient(self.app, follow_redirects=False)
+        assert login(c, user).status_code == 303
+        return c
+
+    def audit(self, action: str) -> list[dict]:
+        lines = (self.gw.datadir / "logs" / "audit.log").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e["action"] == action]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Site:
+    return Site(tmp_path_factory.mktemp("webexports"))
+
+
+def post_form(client: TestClient, **fields) -> object:
+    token = csrf_of(client.get("/exports").text)
+    return client.post("/exports", data={"csrf_token": token, **fields})
+
+
+def test_without_the_export_role_nothing_is_queued_and_the_refusal_is_audited(site: Site):
+    dave = site.client("dave")
+    page = dave.get("/exports")
+    assert page.status_code == 200 and 'id="no-export-role"' in page.text
+    assert 'id="nav-exports"' not in page.text
+    # the study list of a project the user may not export is not shown, even when asked for
+    assert site.mapped not in dave.get("/exports?project=PROJ").text
+    before = len(site.store.all())
+    refused = post_form(dave, project="PROJ", type="dicom")
+    assert refused.status_code == 403
+    token = dave.get("/api/session").json()["csrf_token"]
+    api = dave.post("/api/exports", json={"project": "PROJ", "type": "dicom"},
+                    headers={"X-CSRF-Token": token})
+    assert api.status_code == 403
+    # without the CSRF token nothing is even checked
+    assert dave.post("/api/exports", json={"project": "PROJ", "type": "dicom"}).status_code == 403
+    assert len(site.store.all()) == before
+    refusals = site.audit("export-refused")
+    assert len(refusals) == 2 and {e["user"] for e in refusals} == {"dave"}
+    assert all(e["details"]["project"] == "PROJ" for e in refusals)
+
+
+def test_bad_requests_name_what_is_wrong_and_queue_nothing(site: Site):
+    carol = site.client("carol")
+    before = len(site.store.all())
+    differ = post_form(carol, project="PROJ", type="dicom", password="one secret",
+                       password2="another")
+    assert differ.status_code == 400 and "the two passwords differ" in differ.text
+    assert "one secret" not in differ.text
+    unknown = post_form(carol, project="PROJ", type="nonsense")
+    assert unknown.status_code == 400 and "no export type" in unknown.text
+    stranger = post_form(carol, project="PROJ", type="dicom", study="1.2.3.4")
+    assert stranger.status_code == 400 and "not among the delivered studies" in stranger.text
+    assert len(site.store.all()) == before
+
+
+def test_request_progress_ready_and_download_with_ranges(site: Site):
+    carol = site.client("carol")
+    page = carol.get("/exports")
+    assert site.mapped in page.text and 'id="nav-exports"' in page.text
+    # PRG: the form posts, the answer is a redirect to the page with a message code
+    made = post_form(carol, project="PROJ", type="dicom", study=site.mapped,
+                     password="", password2="")
+    assert made.status_code == 303 and made.headers["location"].startswith("/exports?done=")
+    assert "Export requested" in carol.get(made.headers["location"]).text
+    rows = carol.get("/api/exports").json()
+    assert len(rows) == 1 and rows[0]["state"] == QUEUED and rows[0]["download"] is None
+    job_id = rows[0]["id"]
+    assert site.audit("export-requested")[-1]["details"]["job"] == job_id
+    assert carol.get(f"/exports/{job_id}/download").status_code == 404  # not ready yet
+
+    site.worker.process(site.store.load(job_id))
+    job = site.store.load(job_id)
+    assert job.state == READY
+    row = carol.get("/api/exports").json()[0]
+    assert row["state"] == READY and row["done"] == row["total"] == 6
+    assert row["expires"] == job.expires and row["download"]["zip"] == \
+        f"/exports/{job_id}/download"
+    assert f'id="job-{job_id}"' in carol.get("/exports").text
+
+    zip_path = site.gw.tree.exports / job.zip
+    data = zip_path.read_bytes()
+    whole = carol.get(f"/exports/{job_id}/download")
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["accept-ranges"] == "bytes"
+    assert job.zip in whole.headers["content-disposition"]
+    digest = carol.get(f"/exports/{job_id}/sha256").text
+    assert digest.split() == [hashlib.sha256(data).hexdigest(), job.zip]
+    assert digest == (site.gw.tree.exports / f"{job.zip}.sha256").read_text()
+    assert "README.txt," in carol.get(f"/exports/{job_id}/manifest").text
+
+    part = carol.get(f"/exports/{job_id}/download", headers={"Range": "bytes=10-109"})
+    assert part.status_code == 206 and part.content == data[10:110]
+    assert part.headers["content-range"] == f"bytes 10-109/{len(data)}"
+    # a broken download resumed from where it stopped
+    cut = len(data) // 3
+    first = carol.get(f"/exports/{job_id}/download", headers={"Range": f"bytes=0-{cut - 1}"})
+    rest = carol.get(f"/exports/{job_id}/download", headers={"Range": f"bytes={cut}-"})
+    assert (first.status_code, rest.status_code) == (206, 206)
+    assert first.content + rest.content == data
+    beyond = carol.get(f"/exports/{job_id}/download",
+                       headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
+    downloads = [e for e in site.audit("export-download") if e["details"]["job"] == job_id]
+    assert len(downloads) >= 7 and {e["user"] for e in downloads} == {"carol"}
+
+    # the project's export role may download another's export; others may not (audited)
+    assert site.client("fred").get(f"/exports/{job_id}/download").content == data
+    assert site.client("admin").get(f"/exports/{job_id}/download").status_code == 200
+    for name in ("erin", "dave"):
+        other = site.client(name)
+        assert other.get(f"/exports/{job_id}/download").status_code == 403
+        assert other.get(f"/exports/{job_id}/manifest").status_code == 403
+        assert job_id not in json.dumps(other.get("/api/exports").json())
+    refused = [e for e in site.audit("export-download-refused")
+               if e["details"]["job"] == job_id]
+    assert {e["user"] for e in refused} == {"erin", "dave"}
+    # the list: one's own jobs, admins all
+    assert site.client("fred").get("/api/exports").json() == []
+    assert [r["id"] for r in site.client("admin").get("/api/exports").json()] == [job_id]
+    # the mail's link leads to the job on the page
+    assert carol.get(f"/exports/{job_id}").headers["location"].endswith(f"#job-{job_id}")
+
+
+def test_job_ids_are_checked(site: Site):
+    carol = site.client("carol")
+    assert carol.get("/exports/not-a-job/download").status_code == 400
+    assert carol.get("/exports/..%2F..%2Fconfig/download").status_code in (400, 404)
+    assert carol.get("/exports/0123456789ab/download").status_code == 404
+    assert carol.get("/exports/0123456789ab/sha256").status_code == 404
+    assert carol.get("/exports/0123456789ab/nothing").status_code == 404
+    assert TestClient(site.app, follow_redirects=False).get(
+        "/api/exports").status_code == 401
