@@ -50,6 +50,7 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
               "password_file": "/data/config/smtp.password", "from": "fiona@example.org"}, None),
     "EXPORTS": ({"retention_days": 7, "cleanup_percent": 80, "refuse_percent": 95,
                  "url": "https://fiona.example.org"}, {}),
+    "ATTACH": ({"max_upload_mb": 20480, "overview_projects": ["PATHO"]}, {}),
 }
 
 SITE_KEYS: dict[str, tuple[Any, Any]] = {
@@ -92,6 +93,10 @@ SMTP_KEYS = {"host": ("smtp.example.org", REQUIRED), "port": (587, 587),
 #: ones, and the web address the "export ready" mail links to
 EXPORTS_KEYS = {"retention_days": (7, 7), "cleanup_percent": (80, 80),
                 "refuse_percent": (95, 95), "url": ("https://fiona.example.org", None)}
+
+#: Attach: the largest upload (also the most an archive may unpack to), and the projects whose
+#: whole-slide images keep their overview (macro) image
+ATTACH_KEYS = {"max_upload_mb": (20480, 20480), "overview_projects": (["PATHO"], [])}
 
 _AE_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -153,6 +158,8 @@ class Config:
     smtp: dict[str, Any] | None = None        # SMTP_KEYS, checked; None: no mail
     exports: dict[str, Any] = field(default_factory=lambda: {
         k: default for k, (_example, default) in EXPORTS_KEYS.items()})
+    attach: dict[str, Any] = field(default_factory=lambda: {
+        k: default for k, (_example, default) in ATTACH_KEYS.items()})
 
     def site(self, name: str | None = None) -> Site:
         """The site called `name` (None or "" is the main receiver)."""
@@ -359,6 +366,20 @@ def _smtp(value: Any, base: Path, errors: list[str]) -> dict[str, Any] | None:
     return out
 
 
+def _attach(value: Any, errors: list[str]) -> dict[str, Any]:
+    """ATTACH, checked once: the upload limit in MB and a list of project names."""
+    given = _check_keys(value, ATTACH_KEYS, "ATTACH", errors)
+    out: dict[str, Any] = {k: given.get(k, default)
+                           for k, (_example, default) in ATTACH_KEYS.items()}
+    out["max_upload_mb"] = _number(out["max_upload_mb"], "ATTACH.max_upload_mb", 0.001,
+                                   10_000_000, errors)
+    names = out["overview_projects"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        errors.append(f"ATTACH.overview_projects must be a list of project names; got {names!r}")
+        out["overview_projects"] = []
+    return out
+
+
 def _exports(value: Any, errors: list[str]) -> dict[str, Any]:
     """EXPORTS, checked once: retention in days and the disk watermarks in percent."""
     given = _check_keys(value, EXPORTS_KEYS, "EXPORTS", errors)
@@ -483,6 +504,7 @@ def parse(raw: Any, path: Path) -> Config:
     clinical = _clinical_pacs(top["CLINICAL_PACS"], errors)
     smtp = _smtp(top["SMTP"], base, errors)
     exports = _exports(top["EXPORTS"], errors)
+    attach = _attach(top["ATTACH"], errors)
     if errors:
         raise ConfigError(errors, path)
     return Config(
@@ -492,7 +514,7 @@ def parse(raw: Any, path: Path) -> Config:
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
         mpps_port=mpps, clinical_pacs=clinical, workflows=workflows,
         retention_days_unassigned=retention, cleanup_unassigned=cleanup_unassigned is True,
-        smtp=smtp, exports=exports,
+        smtp=smtp, exports=exports, attach=attach,
     )
 
 
