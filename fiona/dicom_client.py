@@ -38,6 +38,9 @@ def associate(calling: str, host: str, port: int, aetitle: str, contexts: list,
 
     # pynetdicom's debug log (`-v`) would print every query and answer, PatientIDs with them
     _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+    # a file path given to send_c_store goes out as it is on disk, streamed after its file
+    # meta, instead of being decoded and encoded again (the dicom destination's fast path)
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(calling)
     ae.connection_timeout, ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts
     assoc = ae.associate(host, port, contexts=contexts, ae_title=aetitle, ext_neg=ext_neg,

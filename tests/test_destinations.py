@@ -161,16 +161,14 @@ def test_registry_and_open_destination(tmp_path):
         FolderDestination("x", {"path": "relative/path"})
 
 
-def test_presentation_contexts_split_at_128():
-    items = [dest._Item(Path(f"{i}.dcm"), f"1.2.3.{i // 2}", f"1.2.3.4.{i}", ts)
+def test_presentation_contexts_stay_within_128():
+    kinds = [dest._Item(Path(f"{i}.dcm"), f"1.2.3.{i // 2}", f"1.2.3.4.{i}", ts)
              for i in range(400)
              for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90")]
-    batches = dest._batches(items)
-    assert sum(len(b) for b in batches) == len(items)
-    assert all(len(dest._contexts(b)) <= dest.MAX_CONTEXTS for b in batches)
-    assert len(batches) > 1
-    # a few kinds fit one association
-    assert len(dest._batches(items[:40])) == 1
+    keys = {k for item in kinds for k in dest._context_keys(item)}
+    assert len(keys) > dest.MAX_CONTEXTS  # more than one association can offer
+    few = {k for item in kinds[:40] for k in dest._context_keys(item)}
+    assert len(dest._contexts(few)) == len(few) <= dest.MAX_CONTEXTS
 
 
 # --- DICOM (Orthanc) --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -119,6 +119,13 @@ class Destination(ABC):
     def send(self, files: list[Path], progress: Progress | None = None) -> SendResult:
         """Deliver `files`; `progress(n)` is called with the running number of files handled
         (sent or failed), from any thread."""
+
+    def send_stream(self, files: Iterable[Path], progress: Progress | None = None) -> SendResult:
+        """Deliver files as `files` yields them (the forwarder de-identifies while it sends).
+        An exception raised by the iterator is raised here and nothing it yields after that
+        is sent. By default the files are all taken first, then sent; the dicom kind sends
+        each as it comes."""
+        return self.send(list(files), progress)
 
     @abstractmethod
     def count_instances(self, study_uid: str) -> dict[str, int]:

@@ -7,9 +7,8 @@ plumbing itself is `fiona.dicom_client`.
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,11 +112,12 @@ class DicomDestination(Destination):
     """A DICOM peer (the research PACS): C-STORE out, C-FIND to verify, C-ECHO to test.
 
     Settings: `aetitle`, `host`, `port`, optionally `query_aetitle`/`query_port` (default: the
-    store ones) and `associations` (1..4 parallel associations, default 2, splitting the files).
-    The calling AE title is "FIONA". Each association proposes the files' own transfer syntaxes:
-    one presentation context per (SOP class, compressed or other transfer syntax) plus one per
-    SOP class with Explicit and Implicit VR Little Endian, at most 128 per association (more
-    file kinds take more associations in turn). If the peer refuses a compressed syntax, the
+    store ones) and `associations` (1..4 parallel associations, default 2, each taking the next
+    file when it is free, see `send_stream`). The calling AE title is "FIONA". Each association
+    proposes the files' own transfer syntaxes: one presentation context per (SOP class,
+    compressed or other transfer syntax) plus one per SOP class with Explicit and Implicit VR
+    Little Endian, at most 128 per association (a new kind reopens it with one more). A file in
+    an accepted syntax is sent from disk as it is. If the peer refuses a compressed syntax, the
     file is decompressed and sent uncompressed if a decoder is available; otherwise it fails
     with the reason. TCP_NODELAY is set on the socket as soon as it connects (otherwise every
     C-STORE waits ~40 ms for a delayed ACK).
@@ -161,113 +161,153 @@ class DicomDestination(Destination):
 
     # --- send --------------------------------------------------------------------------------
     def send(self, files: list[Path], progress: Progress | None = None) -> SendResult:
-        result = SendResult()
-        items: list[_Item] = []
-        lock = threading.Lock()
+        return self.send_stream(files, progress)
+
+    def send_stream(self, files: Iterable[Path], progress: Progress | None = None) -> SendResult:
+        """Send `files` as the iterator yields them, over `associations` parallel associations
+        that each take the next file when they are free (so a producer such as the
+        forwarder's de-identification pool and the network overlap). An exception raised by
+        the iterator stops every association after the file it is sending and is raised
+        here: nothing the iterator yields after that is sent."""
+        source = iter(files)
+        take_lock, count_lock = threading.Lock(), threading.Lock()
+        stop = threading.Event()
+        failed_source: list[BaseException] = []
+        errors: list[BaseException] = []
         done = 0
+
+        def take() -> Path | None:
+            with take_lock:
+                if stop.is_set():
+                    return None
+                try:
+                    return next(source)
+                except StopIteration:
+                    return None
+                except BaseException as exc:
+                    failed_source.append(exc)
+                    stop.set()
+                    return None
 
         def handled(n: int = 1) -> None:
             nonlocal done
-            with lock:
+            with count_lock:
                 done += n
                 count = done
             if progress:
                 progress(count)
 
-        for file in files:
-            item, reason = _inspect(Path(file))
-            if item is None:
-                result.failed.append((str(file), reason))
-                handled()
-            else:
-                items.append(item)
-        if not items:
-            return result
-
-        # group by kind so each association needs few contexts, then split into contiguous
-        # chunks, one per parallel association
-        order = {(it.sop_class, it.ts): i for i, it in reversed(list(enumerate(items)))}
-        items.sort(key=lambda it: order[(it.sop_class, it.ts)])
-        n = max(1, min(self.associations, len(items)))
-        size = math.ceil(len(items) / n)
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
-
-        def work(chunk: list[_Item]) -> SendResult:
+        def work() -> SendResult:
             part = SendResult()
-            for batch in _batches(chunk):
-                self._send_batch(batch, part, handled)
+            try:
+                self._sender(take, part, handled, stop)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
             return part
 
-        if len(chunks) == 1:
-            parts = [work(chunks[0])]
+        if self.associations == 1:
+            parts = [work()]
         else:
-            with ThreadPoolExecutor(len(chunks), thread_name_prefix=f"send-{self.name}") as pool:
-                futures = [pool.submit(work, c) for c in chunks]
-                errors = []
-                parts = []
-                for f in futures:
-                    try:
-                        parts.append(f.result())
-                    except DestinationError as exc:
-                        errors.append(exc)
-                if errors:
-                    # a permanent error (e.g. rejected association) outranks unavailability
-                    raise next((e for e in errors if not isinstance(e, DestinationUnavailable)),
-                               errors[0])
+            with ThreadPoolExecutor(self.associations,
+                                    thread_name_prefix=f"send-{self.name}") as pool:
+                parts = [f.result() for f in [pool.submit(work)
+                                              for _ in range(self.associations)]]
+        if failed_source:
+            raise failed_source[0]
+        if errors:  # a permanent error (e.g. rejected association) outranks unavailability
+            raise next((e for e in errors if not isinstance(e, DestinationUnavailable)),
+                       errors[0])
+        result = SendResult()
         for part in parts:
             result.sent += part.sent
             result.failed.extend(part.failed)
         return result
 
-    def _send_batch(self, batch: list[_Item], part: SendResult,
-                    handled: Callable[[int], None]) -> None:
-        contexts = _contexts(batch)
-        remaining = list(batch)
-        losses = 0
-        while remaining:
-            assoc = self._associate(self.aetitle, self.port, contexts)
-            if assoc is None:  # accepted, but none of the contexts
-                for it in remaining:
-                    part.failed.append((it.sop_uid, "the destination accepted no presentation "
-                                        f"context for {_name(it.sop_class)} in "
-                                        f"{_name(it.ts)}"))
-                handled(len(remaining))
-                return
-            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                        for cx in assoc.accepted_contexts}
-            progressed = False
-            try:
-                while remaining:
-                    item = remaining[0]
-                    reason = self._store(assoc, item, accepted)
-                    remaining.pop(0)
-                    progressed = True
-                    if reason is None:
-                        part.sent += 1
-                    else:
-                        part.failed.append((item.sop_uid, reason))
-                        log.warning("%s: %s refused: %s", self.name, item.path, reason)
+    def _sender(self, take: Callable[[], Path | None], part: SendResult,
+                handled: Callable[[int], None], stop: threading.Event) -> None:
+        """One association's loop: take a file, store it, until `take` has no more. The
+        association offers the contexts of the kinds seen so far and is reopened with more
+        when a new kind comes (from scratch once MAX_CONTEXTS would be passed); a lost one is
+        reopened and the file in flight resent."""
+        assoc = None
+        keys: set[tuple[str, str | None]] = set()
+        accepted: set[tuple[str, str]] = set()
+        refused: set[tuple[str, str | None]] = set()  # offered alone, no context accepted
+        item: _Item | None = None
+        losses, progressed = 0, False
+        try:
+            while True:
+                if item is None:
+                    path = None if stop.is_set() else take()
+                    if path is None:
+                        return
+                    item, reason = _inspect(Path(path))
+                    if item is None:
+                        part.failed.append((str(path), reason))
+                        handled(1)
+                        continue
+                need = set(_context_keys(item))
+                if need <= refused:
+                    part.failed.append((item.sop_uid, "the destination accepted no "
+                                        f"presentation context for {_name(item.sop_class)} in "
+                                        f"{_name(item.ts)}"))
                     handled(1)
-            except _Lost as exc:
-                losses = 0 if progressed else losses + 1
-                log.warning("%s: association lost (%s); %d files left", self.name, exc,
-                            len(remaining))
-                if losses >= self.resend_attempts:
-                    raise DestinationUnavailable(
-                        f"destination {self.name!r} ({self.aetitle}@{self.host}:{self.port}) "
-                        f"keeps dropping the association: {exc}") from None
-                self.clock.sleep(self._schedule().delay(losses))
-            finally:
+                    item = None
+                    continue
+                if assoc is None or not need <= keys:
+                    if assoc is not None:
+                        release(assoc)
+                        assoc = None
+                    keys = keys | need if len(keys | need) <= MAX_CONTEXTS else need
+                    assoc = self._associate(self.aetitle, self.port, _contexts(keys))
+                    progressed = False
+                    if assoc is None:  # accepted, but none of the contexts
+                        if keys == need:
+                            refused |= need
+                        keys = set()  # then offered alone
+                        continue
+                    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                                for cx in assoc.accepted_contexts}
+                try:
+                    refusal = self._store(assoc, item, accepted)
+                except _Lost as exc:
+                    release(assoc)
+                    assoc = None
+                    losses = 0 if progressed else losses + 1
+                    log.warning("%s: association lost (%s); resending %s", self.name, exc,
+                                item.sop_uid)
+                    if losses >= self.resend_attempts:
+                        raise DestinationUnavailable(
+                            f"destination {self.name!r} ({self.aetitle}@{self.host}:"
+                            f"{self.port}) keeps dropping the association: {exc}") from None
+                    self.clock.sleep(self._schedule().delay(losses))
+                    continue
+                progressed = True
+                if refusal is None:
+                    part.sent += 1
+                else:
+                    part.failed.append((item.sop_uid, refusal))
+                    log.warning("%s: %s refused: %s", self.name, item.path, refusal)
+                handled(1)
+                item = None
+        finally:
+            if assoc is not None:
                 release(assoc)
 
     def _store(self, assoc, item: _Item, accepted: set[tuple[str, str]]) -> str | None:
-        """None when stored, else the reason; raises _Lost when the association broke."""
+        """None when stored, else the reason; raises _Lost when the association broke. A file
+        in a transfer syntax the peer accepted goes as it is on disk (pynetdicom streams it
+        after the file meta, nothing decoded); otherwise it is read, decompressed if need be,
+        and encoded in an accepted syntax."""
         from pydicom import dcmread
 
-        try:
-            ds = dcmread(item.path)
-        except Exception as exc:  # unreadable after all: this file only
-            return f"cannot read {item.path.name}: {exc}"
+        payload: Any = item.path
+        if (item.sop_class, item.ts) not in accepted:
+            try:
+                payload = dcmread(item.path)
+            except Exception as exc:  # unreadable after all: this file only
+                return f"cannot read {item.path.name}: {exc}"
         if not item.plain and (item.sop_class, item.ts) not in accepted:
             if not any((item.sop_class, ts) in accepted for ts in _PLAIN):
                 return (f"the destination accepts neither {_name(item.ts)} nor uncompressed "
@@ -275,14 +315,14 @@ class DicomDestination(Destination):
             if not _name_is_compressed(item.ts):
                 return f"the destination does not accept {_name(item.ts)}"
             try:
-                ds.decompress(generate_instance_uid=False)
+                payload.decompress(generate_instance_uid=False)
             except Exception as exc:
                 return (f"the destination does not accept {_name(item.ts)} and the file "
                         f"cannot be decompressed here: {exc}")
         if not quiesce(assoc):
             raise _Lost("association closed by the peer")
         try:
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(payload)
         except RuntimeError as exc:  # association no longer established
             raise _Lost(str(exc)) from None
         except (ValueError, AttributeError) as exc:  # no usable context, cannot encode
@@ -436,32 +476,12 @@ def _context_keys(item: _Item) -> list[tuple[str, str | None]]:
     return keys
 
 
-def _batches(items: list[_Item]) -> list[list[_Item]]:
-    """Split items (grouped by kind) so that no batch needs more than MAX_CONTEXTS."""
-    batches: list[list[_Item]] = []
-    current: list[_Item] = []
-    keys: set[tuple[str, str | None]] = set()
-    for item in items:
-        new = set(_context_keys(item)) - keys
-        if current and len(keys) + len(new) > MAX_CONTEXTS:
-            batches.append(current)
-            current, keys = [], set()
-            new = set(_context_keys(item))
-        current.append(item)
-        keys |= new
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _contexts(batch: list[_Item]) -> list:
+def _contexts(keys: set[tuple[str, str | None]]) -> list:
+    """The presentation contexts for (SOP class, transfer syntax or None for plain) keys."""
     from pynetdicom import build_context
 
-    keys: dict[tuple[str, str | None], None] = {}
-    for item in batch:
-        for key in _context_keys(item):
-            keys[key] = None
-    return [build_context(sop, list(_PLAIN) if ts is None else [ts]) for sop, ts in keys]
+    return [build_context(sop, list(_PLAIN) if ts is None else [ts])
+            for sop, ts in sorted(keys, key=lambda k: (k[0], k[1] or ""))]
 
 
 def _store_failure(code: int, status) -> str | None:
