@@ -16,6 +16,7 @@ from . import ctl
 from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
+from .attach import cli as attach
 from .export import cli as export
 from .index import reindex
 from .ops import commands as ops
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_parser(sub, _site_arg)
     reindex.add_parser(sub, _site_arg)
     export.add_parser(sub, _site_arg)
+    attach.add_parser(sub, _site_arg)
     outbox.add_parser(sub, _site_arg)
     ctl.add_parser(sub, _site_arg)
     heartbeat.add_parser(sub, _site_arg)
@@ -274,6 +276,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return retrieve.run(config, args)
     if cmd == reindex.COMMAND:
         return reindex.run(config, args)
+    if cmd == attach.COMMAND:
+        return attach.run(config, args)
     if cmd in export.COMMANDS:
         return export.run(config, args)
     if cmd == outbox.COMMAND:
