@@ -167,6 +167,23 @@ def test_request_progress_ready_and_download_with_ranges(site: Site):
     assert carol.get(f"/exports/{job_id}").headers["location"].endswith(f"#job-{job_id}")
 
 
+def test_a_failed_job_shows_its_reason_and_offers_nothing(site: Site):
+    from fiona.control import open_control_plane
+
+    open_control_plane(site.config).add_participant("PROJ", "P0002")
+    carol = site.client("carol")
+    assert post_form(carol, project="PROJ", type="pure", participant="P0002").status_code == 303
+    row = carol.get("/api/exports").json()[0]
+    assert row["state"] == QUEUED and row["participant"] == "P0002"
+    assert row["estimate"] is not None  # from the project's export that is ready
+    site.worker.process(site.store.load(row["id"]))
+    row = carol.get("/api/exports").json()[0]
+    assert row["state"] == "failed" and "no delivered study" in row["reason"]
+    assert row["download"] is None and row["estimate"] is None
+    assert carol.get(f"/exports/{row['id']}/download").status_code == 404
+    assert "no delivered study" in carol.get("/exports").text
+
+
 def test_job_ids_are_checked(site: Site):
     carol = site.client("carol")
     assert carol.get("/exports/not-a-job/download").status_code == 400
