@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..config import Config, Site
-from ..control.assign import Assigner
+from ..control.assign import Assigner, Refused
 from ..control.base import ControlPlane, CouplingRow, TransferRequest, now_iso
 from ..control.keyed import Keyed
 from ..receive.store import SUCCESS, StoreHandler
@@ -60,8 +60,15 @@ def check_request(control: ControlPlane, keyed: Keyed, studies: Iterable[str], p
     participant and event now, and no study may be assigned in it to someone else."""
     assigner = Assigner(control, keyed)
     assigner.checked(project, participant, event)
+    studies = set(studies)
     for study in studies:
         assigner.existing(study, project, participant, event)
+    for row in control.coupling_rows():  # attached before, not yet arrived
+        if row.study_uid in studies and row.project == project and \
+                (row.participant, row.event) != (participant, event):
+            raise Refused(f"study {row.study_uid} is already attached in project {project} to "
+                          f"participant {row.participant} (event {row.event}); an "
+                          f"administrator can move it once it has arrived", row.participant)
 
 
 def couple(control: ControlPlane, keyed: Keyed, studies: Iterable[str], project: str,
