@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from . import ctl
+from .attach import cli as attach
 from .config import ENABLED_PARTS, ConfigError, config_path, load
 from .control import jobs
 from .daemon import DaemonError
-from .attach import cli as attach
 from .export import cli as export
 from .index import reindex
+from .notify import job as notify
 from .ops import commands as ops
 from .ops import heartbeat
 from .ops import inventory_cli as inventory
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_parser(sub, _site_arg)
     ctl.add_parser(sub, _site_arg)
     heartbeat.add_parser(sub, _site_arg)
+    notify.add_parser(sub, _site_arg)
 
     p = sub.add_parser("anonymize", help="de-identify a folder of DICOM files into another",
                        description="De-identify every DICOM file under IN_DIR (PS3.15 Annex E "
@@ -282,6 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return export.run(config, args)
     if cmd == outbox.COMMAND:
         return outbox.run(config, args)
+    if cmd == notify.COMMAND:
+        return notify.run(config, args)
     return jobs.run(config, args)
 
 
