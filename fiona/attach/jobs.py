@@ -13,6 +13,7 @@ the declared size is cut back, so the file never holds more than what was announ
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -190,6 +191,17 @@ class Appender:
         self.size = size
         self.name = name
         self.fd = os.open(path, os.O_WRONLY)
+        try:  # one writer at a time: a retry may arrive while the dropped request still ends
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UploadError(f"another chunk of {name} is being written; ask for the offset "
+                              f"again", offset) from None
+        if os.fstat(self.fd).st_size != offset:
+            have = os.fstat(self.fd).st_size
+            os.close(self.fd)
+            raise UploadError(f"the upload stands at byte {have}, not {offset}; resume there",
+                              have)
         os.lseek(self.fd, offset, os.SEEK_SET)
 
     def write(self, piece: bytes) -> None:

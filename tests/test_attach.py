@@ -1,0 +1,154 @@
+"""Attach (issue 15) on the web: rights, bad input and a resumable upload. The site is real
+(a data tree, the local control plane, the receiver's filing code); the resumable upload runs
+against a real HTTP server (uvicorn in a thread) whose connection the test cuts mid-chunk."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+import uvicorn
+
+from dicomgen import make_study
+from fiona.attach.jobs import DONE, FAILED
+from fiona.receive.store import dataset_part
+from helpers import free_port, wait_for
+from webapp import PASSWORD, WebSite, csrf_of
+
+
+@pytest.fixture
+def site(tmp_path: Path):
+    s = WebSite(tmp_path)
+    yield s
+    w = getattr(s.app.state, "attach_worker", None)
+    if w is not None:
+        w.stop()
+
+
+def media_zip(tmp_path: Path, entries: dict[str, bytes] | None = None) -> tuple[bytes, dict]:
+    """A zip as copied from a CD: DICOM files under DICOM/, a viewer's README beside them."""
+    study = make_study(tmp_path / "media", n_series=1, images_per_series=3,
+                       patient_name="Hansen^Ingrid", patient_id="NID0101")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in study["files"]:
+            z.write(f, f"DICOM/{f.name}")
+        z.writestr("README.TXT", "viewer")
+        for name, data in (entries or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue(), study
+
+
+def create(client, size: int, name: str = "cd.zip", project: str = "A", **extra):
+    token = client.get("/api/session").json()["csrf_token"]
+    return client.post("/api/attach/uploads", headers={"X-CSRF-Token": token}, json={
+        "project": project, "participant": "A001", "event": "baseline", "name": name,
+        "size": size, **extra})
+
+
+def upload(client, data: bytes, name: str):
+    job = create(client, len(data), name).json()
+    token = client.get("/api/session").json()["csrf_token"]
+    r = client.put(f"/api/attach/uploads/{job['id']}?offset=0", content=data,
+                   headers={"X-CSRF-Token": token})
+    assert r.status_code == 200, r.text
+    return job["id"]
+
+
+def finished(client, job_id: str) -> dict:
+    def state():
+        j = client.get(f"/api/attach/uploads/{job_id}").json()
+        return j if j["state"] in (DONE, FAILED) else None
+    return wait_for(state, 60, f"attach job {job_id} to finish")
+
+
+def test_assign_role_needed(site):
+    bob = site.client("bob")  # assign in B only
+    r = create(bob, 100)
+    assert r.status_code == 403 and "assign role" in r.json()["detail"]
+    assert site.audit("attach refused")[0]["user"] == "bob"
+    assert create(site.client("alice"), 100).status_code == 201
+
+
+def test_bad_input_stores_and_sends_nothing(site, tmp_path):
+    alice = site.client("alice")
+    evil, _ = media_zip(tmp_path, {"../../evil.dcm": b"x"})
+    failed = finished(alice, upload(alice, evil, "cd.zip"))
+    assert failed["state"] == FAILED and "leaves the upload folder" in failed["reason"]
+    fake, _ = media_zip(tmp_path / "2")
+    failed = finished(alice, upload(alice, fake, "report.pdf"))  # a zip called .pdf
+    assert failed["state"] == FAILED and "is not a PDF file" in failed["reason"]
+    too_big = create(alice, 10**15)
+    assert too_big.status_code == 413 and "upload limit" in too_big.json()["detail"]
+    assert not any(site.gw.tree.archive.iterdir())
+    assert not (tmp_path / "evil.dcm").exists() and not site.control.coupling_rows()
+    for job in (site.gw.tree.site / "attach").iterdir():  # nothing half kept
+        assert sorted(p.name for p in job.iterdir()) == ["job.json"]
+    assert [e["details"]["reason"][:20] for e in site.audit("attach failed")] == [
+        "the archive entry '.", "report.pdf is not a "]
+
+
+class Server:
+    """The web application served by uvicorn in a thread, on a free port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "uvicorn to start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_upload_cut_in_the_middle_resumes(site, tmp_path):
+    data, study = media_zip(tmp_path)
+    server = Server(site.app)
+    try:
+        http = requests.Session()
+        token = csrf_of(http.get(f"{server.url}/login").text)
+        assert http.post(f"{server.url}/login", data={"username": "alice", "password": PASSWORD,
+                         "csrf_token": token}, allow_redirects=False).status_code == 303
+        headers = {"X-CSRF-Token": http.get(f"{server.url}/api/session").json()["csrf_token"]}
+        job = http.post(f"{server.url}/api/attach/uploads", headers=headers, json={
+            "project": "A", "participant": "A001", "event": "baseline", "name": "cd.zip",
+            "size": len(data)}).json()
+        # the whole file announced as one chunk, the connection dropped after half of it
+        half = len(data) // 2
+        cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+        state = f"{server.url}/api/attach/uploads/{job['id']}"
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall((f"PUT /api/attach/uploads/{job['id']}?offset=0 HTTP/1.1\r\n"
+                          f"Host: 127.0.0.1\r\nCookie: {cookie}\r\n"
+                          f"X-CSRF-Token: {headers['X-CSRF-Token']}\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:half])
+            # the server streams what arrives to disk; then the connection drops
+            offset = wait_for(lambda: http.get(state).json()["received"] == half and half, 30,
+                              "the server to write the first half")
+        assert http.get(state).json()["state"] == "uploading"
+        # a client that guesses wrong is told where to resume
+        wrong = http.put(f"{state}?offset=0", data=data, headers=headers)
+        assert wrong.status_code == 409 and wrong.json()["offset"] == offset
+        r = http.put(f"{state}?offset={offset}", data=data[offset:], headers=headers)
+        assert r.status_code == 200 and r.json()["received"] == len(data)
+        done = wait_for(lambda: (j := http.get(state).json())["state"] in (DONE, FAILED) and j,
+                        60, "the job to finish")
+        assert done["state"] == DONE and done["done"] == 3 and done["not_dicom"] == ["README.TXT"]
+    finally:
+        server.stop()
+    # what was filed is what was on the "CD", byte for byte
+    archived = site.gw.tree.study_archive(study["study"]).iterdir()
+    assert sorted(dataset_part(p)[1] for p in archived) == \
+        sorted(dataset_part(f)[1] for f in study["files"])
+    [row] = site.control.coupling_rows()
+    assert (row.study_uid, row.project, row.participant) == (study["study"], "A", "A001")
+    assert site.audit("attach")[0]["details"]["objects"] == 3
