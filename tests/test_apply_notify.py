@@ -284,3 +284,51 @@ def test_applications_in_redcap_round_trip(tmp_path: Path):
         assert store.get(app.id) == decided
     finally:
         emu.stop()
+
+
+def test_a_user_without_roles_lands_on_apply_and_can_apply_for_a_role(site: WebSite):
+    site.users.add("dave", "correct horse battery", [])
+    dave = site.client("dave")
+    assert dave.get("/").headers["location"] == "/apply"
+    r = dave.post("/apply/role", data={"project": "B", "right": "export", "reason": "thesis",
+                                       "email": "dave@example.org",
+                                       "csrf_token": form(dave, "/apply")})
+    assert r.status_code == 303
+    assert "Your application for the export role in B was submitted" in \
+        dave.get(r.headers["location"]).text
+    (app,) = open_store(site.gw.datadir, site.control).all()
+    admin = site.client("admin")
+    r = admin.post(f"/admin/applications/{app.id}/approve",
+                   data={"csrf_token": form(admin, "/admin/applications")})
+    assert r.status_code == 303
+    assert site.users.get("dave").roles == ["project:B:export"]
+    assert site.audit("user roles set")[-1]["details"]["after"] == ["project:B:export"]
+
+
+@pytest.mark.e2e
+def test_a_directory_user_without_roles_applies_and_the_approval_says_where_to_grant_it(
+        slapd, tmp_path: Path):
+    from fiona.control import open_control_plane
+    from slapd import USERS
+    from test_ldap import web_site
+
+    site = web_site(tmp_path, slapd)
+    control = open_control_plane(site.config)
+    control.save_project(Project("PROJ1", naming=r"^P[0-9]+$"))
+    carol = site.client("carol", USERS["carol"][0])  # in the directory, in no group
+    assert carol.get("/api/session").json()["roles"] == []
+    assert carol.get("/").headers["location"] == "/apply"
+    r = carol.post("/apply/role", data={"project": "PROJ1", "right": "review",
+                                        "reason": "reading", "email": "carol@example.org",
+                                        "csrf_token": form(carol, "/apply")})
+    assert r.status_code == 303
+    store = open_store(site.gw.datadir, control)
+    (app,) = store.all()
+    admin = site.client("admin")
+    r = admin.post(f"/admin/applications/{app.id}/approve",
+                   data={"csrf_token": form(admin, "/admin/applications")})
+    assert r.status_code == 303
+    decided = store.get(app.id)
+    assert decided.state == "approved" and "WEB.ldap.role_groups" in decided.decision_note
+    assert site.users.get("carol") is None  # no local account to shadow the directory login
+    assert "approved" in carol.get("/apply").text

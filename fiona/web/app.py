@@ -256,6 +256,8 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     def home(request: Request, user: User = Depends(current_user)):
         if user.has_right("assign"):
             return RedirectResponse("/assign", status_code=303)
+        if not user.roles:  # e.g. a directory user before any role: apply for one
+            return RedirectResponse("/apply", status_code=303)
         return RedirectResponse("/status", status_code=303)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
