@@ -66,6 +66,11 @@ SCHEMA: dict[str, tuple[str, dict[str, list[str]]]] = {
     "WhatIsInIDS7": ("record_id", {"whatisinids7": [
         "inv_project", "inv_participant", "inv_event", "inv_study_date", "inv_series",
         "inv_instances", "inv_modalities", "inv_first_seen", "inv_last_seen"]}),
+    "Applications": ("record_id", {"application": [
+        "app_kind", "app_applicant", "app_email", "app_created", "app_project", "app_right",
+        "app_long_name", "app_pi", "app_pi_email", "app_naming", "app_example", "app_events",
+        "app_ethics_number", "app_rec_start", "app_rec_end", "app_end_action", "app_reason",
+        "app_state", "app_decided_by", "app_decided", "app_decision_note"]}),
     "ResearchProjectTemplate": ("record_id", {
         "demographics": ["first_name", "last_name", "dob", "sex", "age"],
         "imaging": ["img_study_instance_uid", "img_event_name", "img_study_description"],
