@@ -169,11 +169,13 @@ class Pipeline:
 
 
 def quarantine_gate_failure(tree: Tree, exc: GateError, note: str, context: dict) -> Path:
-    """Hand a study the gate stopped to the quarantine: nothing of it was sent, and an admin
-    sees why (the element and the kind of identifier, never its text)."""
+    """Hand a study the gate stopped to the quarantine: nothing of it is sent from that file
+    on, and an admin sees why (the element and the kind of identifier, never its text)."""
     return quarantine.hold(tree, "deidentify", f"verification gate: {exc}",
                            {"request.txt": note.encode()}, context,
-                           "nothing was sent; fix the project's profile or options, then resend")
+                           "nothing from this file on was sent (files before it passed the gate "
+                           "and may have been); fix the project's profile or options, then "
+                           "resend")
 
 
 def _text(ds: Dataset | None, tag: int) -> str:

@@ -2,8 +2,14 @@
 
 It takes pending transfer requests oldest first, de-identifies the study's series into a work
 folder inside the data tree (the archived originals stay untouched, and no unredacted copy is
-ever written), stops the whole request if the verification gate finds an identifying value,
-sends to the destination, verifies arrival, and writes the outcome back to the control plane.
+ever written), sends to the destination, verifies arrival once every file is sent, and writes
+the outcome back to the control plane. De-identifying and sending overlap: a pool of processes
+(one per core, `fiona.send.pool`) runs the pipeline, gate included, on every file, while the
+files already de-identified go out over the destination's parallel associations
+(`Destination.send_stream`). A file that fails the verification gate (or its masking) stops the
+whole request there: nothing after it is sent, and the request fails with the reason. Nothing is
+marked sent before the destination holds every file; a forwarder killed mid-request leaves it
+pending and does it again, into the same de-identified study.
 
 A request is pending while its revision is above the revision the forwarder last did
 (`TransferRequest.pending`); the forwarder completes exactly the revision it read, so a resend
@@ -25,6 +31,7 @@ import logging
 import shutil
 import threading
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,18 +51,12 @@ from ..control.base import (
 )
 from ..daemon import running
 from ..deid.gate import GateError
-from ..deid.pipeline import (
-    MaskingFailed,
-    Pipeline,
-    ProjectRules,
-    quarantine_gate_failure,
-    read,
-    settings_for,
-)
+from ..deid.pipeline import Pipeline, ProjectRules, quarantine_gate_failure, settings_for
 from ..journal import WakeupListener
 from ..suite import FORWARDER
-from ..tree import Tree, atomic_write, ensure_dir
-from .destinations import DestinationError, DestinationUnavailable, open_destination
+from ..tree import Tree, ensure_dir
+from .destinations import Destination, DestinationError, DestinationUnavailable, open_destination
+from .pool import DeidPool, Job, Stopped
 
 log = logging.getLogger(FORWARDER.logger)
 
@@ -94,13 +95,17 @@ class Outcome:
     masked: int = 0
     series: dict[str, int] = field(default_factory=dict)   # mapped series UID -> files
     mapped_study: str = ""
+    #: seconds from the start of the request: first file out, every file sent, verified
+    first_out: float = 0.0
+    sent: float = 0.0
+    verified: float = 0.0
 
 
 class Forwarder:
     """Processes transfer requests for one site."""
 
     def __init__(self, config: Config, site: Site, control: ControlPlane,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, workers: int | None = None):
         self.config = config
         self.clock = clock
         self.site = site
@@ -110,6 +115,8 @@ class Forwarder:
         self._backoff = Backoff(Schedule(BACKOFF_SECONDS), clock)
         self._pending: dict[tuple[str, int], TransferRequest] = {}
         self._since: str | None = None
+        #: de-identification processes (default one per core; 1: in this process)
+        self.pool = DeidPool(workers)
 
     # --- one request --------------------------------------------------------------------------
     def process(self, req: TransferRequest) -> None:
@@ -142,9 +149,11 @@ class Forwarder:
         req.mapped_uid = outcome.mapped_study
         self._finish(req, started, masked=outcome.masked > 0)
         log.info("study %s -> %s/%s/%s: %d files in %d series sent and verified as %s "
-                 "(%d dropped, %d masked)", req.study_uid, req.project, req.participant,
-                 req.event, outcome.files, len(outcome.series), outcome.mapped_study,
-                 outcome.dropped, outcome.masked)
+                 "(%d dropped, %d masked); de-identified and sent in %.2f s (first file out "
+                 "after %.2f s), verified in %.2f s", req.study_uid, req.project,
+                 req.participant, req.event, outcome.files, len(outcome.series),
+                 outcome.mapped_study, outcome.dropped, outcome.masked, outcome.sent,
+                 outcome.first_out, outcome.verified - outcome.sent)
 
     def _retry_later(self, req: TransferRequest, exc: Exception) -> None:
         """Keep the request pending and try again later, waiting longer each time; a
@@ -185,62 +194,78 @@ class Forwarder:
         if not study_dir.is_dir():
             raise PermanentFailure(ERROR_DEID, f"study {req.study_uid} is gone from disk "
                                                f"({study_dir}); it cannot be sent")
+        try:
+            destination = open_destination(destination_name(self.config, project), self.config)
+        except DestinationError as exc:
+            raise PermanentFailure(ERROR_SEND, f"send: {exc}") from None
         work = ensure_dir(self.tree.site / "work" / f"{req.project}-{uuid.uuid4().hex[:12]}")
         try:
-            outcome = self._deidentify(req, project, study_dir, work)
-            if not outcome.files:
-                raise PermanentFailure(ERROR_DEID, "nothing to send: every series was dropped "
-                                                   "by the project's options")
-            self._send(req, project, work, outcome)
-            return outcome
+            return self._stream(req, project, study_dir, work, destination)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _deidentify(self, req: TransferRequest, project: Project, study_dir: Path,
-                    work: Path) -> Outcome:
+    def _stream(self, req: TransferRequest, project: Project, study_dir: Path, work: Path,
+                destination: Destination) -> Outcome:
+        """De-identify into `work` while sending what is done; verify once at the end."""
         study = self.control.study(req.study_uid)
         labels = {s.uid: s.classify_types for s in study.series} if study else {}
-        pipeline = Pipeline(settings_for(project, req.participant, req.event, self.key,
-                                         self.site.datadir), ProjectRules.of(project, labels))
-        outcome = Outcome(mapped_study=pipeline.mapped_uid(req.study_uid))
-        for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
-            for link in sorted(series_dir.iterdir()):
-                try:
-                    result = pipeline.process(read(link))
-                except MaskingFailed as exc:
-                    raise PermanentFailure(ERROR_DEID, f"{exc}; the study is held, not "
-                                                       f"sent") from None
-                except GateError as exc:
-                    quarantine_gate_failure(self.tree, exc, f"{req.key()}\n{link}\n",
-                                            {"study_uid": req.study_uid, "project": req.project})
-                    raise PermanentFailure(ERROR_DEID, f"verification gate: {exc}") from None
-                if result.dropped:
-                    outcome.dropped += 1
-                    continue
-                outcome.masked += result.masked
-                atomic_write(work / f"{result.sop_uid}.dcm", result.encoded, durable=False)
-                outcome.files += 1
-                outcome.series[result.series_uid] = outcome.series.get(result.series_uid, 0) + 1
-        return outcome
-
-    def _send(self, req: TransferRequest, project: Project, work: Path, outcome: Outcome) -> None:
+        settings = settings_for(project, req.participant, req.event, self.key,
+                                self.site.datadir)
+        rules = ProjectRules.of(project, labels)
+        outcome = Outcome(mapped_study=Pipeline(settings, rules).mapped_uid(req.study_uid))
+        sources = [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
+                   for link in sorted(series_dir.iterdir())]
+        started = self.clock.monotonic()
+        files = self._outputs(req, Job.of(settings, rules, work), sources, outcome, started)
         try:
-            destination = open_destination(destination_name(self.config, project), self.config)
-            result = destination.send(sorted(work.glob("*.dcm")))
-        except DestinationUnavailable:
+            result = destination.send_stream(files)
+        except (DestinationUnavailable, PermanentFailure):
             raise
         except DestinationError as exc:
             raise PermanentFailure(ERROR_SEND, f"send: {exc}") from None
+        finally:
+            files.close()  # the pool's queued work is dropped, its running work awaited
+        if not outcome.files:
+            raise PermanentFailure(ERROR_DEID, "nothing to send: every series was dropped by "
+                                               "the project's options")
         if result.failed:
             sop, reason = result.failed[0]
             raise PermanentFailure(ERROR_SEND, f"send: {len(result.failed)} object(s) refused, "
                                                f"e.g. {sop}: {reason}")
+        outcome.sent = self.clock.monotonic() - started
         counts = destination.count_instances(outcome.mapped_study)
         for series, expected in outcome.series.items():
             if counts.get(series, 0) < expected:
                 raise PermanentFailure(ERROR_SEND, (
                     f"verification: series {series} has {counts.get(series, 0)} of {expected} "
                     f"instances at the destination"))
+        outcome.verified = self.clock.monotonic() - started
+        return outcome
+
+    def _outputs(self, req: TransferRequest, job: Job, sources: list[Path], outcome: Outcome,
+                 started: float) -> Generator[Path, None, None]:
+        """The de-identified files of `sources` in order, counted into `outcome`; a file
+        stopped by the gate (handed to the quarantine) or by its masking raises
+        PermanentFailure, so the sender takes nothing more."""
+        for done in self.pool.outputs(job, sources):
+            if isinstance(done, Stopped):
+                error = done.error()
+                if isinstance(error, GateError):
+                    quarantine_gate_failure(self.tree, error, f"{req.key()}\n{done.source}\n",
+                                            {"study_uid": req.study_uid, "project": req.project})
+                    raise PermanentFailure(ERROR_DEID, f"verification gate: {error}; nothing "
+                                                       f"more of the study is sent")
+                raise PermanentFailure(ERROR_DEID, f"{error}; the study is held, nothing more "
+                                                   f"of it is sent")
+            if done.dropped or done.path is None:
+                outcome.dropped += 1
+                continue
+            outcome.masked += done.masked
+            outcome.files += 1
+            outcome.series[done.series_uid] = outcome.series.get(done.series_uid, 0) + 1
+            if outcome.files == 1:
+                outcome.first_out = self.clock.monotonic() - started
+            yield done.path
 
     # --- the loop -------------------------------------------------------------------------------
     def due(self) -> list[TransferRequest]:
@@ -262,6 +287,7 @@ class Forwarder:
 
     def run(self, stop: threading.Event) -> None:
         listener = WakeupListener(FORWARDER.pipe_path(self.site))
+        self.pool.start()
         try:
             while not stop.is_set():
                 try:
@@ -280,6 +306,7 @@ class Forwarder:
                 listener.wait(POLL_SECONDS if not work else 0.1)
         finally:
             listener.close()
+            self.pool.close()
 
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
