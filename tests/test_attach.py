@@ -10,12 +10,15 @@ import threading
 import zipfile
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 import uvicorn
+from PIL import Image
 
 from dicomgen import make_study
 from fiona.attach.jobs import DONE, FAILED
+from fiona.control.base import Study
 from fiona.receive.store import dataset_part
 from helpers import free_port, wait_for
 from webapp import PASSWORD, WebSite, csrf_of
@@ -152,3 +155,26 @@ def test_upload_cut_in_the_middle_resumes(site, tmp_path):
     [row] = site.control.coupling_rows()
     assert (row.study_uid, row.project, row.participant) == (study["study"], "A", "A001")
     assert site.audit("attach")[0]["details"]["objects"] == 3
+
+
+def test_pdf_and_image_join_an_existing_study_as_new_series(site, tmp_path):
+    alice = site.client("alice")
+    data, study = media_zip(tmp_path)
+    assert finished(alice, upload(alice, data, "cd.zip"))["state"] == DONE
+    site.control.register_study(Study(study["study"]))  # as the arrival daemon does
+    png = io.BytesIO()
+    Image.new("RGB", (64, 32), "white").save(png, "PNG")
+    for name, content in (("report.pdf", b"%PDF-1.4\n%%EOF\n"), ("photo.png", png.getvalue())):
+        job = create(alice, len(content), name, study=study["study"]).json()
+        token = alice.get("/api/session").json()["csrf_token"]
+        alice.put(f"/api/attach/uploads/{job['id']}?offset=0", content=content,
+                  headers={"X-CSRF-Token": token})
+        assert finished(alice, job["id"])["state"] == DONE
+    objects = [pydicom.dcmread(p, stop_before_pixels=True)
+               for p in site.gw.tree.study_archive(study["study"]).iterdir()]
+    added = {o.SOPClassUID.name: o for o in objects if o.Modality in ("DOC", "OT")}
+    assert set(added) == {"Encapsulated PDF Storage", "Secondary Capture Image Storage"}
+    assert {o.PatientID for o in objects} == {"NID0101"}  # the study's own, de-identified later
+    assert not {o.SeriesInstanceUID for o in added.values()} & set(study["series"])
+    [req] = site.control.requests(study["study"])
+    assert (req.project, req.participant) == ("A", "A001")

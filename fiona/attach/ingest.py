@@ -74,12 +74,12 @@ def check_request(control: ControlPlane, keyed: Keyed, studies: Iterable[str], p
 def couple(control: ControlPlane, keyed: Keyed, studies: Iterable[str], project: str,
            participant: str, event: str) -> list[TransferRequest]:
     """A coupling row per study (unless it exists); the requests made at once for studies
-    that are registered already (the others get theirs on arrival)."""
+    that are registered already and lack one (the others get theirs on arrival)."""
+    wanted = {(uid, project, participant, event) for uid in studies}
     have = {(r.study_uid, r.project, r.participant, r.event) for r in control.coupling_rows()}
-    rows = [CouplingRow(accession="", project=project, participant=participant, event=event,
-                        study_uid=uid, added=now_iso())
-            for uid in studies if (uid, project, participant, event) not in have]
-    if not rows:
-        return []
-    control.add_coupling_rows(rows)
+    control.add_coupling_rows([
+        CouplingRow(accession="", project=project, participant=participant, event=event,
+                    study_uid=uid, added=now_iso()) for uid, *_ in sorted(wanted - have)])
+    rows = [r for r in control.coupling_rows()
+            if (r.study_uid, r.project, r.participant, r.event) in wanted]
     return Assigner(control, keyed).apply_coupling(rows)
