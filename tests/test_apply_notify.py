@@ -131,6 +131,10 @@ def test_refused_applications_say_why_and_store_nothing(site: WebSite):
     assert r.status_code == 400 and "already" in r.text
     assert open_store(site.gw.datadir, site.control).all() == []
     assert site.audit("application submitted") == []
+    r = alice.get("/api/apply/example", params={"naming": r"^S[0-9]{3}$"})
+    assert r.status_code == 200 and re.fullmatch(r"S[0-9]{3}", r.json()["example"])
+    r = alice.get("/api/apply/example", params={"naming": "^S[0-9"})
+    assert r.status_code == 400 and "not a valid regular expression" in r.json()["detail"]
     assert [p.name for p in site.control.projects()] == ["A", "B", "TAKEN1"]
 
 

@@ -82,8 +82,17 @@ def site_events(config: Config, site: Site, now: datetime,
                     f"{d['cleanup_percent']}%, refused from {d['refuse_store_percent']}%)")
 
 
+def shares_control_plane(config: Config, site: Site) -> bool:
+    """Whether `site` shares the main site's control plane (every backend but `local`, which
+    keeps one database per site): its requests and projects are then the main site's
+    events, told once, by the main site's run."""
+    return bool(site.name) and config.control_plane.get("type", "local") != "local"
+
+
 def gather(config: Config, site: Site, control: ControlPlane, now: datetime,
            usage: Callable[[Path], Any] = shutil.disk_usage) -> list[Event]:
     base = site_url(config.exports, config.web)
-    return [*request_events(control), *export_events(site, base),
-            *ethics_events(control, now.date()), *site_events(config, site, now, usage)]
+    shared = shares_control_plane(config, site)
+    return [*([] if shared else request_events(control)), *export_events(site, base),
+            *([] if shared else ethics_events(control, now.date())),
+            *site_events(config, site, now, usage)]
