@@ -9,14 +9,20 @@ and who may download (the requester, the project's export role; others 403, audi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from dicomgen import make_study
 from fiona.clock import FakeClock
 from fiona.config import load
+from fiona.control import open_control_plane
+from fiona.control.base import Series, Study, now_iso
 from fiona.export.jobs import QUEUED, READY, JobStore
 from fiona.export.worker import Worker
 from fiona.web.app import create_app
@@ -168,8 +174,6 @@ def test_request_progress_ready_and_download_with_ranges(site: Site):
 
 
 def test_a_failed_job_shows_its_reason_and_offers_nothing(site: Site):
-    from fiona.control import open_control_plane
-
     open_control_plane(site.config).add_participant("PROJ", "P0002")
     carol = site.client("carol")
     assert post_form(carol, project="PROJ", type="pure", participant="P0002").status_code == 303
@@ -182,6 +186,42 @@ def test_a_failed_job_shows_its_reason_and_offers_nothing(site: Site):
     assert row["download"] is None and row["estimate"] is None
     assert carol.get(f"/exports/{row['id']}/download").status_code == 404
     assert "no delivered study" in carol.get("/exports").text
+
+
+def test_noassign_from_the_study_page_exports_a_waiting_study(site: Site, tmp_path):
+    """A study in quarantine, as the receiver leaves it (raw/<Study>/<series>/<file>)."""
+    made = make_study(tmp_path / "w", n_series=1, images_per_series=2, rows=8, cols=8,
+                      patient_name="Hansen^Ingrid", patient_id="NID0404", accession="NOA1")
+    uid, series = made["study"], made["series"][0]
+    control = open_control_plane(site.config)
+    control.register_study(Study(uid, description="MR Head", date="20260314", time="101500",
+                                 accession="NOA1", arrival=now_iso(),
+                                 series=[Series(uid=series, num_files=2, modality="MR")]))
+    raw = site.gw.tree.study_raw(uid) / series
+    raw.mkdir(parents=True)
+    for f in made["files"]:
+        shutil.copy(f, raw / f.name)
+    admin = site.client("admin")
+    page = admin.get(f"/assign/{uid}").text
+    assert 'id="noassign-button"' in page and f'formaction="/exports/noassign/{uid}"' in page
+    assert 'id="noassign-button"' not in site.client("dave").get(f"/assign/{uid}").text
+    fields = {"csrf_token": csrf_of(page), "project": "PROJ", "participant": "P0003",
+              "event": "baseline"}
+    bad = admin.post(f"/exports/noassign/{uid}", data={**fields, "participant": "X1"})
+    assert bad.status_code == 400 and "does not match" in bad.text and "X1" in bad.text
+    assert not [j for j in site.store.all() if j.noassign]
+    made_job = admin.post(f"/exports/noassign/{uid}", data=fields)
+    assert made_job.status_code == 303
+    [job] = [j for j in site.store.all() if j.noassign]
+    assert (job.study, job.participant, job.requester) == (uid, "P0003", "admin")
+    assert not control.requests(uid)  # no transfer request
+    site.worker.process(site.store.load(job.id))
+    done = site.store.load(job.id)
+    assert done.state == READY, done.reason
+    got = admin.get(f"/exports/{job.id}/download").content
+    with zipfile.ZipFile(io.BytesIO(got)) as zf:
+        names = [n for n in zf.namelist() if n.endswith(".dcm")]
+        assert len(names) == 2 and b"Hansen" not in zf.read(names[0])
 
 
 def test_job_ids_are_checked(site: Site):

@@ -4,8 +4,9 @@
 - Who may ask: the export role in the project (`project:P:export`, admins, the OS user of the
   CLI). A refusal is audited, as is every request.
 - What a request is checked for before it is queued: the export type and profile exist, the
-  project, participant and event exist (a control plane that cannot be reached lets the job
-  wait in the worker instead), an e-mail address only where the site can mail. The password
+  project, participant (for NoAssign: one its naming rule allows) and event exist (a control
+  plane that cannot be reached lets the job wait in the worker instead), an e-mail address
+  only where the site can mail. The password
   is sealed at once (`jobs.seal`) and never written in clear.
 - Who may download a finished export: its requester and users with the project's export role;
   every download and every refusal is audited.
@@ -74,7 +75,11 @@ def request(config: Config, site: Site, control: ControlPlane, actor: Actor,
     export_type(order.type, site.datadir)
     load_profile(order.profile, site.datadir)
     try:
-        check_request(control, order.project, order.participant, order.event)
+        # NoAssign may name a new participant: it must only match the naming rule
+        proj = check_request(control, order.project,
+                             None if order.noassign else order.participant, order.event)
+        if order.noassign:
+            proj.check_participant(order.participant or "")
     except ExportUnavailable:
         pass  # the worker waits for the control plane
     store = JobStore(site.datadir)

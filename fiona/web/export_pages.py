@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, Form, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse
 
 from ..actions import ActionError, Invalid
@@ -27,9 +27,10 @@ from ..export.profile import ProfileError
 from ..export.profile import names as profile_names
 from ..export.retrieve import ExportError, ExportUnavailable
 from ..export.types import REGISTRY
+from ..tree import valid_uid
 from . import csrf
 from .context import Ctx, client_address, ctx, current_user, render
-from .outcomes import http_error
+from .outcomes import actions, http_error
 from .users import User
 
 router = APIRouter()
@@ -45,7 +46,7 @@ MEDIA = {"zip": "application/zip", "sha256": "text/plain", "manifest": "text/csv
 
 
 @dataclass
-class Form:
+class ExportForm:
     """The request form's fields, as typed (shown again after a refusal; never the password)."""
 
     project: str = ""
@@ -71,7 +72,7 @@ def _projects(c: Ctx, user: User) -> list[dict]:
             if user.can(p.name, "export")]
 
 
-def _candidates(c: Ctx, form: Form) -> list[dict]:
+def _candidates(c: Ctx, form: ExportForm) -> list[dict]:
     """The project's delivered studies matching the form's filters, to pick from."""
     if not form.project:
         return []
@@ -86,7 +87,7 @@ def _candidates(c: Ctx, form: Form) -> list[dict]:
     return rows
 
 
-def _orders(c: Ctx, form: Form, password: bytes | None) -> list[orders.Order]:
+def _orders(c: Ctx, form: ExportForm, password: bytes | None) -> list[orders.Order]:
     """What the form asks for: one export per picked study; with a date range and no pick, one
     per study in the range; otherwise one for the project (and participant, event)."""
     def order(study: str | None = None, participant: str | None = None,
@@ -111,7 +112,7 @@ def _orders(c: Ctx, form: Form, password: bytes | None) -> list[orders.Order]:
     return [order(uid, known[uid]["participant"], known[uid]["event"]) for uid in picked]
 
 
-def _page(request: Request, c: Ctx, user: User, form: Form, status: int = 200,
+def _page(request: Request, c: Ctx, user: User, form: ExportForm, status: int = 200,
           error: str = "", message: str = ""):
     projects = _projects(c, user)
     if form.project not in [p["name"] for p in projects]:  # nothing of others' projects
@@ -163,7 +164,7 @@ def jobs(c: Ctx, user: User) -> list[dict]:
     return [job_row(j, typical[j.project]) for j in every]
 
 
-def _submit(c: Ctx, user: User, form: Form, password: str, password2: str) -> list[Job]:
+def _submit(c: Ctx, user: User, form: ExportForm, password: str, password2: str) -> list[Job]:
     """Queue the form's exports; ActionError or a request error on refusal."""
     if password != password2:
         raise Invalid("the two passwords differ")
@@ -182,7 +183,7 @@ REFUSALS = (ActionError, ExportError, ProfileError, JobError, ControlPlaneError,
 def exports_page(request: Request, project: str = "", participant: str = "", event: str = "",
                  since: str = "", until: str = "", done: str = "",
                  user: User = Depends(current_user), c: Ctx = Depends(ctx)):
-    form = Form(project=project, participant=participant, event=event, since=since,
+    form = ExportForm(project=project, participant=participant, event=event, since=since,
                 until=until)
     return _page(request, c, user, form, message=MESSAGES.get(done, ""))
 
@@ -194,7 +195,7 @@ async def exports_request(request: Request, user: User = Depends(current_user),
     text = {k: str(data.get(k, "")) for k in ("project", "participant", "event", "since",
                                                "until", "type", "profile", "email",
                                                "password", "password2")}
-    form = Form(text["project"], text["participant"], text["event"], text["since"],
+    form = ExportForm(text["project"], text["participant"], text["event"], text["since"],
                 text["until"], text["type"], text["profile"] or "default", text["email"],
                 tuple(str(v) for v in data.getlist("study")))
     try:
@@ -208,6 +209,27 @@ async def exports_request(request: Request, user: User = Depends(current_user),
     done = "queued" if len(made) == 1 else "queued-many"
     query = urlencode({"done": done, "project": form.project})
     return RedirectResponse(f"/exports?{query}", status_code=303)
+
+
+@router.post("/exports/noassign/{study_uid}", include_in_schema=False,
+             dependencies=[Depends(csrf.require_csrf)])
+def exports_noassign(study_uid: str, project: str = Form(""), participant: str = Form(""),
+                     event: str = Form(""), type: str = Form("dicom"),
+                     user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    """NoAssign: the study page's button; a study waiting at FIONA de-identified straight into
+    an export for the project (export role there), without a transfer request."""
+    try:
+        uid = valid_uid(study_uid, "study UID")
+        actions(c).study(user, uid)  # NotFound for a study the user may not see
+        orders.request(c.config, c.site, c.control, user,
+                       orders.Order(project, type, participant, event or None, uid,
+                                    noassign=True))
+    except (ActionError, ControlPlaneError) as exc:
+        raise http_error(user, exc) from None
+    except REFUSALS as exc:
+        raise HTTPException(400, str(exc)) from None
+    return RedirectResponse(f"/exports?{urlencode({'done': 'queued', 'project': project})}",
+                            status_code=303)
 
 
 @router.get("/exports/{job_id}", include_in_schema=False)
@@ -266,7 +288,7 @@ def api_request(project: str = Body(...), type: str = Body(...),
                 password: str = Body(""), user: User = Depends(current_user),
                 c: Ctx = Depends(ctx)) -> dict:
     """Queue an export (403 without the export role; 400 naming what is unknown)."""
-    form = Form(project, participant, event, type=type, profile=profile, email=email,
+    form = ExportForm(project, participant, event, type=type, profile=profile, email=email,
                 studies=(study,) if study else ())
     try:
         made = _submit(c, user, form, password, password)
