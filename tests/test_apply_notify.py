@@ -336,3 +336,5 @@ def test_a_directory_user_without_roles_applies_and_the_approval_says_where_to_g
     assert decided.state == "approved" and "WEB.ldap.role_groups" in decided.decision_note
     assert site.users.get("carol") is None  # no local account to shadow the directory login
     assert "approved" in carol.get("/apply").text
+    page = carol.get("/notifications").text
+    assert 'id="no-mail"' in page and 'id="no-projects"' in page  # no SMTP key on this site

@@ -168,7 +168,7 @@ def _notify_page(request: Request, c: Ctx, user: User, status: int = 200, **extr
     return render(request, "notifications.html", status, prefs=prefs,
                   subs=store.subscriptions(user.name), projects=projects,
                   project_kinds=PROJECT_KINDS, admin_kinds=ADMIN_KINDS if user.admin else {},
-                  min_every=MIN_EVERY, max_every=MAX_EVERY, **extra)
+                  min_every=MIN_EVERY, max_every=MAX_EVERY, mail=bool(c.config.smtp), **extra)
 
 
 @router.get("/notifications", include_in_schema=False)
