@@ -75,7 +75,13 @@ def test_assign_role_needed(site):
     r = create(bob, 100)
     assert r.status_code == 403 and "assign role" in r.json()["detail"]
     assert site.audit("attach refused")[0]["user"] == "bob"
-    assert create(site.client("alice"), 100).status_code == 201
+    alice = site.client("alice")
+    assert create(alice, 100).status_code == 201
+    page = alice.get("/attach")
+    assert page.status_code == 200 and 'src="/static/attach.js"' in page.text
+    assert "<script>" not in page.text and 'id="nav-attach"' in page.text
+    site.users.add("carol", PASSWORD, ["project:A:review"])
+    assert 'id="nav-attach"' not in site.client("carol").get("/status").text
 
 
 def test_bad_input_stores_and_sends_nothing(site, tmp_path):
@@ -86,6 +92,8 @@ def test_bad_input_stores_and_sends_nothing(site, tmp_path):
     fake, _ = media_zip(tmp_path / "2")
     failed = finished(alice, upload(alice, fake, "report.pdf"))  # a zip called .pdf
     assert failed["state"] == FAILED and "is not a PDF file" in failed["reason"]
+    broken = finished(alice, upload(alice, b"II*\x00" + bytes(5000), "slide.svs"))
+    assert broken["state"] == FAILED and "wsidicomizer cannot convert" in broken["reason"]
     too_big = create(alice, 10**15)
     assert too_big.status_code == 413 and "upload limit" in too_big.json()["detail"]
     assert not any(site.gw.tree.archive.iterdir())
@@ -93,7 +101,7 @@ def test_bad_input_stores_and_sends_nothing(site, tmp_path):
     for job in (site.gw.tree.site / "attach").iterdir():  # nothing half kept
         assert sorted(p.name for p in job.iterdir()) == ["job.json"]
     assert [e["details"]["reason"][:20] for e in site.audit("attach failed")] == [
-        "the archive entry '.", "report.pdf is not a "]
+        "the archive entry '.", "report.pdf is not a ", "wsidicomizer cannot "]
 
 
 class Server:
