@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # systemd-analyze to verify the units, sshd for SFTP, 7-Zip and unzip to open exports,
 # libturbojpeg0 for wsidicomizer's whole-slide conversion, zip as bench/export.py's peer)
 SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace slapd ldap-utils systemd \
-                   openssh-server p7zip-full unzip libturbojpeg0 zip
+                   openssh-server p7zip-full unzip libturbojpeg0 zip postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint system-deps venv bench clean
