@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,10 @@ TOP_LEVEL: dict[str, tuple[Any, Any]] = {
     "MPPSPORT": (11114, None),
     "CLINICAL_PACS": ({"aetitle": "PACS", "host": "10.0.0.6", "port": 104}, None),
     "CONTROL_PLANE": ({"type": "local"}, {"type": "local"}),
+    "NODE": ("hospital-a", None),
     "DESTINATIONS": ({"research": {"type": "folder", "path": "/data/research"}}, None),
     "STUDY_QUIET_SECONDS": (16, 16),
+    "RECEIVER_PROCESSES": (2, None),
     "ARRIVAL_WORKFLOWS": ([{"name": "nifti", "command": ["/usr/local/bin/convert-study",
                                                          "@PATH@"]}], []),
     "DISK": ({"refuse_store_percent": 95, "cleanup_percent": 80},
@@ -73,6 +76,9 @@ CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
     "local": {},
     "redcap": {"url": ("https://redcap.example.org/api/", REQUIRED),
                "tokens": ("/data/config/tokens.json", REQUIRED), "verify_tls": (True, True)},
+    "postgres": {"dsn": ("host=db.example.org dbname=fiona user=fiona sslmode=verify-full",
+                         REQUIRED),
+                 "password_file": ("/data/config/postgres.password", None)},
 }
 
 DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80),
@@ -155,11 +161,13 @@ class Config:
     workflows: list[dict[str, Any]] = field(default_factory=list)
     retention_days_unassigned: float = 30.0   # clear-old-files: unassigned studies kept this long
     cleanup_unassigned: bool = False          # clear-old-files may remove unassigned studies
+    receiver_processes: int = 1               # processes accepting on the receiver's port
     smtp: dict[str, Any] | None = None        # SMTP_KEYS, checked; None: no mail
     exports: dict[str, Any] = field(default_factory=lambda: {
         k: default for k, (_example, default) in EXPORTS_KEYS.items()})
     attach: dict[str, Any] = field(default_factory=lambda: {
         k: default for k, (_example, default) in ATTACH_KEYS.items()})
+    node: str = ""                            # NODE: this FIONA's name in a region
 
     def site(self, name: str | None = None) -> Site:
         """The site called `name` (None or "" is the main receiver)."""
@@ -181,6 +189,7 @@ class Config:
         for key, (_example, default) in TOP_LEVEL.items():
             out[key] = self.raw.get(key, default)
         out["DATADIR"] = str(self.datadir)
+        out["NODE"] = self.node
         out["SITES"] = {s.name: {"DATADIR": str(s.datadir), "DICOMIP": s.ip, "DICOMPORT": s.port,
                                  "DICOMAETITLE": s.aetitle} for s in self.sites.values()}
         out["DESTINATIONS"] = self.destinations
@@ -253,6 +262,24 @@ def _web_ldap(web: dict, errors: list[str]) -> None:
         LdapSettings.from_config(web["ldap"])
     except LdapConfigError as exc:
         errors.append(str(exc))
+
+
+def default_node() -> str:
+    """NODE when config.json has none: the host name's first label."""
+    return socket.gethostname().split(".")[0]
+
+
+def _node(value: Any, errors: list[str]) -> str:
+    """NODE names this FIONA among the nodes that share a control plane; it is stored with
+    every study, so it follows the rule of a site name."""
+    explicit = value is not None
+    node = value if explicit else default_node()
+    if not isinstance(node, str) or not _SITE_NAME.match(node):
+        where = "" if explicit else f" (the default, from the host name {socket.gethostname()!r})"
+        errors.append(f"NODE {node!r}{where} must be 1-32 letters, digits, '_' or '-', "
+                      f"e.g. \"hospital-a\"; set NODE in config.json")
+        return ""
+    return node
 
 
 def _int(value: Any, name: str, lo: int, hi: int, errors: list[str]) -> int:
@@ -453,6 +480,12 @@ def parse(raw: Any, path: Path) -> Config:
         if control_plane.get("verify_tls") is False:
             errors.append("CONTROL_PLANE.verify_tls must stay true: patient data never travels "
                           "over unverified TLS; install the hospital CA instead")
+        if cp_type == "postgres" and "dsn" in control_plane:
+            from .control.postgres import checked_conninfo
+            try:
+                checked_conninfo(control_plane["dsn"])
+            except ConfigError as exc:
+                errors.extend(exc.errors)
 
     destinations: dict[str, dict[str, Any]] = {}
     dests = top["DESTINATIONS"]
@@ -469,6 +502,9 @@ def parse(raw: Any, path: Path) -> Config:
                 destinations[name] = entry
 
     quiet = _number(top["STUDY_QUIET_SECONDS"], "STUDY_QUIET_SECONDS", 0.5, 86400, errors)
+    receivers = top["RECEIVER_PROCESSES"]  # default: one per core
+    receivers = _int(min(os.cpu_count() or 1, 64) if receivers is None else receivers,
+                     "RECEIVER_PROCESSES", 1, 64, errors)
     workflows = _workflows(top["ARRIVAL_WORKFLOWS"], errors)
     disk = _check_keys(top["DISK"], DISK_KEYS, "DISK", errors)
     refuse = _number(disk.get("refuse_store_percent", 95), "DISK.refuse_store_percent", 1, 100,
@@ -505,6 +541,7 @@ def parse(raw: Any, path: Path) -> Config:
     smtp = _smtp(top["SMTP"], base, errors)
     exports = _exports(top["EXPORTS"], errors)
     attach = _attach(top["ATTACH"], errors)
+    node = _node(top["NODE"], errors)
     if errors:
         raise ConfigError(errors, path)
     return Config(
@@ -514,7 +551,8 @@ def parse(raw: Any, path: Path) -> Config:
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
         mpps_port=mpps, clinical_pacs=clinical, workflows=workflows,
         retention_days_unassigned=retention, cleanup_unassigned=cleanup_unassigned is True,
-        smtp=smtp, exports=exports, attach=attach,
+        receiver_processes=receivers,
+        smtp=smtp, exports=exports, attach=attach, node=node,
     )
 
 

@@ -128,8 +128,12 @@ def gather(config: Config, site: Site, control: ControlPlane, admin: bool,
            usage: Callable[[Path], Any] = shutil.disk_usage, strict: bool = True) -> dict:
     """Every fact for one site. With `strict`, an unreachable control plane raises
     ControlPlaneError; otherwise the queues say why they are unknown."""
+    from .control.region import by_node
+
+    nodes: list[dict] = []
     try:
         queue_facts: dict[str, Any] = queues(control)
+        nodes = by_node(control)
     except ControlPlaneError as exc:
         if strict:
             raise
@@ -138,7 +142,7 @@ def gather(config: Config, site: Site, control: ControlPlane, admin: bool,
             "disk": disk(config, site.datadir, admin, usage),
             "quarantine": quarantine_counts(site.datadir), "switches": switches(site.datadir),
             "scans": scans(site.datadir),
-            "heartbeat": last_beat(site)}
+            "heartbeat": last_beat(site), "node": config.node, "nodes": nodes}
 
 
 def attention(facts: dict) -> list[str]:
@@ -149,6 +153,10 @@ def attention(facts: dict) -> list[str]:
         out.append(q["error"])
     elif q.get("requests_failed"):
         out.append(f"{q['requests_failed']} transfer request(s) failed")
+    for n in facts.get("nodes", []):
+        for split in n["split_studies"]:
+            out.append(f"study {split['uid']} is split: node {n['node'] or '(none)'} holds it, "
+                       f"{', '.join(split['also_at'])} received series of it too")
     if d["state"] == "refusing":
         out.append(f"disk {d['used_percent']}% used, at or above the refuse watermark "
                    f"{d['refuse_store_percent']}%: the receiver refuses studies")

@@ -1,6 +1,7 @@
 """One contract for every control-plane backend: the same tests run against the local SQLite
-backend (a file in tmp_path) and the REDCap backend (the REDCap API emulator over real HTTP,
-with the deployed data dictionaries). What the rest of FIONA relies on is here: projects,
+backend (a file in tmp_path), the REDCap backend (the REDCap API emulator over real HTTP,
+with the deployed data dictionaries) and the PostgreSQL backend (a real server on loopback,
+a fresh database per test). What the rest of FIONA relies on is here: projects,
 participants, incoming studies, transfer requests (idempotent creation also under concurrent
 writers, resend by revision, outcome, failure, pending list, reassign), coupling rows, routing
 rules, auto-ID and the mirror into research projects."""
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
 
+from fiona.clock import SYSTEM_CLOCK, FakeClock
 from fiona.control.base import (
     ControlPlane,
     ControlPlaneError,
@@ -22,9 +25,13 @@ from fiona.control.base import (
     Series,
     Study,
     TransferRequest,
+    held_message,
 )
 from fiona.control.local import LocalControlPlane
+from fiona.control.postgres import PostgresControlPlane
 from fiona.control.redcap import RedcapControlPlane
+from fiona.control.sql import CLAIM_BATCH, CLAIM_SECONDS
+from postgres import postgres_server
 from redcap_emulator import RedcapEmulator
 
 TOKENS = {"Incoming": "A" * 32, "Routing": "B" * 32, "CouplingList": "C" * 32,
@@ -33,12 +40,19 @@ TOKENS = {"Incoming": "A" * 32, "Routing": "B" * 32, "CouplingList": "C" * 32,
 Factory = Callable[[], ControlPlane]
 
 
-@pytest.fixture(params=["local", "redcap"])
+pg_server = pytest.fixture(scope="session")(postgres_server)
+
+
+@pytest.fixture(params=["local", "redcap", "postgres"])
 def make_cp(request, tmp_path) -> Factory:
     """Makes clients of one backend's store; each is what one FIONA process would hold."""
     if request.param == "local":
         path = tmp_path / "fiona.db"
         yield lambda: LocalControlPlane(path)
+        return
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("pg_server").database()
+        yield lambda: PostgresControlPlane(dsn)
         return
     emulator = RedcapEmulator()
     emulator.add_from_manifest(TOKENS, research_events=("baseline", "followup"))
@@ -258,3 +272,118 @@ def test_mirror_forwarded(cp):
     assert cp.imaging("PROJ") == [{"participant": "P0001", "event": "baseline",
                                    "study_uid": "2.25.77", "description": "MR Brain"}]
     assert "P0001" in cp.participants("PROJ")
+
+
+# --- nodes of a region --------------------------------------------------------------------------
+def test_each_node_reads_only_its_own_studies_pending_requests(make_cp):
+    """Two nodes on one control plane: each study and request carries the node holding the
+    study, and a node's pending list (what its forwarder takes) has only its own studies and
+    those registered before nodes existed (no node), never the other node's."""
+    a, b = make_cp(), make_cp()
+    a.register_study(replace(a_study("1.1"), node="north"))
+    b.register_study(replace(a_study("1.2"), node="south"))
+    a.register_study(a_study("1.3"))                              # before nodes: everybody's
+    for uid in ("1.1", "1.2", "1.3"):
+        b.add_request(a_request(uid))
+    assert {s.uid: s.node for s in a.studies()} == {"1.1": "north", "1.2": "south", "1.3": ""}
+    assert {r.study_uid: r.node for r in a.requests()} == {"1.1": "north", "1.2": "south",
+                                                           "1.3": ""}
+    assert [r.study_uid for r in a.pending_requests(node="north")] == ["1.1", "1.3"]
+    assert [r.study_uid for r in b.pending_requests(node="south")] == ["1.2", "1.3"]
+    assert len(a.pending_requests()) == 3                          # no filter: all
+    [req] = a.requests("1.1")
+    assert a.request_again(req).node == "north"
+
+
+def test_a_study_split_between_two_nodes_is_marked_not_merged(make_cp):
+    """Series of one study sent to two hospitals: the second node's registration leaves the
+    first node's study (and series) as they are and names the second node as split."""
+    a, b = make_cp(), make_cp()
+    first = a.register_study(replace(a_study("1.1"), node="north"))
+    assert first.node == "north" and not first.split
+    late = replace(a_study("1.1"), node="north")
+    late.series.append(Series(uid="1.1.2", description="DWI", num_files=30, modality="MR"))
+    assert [s.uid for s in a.register_study(late).series] == ["1.1.1", "1.1.2"]
+    other = replace(a_study("1.1"), node="south",
+                    series=[Series(uid="1.1.9", description="CT", num_files=3)])
+    stored = b.register_study(other)
+    assert (stored.node, stored.split_nodes) == ("north", ["south"])
+    again = b.register_study(other)                               # reported once, not doubled
+    assert again.split_nodes == ["south"]
+    kept = a.study("1.1")
+    assert kept.node == "north" and kept.split_nodes == ["south"]
+    assert [s.uid for s in kept.series] == ["1.1.1", "1.1.2"]
+
+
+def test_the_key_fingerprint_is_recorded_once(make_cp):
+    a, b = make_cp(), make_cp()
+    assert a.claim_key_fingerprint("hmac-sha256:aaaa") == "hmac-sha256:aaaa"
+    assert b.claim_key_fingerprint("hmac-sha256:bbbb") == "hmac-sha256:aaaa"
+    assert a.autoid_values("") == set() and a.autoid("", "hmac-sha256:aaaa") is None
+
+
+# --- claims: several forwarders on one index ------------------------------------------------
+@pytest.fixture(params=["local", "postgres"])
+def make_sql(request, tmp_path) -> Callable[..., ControlPlane]:
+    """Clients of one SQL store (the backends forwarders may share), with a clock."""
+    if request.param == "local":
+        path = tmp_path / "fiona.db"
+        return lambda clock=SYSTEM_CLOCK: LocalControlPlane(path, clock)
+    dsn = request.getfixturevalue("pg_server").database()
+    return lambda clock=SYSTEM_CLOCK: PostgresControlPlane(dsn, clock=clock)
+
+
+def test_two_forwarders_never_take_the_same_request(make_sql):
+    """Two forwarders on one index claim, send and complete 200 requests: each is sent
+    exactly once (SKIP LOCKED row locks on PostgreSQL, the write lock on SQLite)."""
+    setup = make_sql()
+    for n in range(200):
+        setup.add_request(a_request(f"3.{n}", requested=f"2024-05-01 1{n // 60}:{n % 60:02d}:00"))
+    sent: list[str] = []
+    errors: list[BaseException] = []
+
+    def forwarder() -> None:
+        cp = make_sql()
+        try:
+            while work := cp.pending_requests(node="north", claim=True):
+                for req in work:
+                    sent.append(req.study_uid)
+                    req.done_revision, req.complete = req.revision, True
+                    cp.update_request(req)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=forwarder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(sent) == 200 and len(set(sent)) == 200
+    assert setup.pending_requests() == []
+
+
+def test_a_killed_forwarders_claims_return_when_their_lease_ends(make_sql):
+    clock = FakeClock()
+    setup = make_sql(clock)
+    setup.add_request(a_request("4.1"))
+    dead, alive = make_sql(clock), make_sql(clock)
+    assert [r.study_uid for r in dead.pending_requests(claim=True)] == ["4.1"]
+    assert alive.pending_requests(claim=True) == []          # held by the other
+    assert [r.study_uid for r in alive.pending_requests()] == ["4.1"]  # still pending
+    clock.advance(CLAIM_SECONDS + 1)
+    [req] = alive.pending_requests(claim=True)               # the lease ran out
+    req.done_revision = req.revision
+    alive.update_request(req)
+    again = alive.request_again(req)                          # a resend: anyone's again
+    assert [r.instance for r in dead.pending_requests(claim=True)] == [again.instance]
+
+
+def test_held_requests_do_not_crowd_out_the_claims(make_sql):
+    cp = make_sql()
+    for n in range(CLAIM_BATCH):
+        held = cp.add_request(a_request(f"5.{n}", requested="2024-05-01 10:00:00"))
+        held.error_message = held_message("project PROJ is inactive")
+        cp.update_request(held)
+    cp.add_request(a_request("5.new", requested="2024-05-02 10:00:00"))
+    assert "5.new" in [r.study_uid for r in cp.pending_requests(claim=True)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 
-from fiona.control.base import TransferRequest
+from fiona.control.base import Study, TransferRequest
 from fiona.control.local import LocalControlPlane
 
 OLD_REQUESTS = """
@@ -51,3 +51,22 @@ def test_a_database_from_before_revisions_keeps_what_was_pending(tmp_path):
     assert cp.request_again(done, requested=done.transferred).pending
     assert cp.add_request(TransferRequest("1.1", "PROJ", "P0002", "followup", "x")) == \
         cp.requests("1.1")[0]
+
+
+def test_a_database_from_before_nodes_gets_the_node_columns(tmp_path):
+    """Studies and inventory lines of a database from before regions have no node: they are
+    every node's (`takes`), and the database takes nodes from then on."""
+    path = tmp_path / "fiona.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_REQUESTS + """
+            CREATE TABLE studies (uid TEXT PRIMARY KEY, arrival TEXT NOT NULL,
+                hidden INTEGER NOT NULL DEFAULT 0, data TEXT NOT NULL);
+            INSERT INTO studies VALUES ('1.1', '2024-05-01 10:00:00', 0, '{"uid": "1.1"}');
+            INSERT INTO requests (study_uid, project, participant, event, requested)
+                VALUES ('1.1', 'PROJ', 'P0001', 'baseline', '2024-05-01 11:00:00');""")
+    db.close()
+    cp = LocalControlPlane(path)
+    assert cp.study("1.1").node == ""
+    assert [r.study_uid for r in cp.pending_requests(node="north")] == ["1.1"]
+    cp.register_study(Study(uid="1.2", arrival="2024-05-02 10:00:00", node="north"))
+    assert cp.study("1.2").node == "north"

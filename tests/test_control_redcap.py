@@ -437,11 +437,11 @@ def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
                                 timeout=5)
         with pytest.raises(ControlPlaneError, match="transfer_revision, transfer_done_revision"):
             cp.test_connection()
-        cp.register_study(a_study("1.1"))
+        with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
+            cp.register_study(a_study("1.1"))
         with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
             cp.add_request(TransferRequest("1.1", "PROJ", "PROJ001", "baseline", "2024-05-01"))
-        assert not [r for r in legacy.stored(TOKENS["Incoming"])
-                    if r["redcap_repeat_instrument"] == "transfers"]  # nothing half-written
+        assert not legacy.stored(TOKENS["Incoming"])  # nothing half-written
         legacy.add_project("T" * 32, "Incoming2", "Incoming.csv", repeating=("series", "transfers"))
         cp.tokens["Incoming"] = "T" * 32  # a project with requests made before the fields
         cp.import_rows("Incoming", [{"study_instance_uid": "1.1",
@@ -582,5 +582,25 @@ def test_polling_exports_are_incremental(cp, emu, clock):
     start = len(emu.requests)
     cp.coupling_rows_since("2024-05-01 00:00:00")
     cp.requests_since(datetime(2024, 5, 1))
-    sent = calls(emu, start)
+    sent = calls(emu, start, content="record")
     assert [r["params"]["dateRangeBegin"] for r in sent] == ["2024-05-01 00:00:00"] * 2
+
+
+def test_an_incoming_project_without_node_fields_is_named(tmp_path):
+    """An Incoming project from before regions: the error names the node fields to add."""
+    old = tmp_path / "dictionaries"
+    shutil.copytree(DICTIONARIES_DIR, old)
+    text = (old / "Incoming.csv").read_text().splitlines(keepends=True)
+    (old / "Incoming.csv").write_text("".join(x for x in text if not x.startswith("study_node")
+                                              and not x.startswith("study_split")))
+    legacy = RedcapEmulator(dictionaries_dir=old)
+    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
+    legacy.start()
+    try:
+        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
+                                timeout=5)
+        with pytest.raises(ControlPlaneError, match="lacks the fields study_node, "
+                                                    "study_split_nodes.*Incoming.csv"):
+            cp.register_study(a_study("1.1"))
+    finally:
+        legacy.stop()

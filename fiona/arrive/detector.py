@@ -105,6 +105,7 @@ class ArrivalDetector:
     def __init__(self, config: Config, site: Site, control: ControlPlane, keyed: Keyed,
                  clock: Clock = SYSTEM_CLOCK):
         self.site = site
+        self.node = config.node
         self.tree = Tree(site.datadir).make()
         self.quiet = config.study_quiet_seconds
         self.control = control
@@ -155,9 +156,16 @@ class ArrivalDetector:
         study.arrival = known.arrival if known else now_iso(self.clock)
         study.patient_id_hash = self.keyed.patient_id(arrival.patient_id)
         study.patient_name_hash = self.keyed.patient_name(arrival.patient_name)
+        study.node = self.node
         try:
-            self.control.register_study(study)
-            made = self.assigner.on_arrival(arrival, amendment)
+            stored = self.control.register_study(study)
+            if stored.node and stored.node != self.node:  # a split study: report, not merge
+                log.warning("study %s is split: node %s holds it, this node %s received "
+                            "series of it too; they are not merged or sent from here (see "
+                            "fiona status)", study_uid, stored.node, self.node)
+                made = []
+            else:
+                made = self.assigner.on_arrival(arrival, amendment)
         except ControlPlaneError as exc:  # its text may quote a value the backend refused
             raise type(exc)(self.keyed.redact(str(exc), *arrival.identifiers)) from None
         if made:

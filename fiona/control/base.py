@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -115,6 +115,14 @@ class Study:
     arrival: str = ""          # ISO timestamp of arrival
     series: list[Series] = field(default_factory=list)
     hidden: bool = False       # removed from the Assign list by remove-old-entries
+    node: str = ""             # the FIONA node that holds it (NODE); "" before nodes existed
+    #: other nodes that received series of it too (a split study; `registration` keeps them
+    #: apart: the study stays the first node's, its series are not merged)
+    split_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def split(self) -> bool:
+        return bool(self.split_nodes)
 
 
 #: how a held request's message starts (the forwarder writes it, status and cleanup read it)
@@ -152,6 +160,7 @@ class TransferRequest:
     source: str = ""           # how it came: assign, coupling, routing, autoid, amendment
     revision: int = 1          # raised by every resend or amendment
     done_revision: int = 0     # the revision the forwarder completed or failed
+    node: str = ""             # read only: the node of its study (`Study.node`), never stored
 
     @property
     def pending(self) -> bool:
@@ -211,6 +220,32 @@ class InventoryEntry:
     modalities: list[str] = field(default_factory=list)
     first_seen: str = ""
     last_seen: str = ""
+    node: str = ""             # the node that delivered it ("" unknown: delivered otherwise)
+
+
+def takes(node: str | None, holder: str) -> bool:
+    """Whether the node `node` does the work of a study held by `holder`: every node when
+    `node` is None (no filter), and a study of no node (registered before nodes existed) is
+    everybody's, as it was then. The one rule for every backend and caller."""
+    return node is None or not holder or holder == node
+
+
+def registration(stored: Study | None, new: Study) -> Study:
+    """What `register_study` stores when `new` arrives and `stored` is there: `new` (series
+    merged by UID, arrival and hidden kept) when it is the same node's study or a new one;
+    when another node holds the study already (its series went to two hospitals), the stored
+    study unchanged but for `new.node` added to its `split_nodes`, so it is neither merged
+    nor doubled, and reported. The one rule for every backend."""
+    if stored is None:
+        return new
+    if takes(new.node or None, stored.node):
+        series = {s.uid: s for s in stored.series}
+        series.update((s.uid, s) for s in new.series)
+        return replace(new, series=[series[k] for k in sorted(series)], hidden=stored.hidden,
+                       node=stored.node or new.node, split_nodes=list(stored.split_nodes))
+    if new.node not in stored.split_nodes:
+        return replace(stored, split_nodes=sorted({*stored.split_nodes, new.node}))
+    return stored
 
 
 class ControlPlane(ABC):
@@ -246,8 +281,9 @@ class ControlPlane(ABC):
 
     # --- incoming studies -----------------------------------------------------------------------
     @abstractmethod
-    def register_study(self, study: Study) -> None:
-        """Insert or update a study and its series (series are merged by UID)."""
+    def register_study(self, study: Study) -> Study:
+        """Insert or update a study and its series as `registration` says (series merged by
+        UID; another node's study is marked split, not merged) and return what is stored."""
 
     @abstractmethod
     def studies(self, include_hidden: bool = False) -> list[Study]: ...
@@ -293,9 +329,21 @@ class ControlPlane(ABC):
         `requested` or `source`, which only `add_request` and `request_again` write, so an
         outcome based on an older read cannot undo a resend made meanwhile."""
 
-    def pending_requests(self) -> list[TransferRequest]:
-        """Requests waiting to be sent, oldest first."""
-        return sorted((r for r in self.requests() if r.pending), key=lambda r: r.requested)
+    def pending_requests(self, node: str | None = None,
+                         claim: bool = False) -> list[TransferRequest]:
+        """Requests waiting to be sent, oldest first; with `node`, only those that node
+        does (`takes`): a node never sees, so never fails, another node's request. With
+        `claim`, a backend that several forwarders may share (SQL) returns only requests no
+        other client holds and holds them for this one (`fiona.control.sql`); elsewhere
+        (REDCap: one forwarder per node) every pending request."""
+        return sorted((r for r in self.requests() if r.pending and takes(node, r.node)),
+                      key=lambda r: r.requested)
+
+    # --- the region's shared key ----------------------------------------------------------------
+    @abstractmethod
+    def claim_key_fingerprint(self, fingerprint: str) -> str:
+        """Record `fingerprint` (`Keyed.fingerprint`) unless one is recorded already, and
+        return the recorded one: nodes that share a control plane must share the key."""
 
     # --- coupling lists, routing rules, auto-ID ------------------------------------------------
     @abstractmethod

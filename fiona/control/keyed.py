@@ -46,6 +46,11 @@ class Keyed:
     def autoid(self, project: str, patient_id: str) -> str:
         return self.hash(patient_id, f"AutoID:{project}")
 
+    def fingerprint(self) -> str:
+        """Names the key without revealing it: the HMAC of a fixed text, so nodes can check
+        that they share one key (auto-ID and patient hashes are comparable only then)."""
+        return "hmac-sha256:" + self.hash("FIONA region key", "KeyFingerprint")[:32]
+
     def ref(self, value: str) -> str:
         """A short reference to an identifier for log lines: the same value always gives the
         same reference, so lines can be followed, but the value cannot be read back and the

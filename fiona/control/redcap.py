@@ -48,6 +48,8 @@ from .base import (
     Unavailable,
     check_inventory_scope,
     now_iso,
+    registration,
+    takes,
 )
 
 # REDCap project names (keys in tokens.json) of the control projects.
@@ -82,7 +84,10 @@ STUDY_FIELDS = {  # Study attribute -> Incoming base field
     "time": "study_time",
     "accession": "study_accession_number",
     "arrival": "study_arrival_date",
+    "node": "study_node",
 }
+#: Study.split_nodes (comma-separated): the other nodes that received series of the study
+SPLIT_FIELD = "study_split_nodes"
 SERIES_FIELDS = {  # Series attribute -> series field (num_files, classify_types converted)
     "uid": "series_instance_uid",
     "description": "series_description",
@@ -131,7 +136,10 @@ INVENTORY_FIELDS = {  # InventoryEntry attribute -> WhatIsInIDS7 field (study_ui
     "modalities": "inv_modalities",
     "first_seen": "inv_first_seen",
     "last_seen": "inv_last_seen",
+    "node": "inv_node",
 }
+#: the AutoID record that holds the region's key fingerprint (`claim_key_fingerprint`)
+KEY_RECORD = "key-fingerprint"
 #: records per import or delete call, so a PACS of many studies is not one huge request
 INVENTORY_BATCH = 500
 
@@ -198,6 +206,7 @@ def study_row(study: Study, removed: str = "") -> dict[str, str]:
     for attr, name in STUDY_FIELDS.items():
         row[name] = str(getattr(study, attr) or "")
     row["study_removed_date"] = removed
+    row[SPLIT_FIELD] = ",".join(study.split_nodes)
     return row
 
 
@@ -240,7 +249,8 @@ def rows_studies(rows: list[dict]) -> list[Study]:
         elif not form:
             values = {attr: row.get(name, "") for attr, name in STUDY_FIELDS.items()}
             studies[uid] = Study(uid=uid, hidden=bool(row.get("study_removed_date", "")),
-                                 **values)
+                                 split_nodes=[n for n in row.get(SPLIT_FIELD, "").split(",")
+                                              if n], **values)
     for uid, study in studies.items():
         study.series = [series[uid][k] for k in sorted(series.get(uid, {}))]
     return sorted(studies.values(), key=lambda s: s.arrival, reverse=True)
@@ -257,6 +267,9 @@ TRANSFER_OUTCOME_FIELDS = ("transfer_date", "transfer_mapped_uid", "transfer_err
                            *(f"transfer_error___{f}" for f in TRANSFER_FLAGS))
 #: fields a REDCap project made for an older FIONA lacks (see config/redcap/README.md)
 REVISION_FIELDS = ("transfer_revision", "transfer_done_revision")
+NODE_FIELDS = ("study_node", SPLIT_FIELD)
+#: instrument of Incoming -> the fields this FIONA needs there that older ones did not
+UPGRADE_FIELDS = {"transfers": REVISION_FIELDS, "incoming_studies": NODE_FIELDS}
 #: request instances are numbered by a hash of (study, project), within what REDCap stores
 REQUEST_SLOTS = 32767
 REQUEST_PROBES = 32
@@ -308,6 +321,7 @@ def row_request(row: dict) -> TransferRequest:
         source=row.get("transfer_source", ""),
         revision=_int(row.get("transfer_revision", ""), 1),
         done_revision=_int(row.get("transfer_done_revision", ""), legacy_done),
+        node=row.get("study_node", ""),
     )
 
 
@@ -320,12 +334,12 @@ def transfer_rows(rows: Iterable[dict]) -> list[dict]:
     return out
 
 
-def missing_fields_message(url: str = "") -> str:
+def missing_fields_message(url: str = "", missing: Iterable[str] = REVISION_FIELDS) -> str:
     where = f" at {url}" if url else ""
-    return (f"REDCap project {INCOMING}{where} lacks the fields {', '.join(REVISION_FIELDS)} "
-            f"on the instrument 'transfers' (FIONA counts resends with them): add them as "
-            f"integer text fields, e.g. by uploading config/redcap/Incoming.csv as its data "
-            f"dictionary")
+    return (f"REDCap project {INCOMING}{where} lacks the fields {', '.join(missing)} (FIONA "
+            f"counts resends and names the node of each study with them): add them by "
+            f"uploading config/redcap/Incoming.csv as its data dictionary (see "
+            f"config/redcap/README.md, 'Upgrading')")
 
 
 def is_request(r: TransferRequest) -> bool:
@@ -333,8 +347,16 @@ def is_request(r: TransferRequest) -> bool:
     return bool(r.project or r.participant or r.requested)
 
 
+def with_nodes(rows: Iterable[dict]) -> list[dict]:
+    """The `transfers` instances among exported rows, each given its study's node (the
+    `study_node` of its record's base row, when that was exported)."""
+    rows = list(rows)
+    nodes = {r.get(STUDY_ID, ""): r.get("study_node", "") for r in rows if not r.get(REPEAT_FORM)}
+    return [{**t, "study_node": nodes.get(t.get(STUDY_ID, ""), "")} for t in transfer_rows(rows)]
+
+
 def rows_requests(rows: Iterable[dict]) -> list[TransferRequest]:
-    return [r for r in map(row_request, transfer_rows(rows)) if is_request(r)]
+    return [r for r in map(row_request, with_nodes(rows)) if is_request(r)]
 
 
 def request_slots(study_uid: str, project: str) -> Iterator[int]:
@@ -448,7 +470,7 @@ class RedcapControlPlane(ControlPlane):
         self.tokens_file = str(tokens_file) if tokens_file else "tokens.json"
         self._local = threading.local()
         self._write_lock = threading.Lock()  # save_autoid/mirror_forwarded read-then-write
-        self._revision_fields_checked = False
+        self._fields_checked = False
 
     @classmethod
     def from_config(cls, cp: dict) -> RedcapControlPlane:
@@ -569,18 +591,21 @@ class RedcapControlPlane(ControlPlane):
             if not isinstance(info, dict):
                 raise ControlPlaneError(f"REDCap project {project} at {self.url} returned "
                                         f"{str(info)[:200]!r} for its project information")
-        self._check_revision_fields()
+        self._check_fields()
 
-    def _check_revision_fields(self) -> None:
-        """Refuse, naming the fields to add, an Incoming project made for an older FIONA,
-        before a request is written there (asked once per process)."""
-        if self._revision_fields_checked:
+    def _check_fields(self) -> None:
+        """Refuse, naming the fields to add, an Incoming project made for an older FIONA
+        (UPGRADE_FIELDS), before a study or request is written there or requests are read
+        (asked once per process)."""
+        if self._fields_checked:
             return
-        metadata = self._post(INCOMING, {"content": "metadata", "forms[0]": "transfers"})
+        metadata = self._post(INCOMING, {"content": "metadata", **{
+            f"forms[{i}]": form for i, form in enumerate(UPGRADE_FIELDS)}})
         names = {m.get("field_name") for m in metadata or [] if isinstance(m, dict)}
-        if not set(REVISION_FIELDS) <= names:
-            raise ControlPlaneError(missing_fields_message(self.url))
-        self._revision_fields_checked = True
+        missing = [f for fields in UPGRADE_FIELDS.values() for f in fields if f not in names]
+        if missing:
+            raise ControlPlaneError(missing_fields_message(self.url, missing))
+        self._fields_checked = True
 
     # --- projects and participants ----------------------------------------------------------
     def projects(self) -> list[Project]:
@@ -651,8 +676,17 @@ class RedcapControlPlane(ControlPlane):
     def _study_rows(self, uid: str) -> list[dict]:
         return self.export(INCOMING, records=[uid], forms=["incoming_studies", "series"])
 
-    def register_study(self, study: Study) -> None:
+    def register_study(self, study: Study) -> Study:
+        self._check_fields()
         old = self._study_rows(study.uid)
+        known = next((s for s in rows_studies(old) if s.uid == study.uid), None)
+        stored = registration(known, study)
+        if known is not None and stored.node != study.node and study.node:
+            # another node's study: only its list of split nodes changes
+            self.import_rows(INCOMING, [{STUDY_ID: study.uid,
+                                         SPLIT_FIELD: ",".join(stored.split_nodes)}])
+            return stored
+        study = stored
         base = [r for r in old if not r.get(REPEAT_FORM)]
         removed = base[0].get("study_removed_date", "") if base else ""
         if not base and study.hidden:
@@ -668,6 +702,7 @@ class RedcapControlPlane(ControlPlane):
                 next_instance += 1
             rows.append(series_row(study.uid, s, instance))
         self.import_rows(INCOMING, rows, overwrite=True)
+        return study
 
     def studies(self, include_hidden: bool = False) -> list[Study]:
         found = rows_studies(self.export(INCOMING, forms=["incoming_studies", "series"]))
@@ -698,23 +733,32 @@ class RedcapControlPlane(ControlPlane):
         return len(hide)
 
     # --- transfer requests ------------------------------------------------------------------
+    def _requests(self, records: Iterable[str] = (), since: str | datetime = ""
+                  ) -> list[TransferRequest]:
+        """Requests with their study's node: the `transfers` instances and the base rows'
+        `study_node`, in one export."""
+        self._check_fields()
+        return rows_requests(self.export(INCOMING, records=records, fields=["study_node"],
+                                         forms=["transfers"], since=since))
+
     def requests(self, study_uid: str | None = None) -> list[TransferRequest]:
         if study_uid is None:
-            return rows_requests(self.export(INCOMING, forms=["transfers"]))
-        return [r for r in rows_requests(self.export(INCOMING, records=[study_uid],
-                                                     forms=["transfers"]))
-                if r.study_uid == study_uid]
+            return self._requests()
+        return [r for r in self._requests(records=[study_uid]) if r.study_uid == study_uid]
 
-    def requests_since(self, since: str | datetime) -> list[TransferRequest]:
+    def requests_since(self, since: str | datetime, node: str | None = None
+                       ) -> list[TransferRequest]:
         """Every request of the studies created or changed since `since` (REDCap server time,
-        "YYYY-MM-DD HH:MM:SS"): for a daemon that polls for new requests and resends."""
-        return rows_requests(self.export(INCOMING, forms=["transfers"], since=since))
+        "YYYY-MM-DD HH:MM:SS"): for a daemon that polls for new requests and resends; with
+        `node`, only those that node does (`takes`), as `pending_requests`."""
+        return [r for r in self._requests(since=since) if takes(node, r.node)]
 
     def _transfers(self, study_uid: str) -> dict[int, dict]:
         """Every `transfers` instance of a study, blanked ones too, by instance number."""
-        self._check_revision_fields()
-        rows = self.export(INCOMING, records=[study_uid], forms=["transfers"])
-        return {_instance(r): r for r in transfer_rows(rows) if r.get(STUDY_ID) == study_uid}
+        self._check_fields()
+        rows = self.export(INCOMING, records=[study_uid], fields=["study_node"],
+                           forms=["transfers"])
+        return {_instance(r): r for r in with_nodes(rows) if r.get(STUDY_ID) == study_uid}
 
     def _request_at(self, study_uid: str, instance: int) -> TransferRequest:
         row = self._transfers(study_uid).get(instance)
@@ -789,9 +833,27 @@ class RedcapControlPlane(ControlPlane):
         if request.instance < 1:
             raise ControlPlaneError(f"request {request.key()} has no REDCap repeat instance; "
                                     f"it was not stored with add_request")
-        self._check_revision_fields()
+        self._check_fields()
         self.import_rows(INCOMING, [request_row(request, TRANSFER_OUTCOME_FIELDS)],
                          overwrite=True)
+
+    # --- the region's shared key ----------------------------------------------------------------
+    def claim_key_fingerprint(self, fingerprint: str) -> str:
+        """Kept in the AutoID project (whose values depend on the key) as the record
+        KEY_RECORD, which no auto-ID lookup matches (it has no project). The first node
+        writes it; REDCap has no transactions, so two nodes starting at the same instant
+        with different keys both read back the later one and the other is refused."""
+        with self._write_lock:
+            if not self._key_fingerprint():
+                self.import_rows(AUTOID, [{RECORD_ID: KEY_RECORD, "autoid_project_name": "",
+                                           "autoid_hash": fingerprint, "autoid_value": "",
+                                           "autoid_method": KEY_RECORD}])
+            return self._key_fingerprint()
+
+    def _key_fingerprint(self) -> str:
+        rows = self.export(AUTOID, records=[KEY_RECORD])
+        return next((r.get("autoid_hash", "") for r in rows
+                     if r.get(RECORD_ID) == KEY_RECORD), "")
 
     # --- coupling lists, routing rules, auto-ID ------------------------------------------------
     def coupling_rows(self) -> list[CouplingRow]:

@@ -274,9 +274,10 @@ class Forwarder:
         fetch = getattr(self.control, "requests_since", None)
         stamp = self.clock.now() - POLL_OVERLAP
         if fetch is None or self._since is None:
-            self._pending = {identity(r): r for r in self.control.pending_requests()}
+            self._pending = {identity(r): r
+                             for r in self.control.pending_requests(node=self.config.node)}
         else:
-            for r in fetch(self._since):
+            for r in fetch(self._since, node=self.config.node):
                 if r.pending:
                     self._pending[identity(r)] = r
                 else:

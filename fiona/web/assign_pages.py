@@ -76,7 +76,7 @@ def study_row(study: Study, requested: bool, identified: bool = True) -> dict:
            "series": len(study.series), "images": sum(s.num_files for s in study.series),
            "sender": study.calling_ae, "called": study.called_ae,
            "labels": sorted({t for s in study.series for t in s.classify_types}),
-           "requested": requested}
+           "requested": requested, "node": study.node, "split_nodes": study.split_nodes}
     if not identified:
         for name in IDENTIFIED_FIELDS:
             row[name] = ""
@@ -107,15 +107,17 @@ SORT_KEYS = {
     "description": lambda r: r["description"].lower(), "accession": lambda r: r["accession"],
     "modalities": lambda r: r["modalities"], "series": lambda r: r["series"],
     "images": lambda r: r["images"], "sender": lambda r: r["sender"],
+    "node": lambda r: r["node"],
     "status": lambda r: [(x["project"], x["status"]) for x in r["requests"]]}
 
 
 def studies(c: Ctx, user: User, q: str = "", date: str = "", waiting_only: bool = False,
             project: str = "", since: str = "", until: str = "", sort: str = "arrival",
-            descending: bool = True) -> list[dict]:
+            descending: bool = True, node: str = "") -> list[dict]:
     """The studies `user` may see (`fiona.access`), sorted (newest arrival first by default);
     identified fields blanked where the user may not see them. `project` keeps the studies
-    requested for it; `date` is one day, `since`/`until` a range of study or arrival days.
+    requested for it; `date` is one day, `since`/`until` a range of study or arrival days;
+    `node` the studies that node of the region holds.
     Each row names the requests of the projects the user has a role in, with their status."""
     requests_of: dict[str, list] = {}
     for r in c.control.requests():
@@ -129,6 +131,8 @@ def studies(c: Ctx, user: User, q: str = "", date: str = "", waiting_only: bool 
         if not may_see(user, projects) or (project and project not in projects):
             continue
         if waiting_only and projects:
+            continue
+        if node and s.node != node:
             continue
         if (since or until) and not in_range(s, since, until):
             continue
@@ -197,24 +201,26 @@ def _refused(request: Request, c: Ctx, user: User, study: Study, exc: Exception,
 def assign_list(request: Request, q: str = "", date: str = "",
                 since: str = Query("", alias="from"), until: str = Query("", alias="to"),
                 all: int = 0, sort: str = "arrival", order: str = "desc", page: int = 1,
-                user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+                node: str = "", user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     _need_assign(user)
     sort = sort if sort in SORT_KEYS else "arrival"
     order = "asc" if order == "asc" else "desc"
     if date:
         since = until = date
     rows = studies(c, user, q, waiting_only=not all, since=since, until=until, sort=sort,
-                   descending=order == "desc")
+                   descending=order == "desc", node=node)
     pages = max(ceil(len(rows) / PAGE_SIZE), 1)
     page = min(max(page, 1), pages)
-    filtered = bool(q or since or until)
+    filtered = bool(q or since or until or node)
     # an empty list says why: nothing waiting at all, or nothing that matches the filter
     anything = bool(rows) or (filtered and bool(studies(c, user, waiting_only=not all)))
-    query = {"q": q, "from": since, "to": until, "all": all, "sort": sort, "order": order}
+    query = {"q": q, "from": since, "to": until, "all": all, "sort": sort, "order": order,
+             "node": node}
+    nodes = sorted({s.node for s in c.control.studies()} | {c.config.node})
     return render(request, "assign.html", rows=_page(c, user, rows, page, "assign list"),
                   total=len(rows), page=page, pages=pages, q=q, since=since, until=until,
                   all=all, sort=sort, order=order, query=query, filtered=filtered,
-                  anything=anything)
+                  anything=anything, node=node, nodes=nodes)
 
 
 def _message(c: Ctx, user: User, study_uid: str, done: str, instance: int) -> str:
@@ -398,17 +404,18 @@ async def coupling_upload(request: Request, user: User = Depends(current_user),
 # --- JSON -------------------------------------------------------------------------------------
 @router.get("/api/studies", tags=["assign"])
 def api_studies(q: str = "", date: str = "", project: str = "", waiting: bool = True,
-                page: int = 1, user: User = Depends(current_user),
+                page: int = 1, node: str = "", user: User = Depends(current_user),
                 c: Ctx = Depends(ctx)) -> dict:
     """Studies in quarantine that the user may see, newest first, `PAGE_SIZE` a page (waiting:
     without a request); `project` limits to studies requested for that project (403 without a
-    role in it). Accession numbers are blank where the user may not see identified values."""
+    role in it), `node` to the studies that node of the region holds. Accession numbers are
+    blank where the user may not see identified values."""
     if project:
         _member(c, user, project)
-        rows = studies(c, user, q, date, project=project)
+        rows = studies(c, user, q, date, project=project, node=node)
     else:
         _need_assign(user)
-        rows = studies(c, user, q, date, waiting_only=waiting)
+        rows = studies(c, user, q, date, waiting_only=waiting, node=node)
     return {"total": len(rows), "page": page, "page_size": PAGE_SIZE,
             "studies": _page(c, user, rows, page, "api studies")}
 

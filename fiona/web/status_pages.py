@@ -19,9 +19,14 @@ from .users import User
 router = APIRouter()
 
 
-def status(c: Ctx, admin: bool) -> dict:
-    """This site's facts, gathered by `fiona.status` (the same as `fiona status` prints)."""
-    return facts.gather(c.config, c.site, c.control, admin)
+def status(c: Ctx, admin: bool, node: str = "") -> dict:
+    """This site's facts, gathered by `fiona.status` (the same as `fiona status` prints);
+    `node` keeps only that node's line of the region's nodes."""
+    out = facts.gather(c.config, c.site, c.control, admin)
+    out["node_names"] = [n["node"] for n in out["nodes"]]
+    if node:
+        out["nodes"] = [n for n in out["nodes"] if n["node"] == node]
+    return out
 
 
 def set_switch(c: Ctx, user: User, part: str, on: bool) -> None:
@@ -32,9 +37,9 @@ def set_switch(c: Ctx, user: User, part: str, on: bool) -> None:
 
 
 @router.get("/status", include_in_schema=False)
-def status_page(request: Request, done: str = "", user: User = Depends(current_user),
-                c: Ctx = Depends(ctx)):
-    return render(request, "status.html", s=status(c, user.admin),
+def status_page(request: Request, done: str = "", node: str = "",
+                user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    return render(request, "status.html", s=status(c, user.admin, node), node=node,
                   message="The switch was set." if done == "switch" else "")
 
 
@@ -62,9 +67,11 @@ def status_switch(part: str = Form(...), value: str = Form(...),
 
 
 @router.get("/api/status", tags=["status"])
-def api_status(user: User = Depends(current_user), c: Ctx = Depends(ctx)) -> dict:
-    """Daemons, queue lengths, disk use and switches (log text and paths for admins only)."""
-    return status(c, user.admin)
+def api_status(node: str = "", user: User = Depends(current_user),
+               c: Ctx = Depends(ctx)) -> dict:
+    """Daemons, queue lengths, disk use and switches (log text and paths for admins only), and
+    the region's nodes with their queues and split studies (`node`: only that one)."""
+    return status(c, user.admin, node)
 
 
 @router.post("/api/status/switch", tags=["status"], dependencies=[Depends(csrf.require_csrf)])
