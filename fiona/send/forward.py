@@ -274,8 +274,8 @@ class Forwarder:
         fetch = getattr(self.control, "requests_since", None)
         stamp = self.clock.now() - POLL_OVERLAP
         if fetch is None or self._since is None:
-            self._pending = {identity(r): r
-                             for r in self.control.pending_requests(node=self.config.node)}
+            mine = self.control.pending_requests(node=self.config.node, claim=True)
+            self._pending = {identity(r): r for r in mine}
         else:
             for r in fetch(self._since, node=self.config.node):
                 if r.pending:
