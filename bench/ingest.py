@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """Ingest benchmark: FIONA's receiver against DCMTK storescp and Orthanc, in one run.
 
-What is measured: the wall-clock time of one DCMTK `storescu` association that sends the
-same corpus of MR images (256x256 uint16 pixels with a realistic header, ~130 KB each) to each
-receiver on 127.0.0.1, from the start of storescu to its exit. files/s = images / seconds.
-A run counts only if storescu exits 0 and the receiver holds every image afterwards (files on
-disk; Orthanc's /statistics CountInstances). For FIONA the time until the indexer has recorded
-every image in its series JSONs is reported as well; receive files/s is the headline.
+What is measured: the wall-clock time to send the same corpus of MR images (256x256 uint16
+pixels with a realistic header, ~130 KB each) to each receiver on 127.0.0.1 with DCMTK
+`storescu`, once over one association and once over 8 parallel ones (the corpus split into 8
+disjoint parts, one storescu each), from the start of the first storescu to the exit of the last.
+files/s = images / seconds. A run counts only if every storescu exits 0 and the receiver holds
+every image afterwards (files on disk; Orthanc's /statistics CountInstances). For FIONA the
+time until the indexer has recorded every image in its series JSONs is reported as well;
+receive files/s is the headline.
 
 Every receiver starts fresh with empty storage for every run; targets are interleaved and
 their order rotates per repetition, so a noisy neighbour hurts all of them alike. Only the
-median per target is compared. Note that FIONA fsyncs every file before it answers, while
-storescp and Orthanc do not. Temporary data goes under $TMPDIR (default /tmp).
+median per target is compared. Note that FIONA fsyncs every file (and its journal line) before
+it answers, while storescp and Orthanc do not. Temporary data goes under $TMPDIR (default /tmp).
 
-Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3]
+Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3] [--parallel 8]
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class Target(ABC):
 
 class Fiona(Target):
     name, aetitle = "FIONA", "FIONA"
+    #: RECEIVER_PROCESSES (None: FIONA's default, one per core)
+    processes: int | None = None
 
     def __init__(self, workdir: Path):
         super().__init__(workdir)
@@ -115,6 +119,9 @@ class Fiona(Target):
                                 "--ip", "127.0.0.1"], check=True, env=self.env,
                        cwd=self.workdir, stdout=subprocess.DEVNULL)
         config = self.data / "config" / "config.json"
+        if self.processes is not None:
+            settings = json.loads(config.read_text())
+            config.write_text(json.dumps({**settings, "RECEIVER_PROCESSES": self.processes}))
         proc = self.spawn(fiona + ["--config", str(config), "up"], self.env)
         wait_until(lambda: port_open(self.port), START_TIMEOUT, "fiona up", proc)
 
@@ -147,7 +154,8 @@ class DcmtkStorescp(Target):
 
     def start(self) -> None:
         self.out.mkdir()
-        proc = self.spawn([STORESCP, "-od", str(self.out), str(self.port)])
+        # --fork: one process per association, DCMTK's way to take parallel associations
+        proc = self.spawn([STORESCP, "--fork", "-od", str(self.out), str(self.port)])
         wait_until(lambda: port_open(self.port), START_TIMEOUT, "storescp", proc)
 
     def received(self) -> int:
@@ -194,7 +202,7 @@ TARGETS: tuple[type[Target], ...] = (Fiona, DcmtkStorescp, Orthanc)
 
 @dataclass
 class Results:
-    """Per-target measurements, in run order."""
+    """Per-target measurements of one way of sending (1 or N associations), in run order."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, list[dict]] = field(default_factory=dict)
@@ -207,28 +215,41 @@ class Results:
         return [images / s for s in self.seconds.get(target, [])]
 
 
-def send(target: Target, corpus: Path) -> float:
-    """Run one storescu association to `target`; seconds from its start to its exit."""
-    cmd = [STORESCU, "+sd", "-aec", target.aetitle, "127.0.0.1", str(target.port), str(corpus)]
+def split(files: list[Path], parts: int) -> list[list[Path]]:
+    """`files` in `parts` disjoint runs of consecutive files (series stay mostly together)."""
+    size = -(-len(files) // parts)
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+def send(target: Target, parts: list[list[Path]]) -> float:
+    """One storescu association per part to `target`, all at once; seconds from the start of
+    the first to the exit of the last."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=BASE_ENV, capture_output=True, text=True,
-                          timeout=SEND_TIMEOUT)
+    procs = [subprocess.Popen([STORESCU, "-aec", target.aetitle, "127.0.0.1", str(target.port),
+                               *map(str, part)], env=BASE_ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for part in parts]
+    errors = []
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=SEND_TIMEOUT)
+        if proc.returncode != 0:
+            errors.append(f"storescu to {target.name} exited {proc.returncode}:\n"
+                          f"{stderr[-2000:]}")
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"storescu to {target.name} exited {proc.returncode}:\n"
-                           f"{proc.stderr[-2000:]}")
+    if errors:
+        raise RuntimeError("\n".join(errors))
     return seconds
 
 
-def run_once(cls: type[Target], root: Path, corpus: Path, images: int, keep: bool,
+def run_once(cls: type[Target], root: Path, parts: list[list[Path]], images: int, keep: bool,
              label: str) -> tuple[float, dict]:
-    """Start `cls` fresh, send the corpus, check every image arrived, stop it."""
+    """Start `cls` fresh, send the corpus over len(parts) associations, check every image
+    arrived, stop it."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{cls.name}-", dir=root))
     target = cls(workdir)
     try:
         target.start()
         t0 = time.perf_counter()
-        seconds = send(target, corpus)
+        seconds = send(target, parts)
         got = target.received()
         if got != images:
             raise RuntimeError(f"{target.name} holds {got} of {images} images after the send")
@@ -255,9 +276,10 @@ def _row(name: str, rates: list[float], note: str = "") -> float:
     return median
 
 
-def report(results: Results, images: int) -> dict:
-    """Print the table and the ratios; return the same as a JSON-able dict."""
-    progress(f"\n{'target':<14} {'median files/s':>14}   runs (files/s)")
+def report(results: Results, images: int, how: str) -> dict:
+    """Print the table and the ratios of one way of sending (`how`); return the same as a
+    JSON-able dict."""
+    progress(f"\n{how}:\n{'target':<14} {'median files/s':>14}   runs (files/s)")
     medians = {cls.name: _row(cls.name, results.rates(cls.name, images)) for cls in TARGETS}
     index_rates = [e["index_files_per_s"] for e in results.extra[Fiona.name]]
     index_median = _row("FIONA indexed", index_rates, "   (send start -> all in series JSONs)")
@@ -266,14 +288,12 @@ def report(results: Results, images: int) -> dict:
     progress(f"\nFIONA / Orthanc  = {ratios['FIONA/Orthanc']:.2f} (target >= 1.0)")
     progress(f"FIONA / storescp = {ratios['FIONA/storescp']:.2f} (target >= 0.5)")
     return {
-        "images": images,
         "targets": {cls.name: {"seconds": results.seconds[cls.name],
                                "files_per_s": results.rates(cls.name, images),
                                "median_files_per_s": medians[cls.name]} for cls in TARGETS},
         "fiona_indexing": {"seconds": [e["index_seconds"] for e in results.extra[Fiona.name]],
                            "files_per_s": index_rates, "median_files_per_s": index_median},
         "ratios": ratios,
-        "cpus": os.cpu_count(),
     }
 
 
@@ -283,12 +303,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=1000, help="corpus size (default 1000)")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per target, interleaved (default 3)")
+    p.add_argument("--parallel", type=int, default=8,
+                   help="associations of the parallel runs (default 8)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="FIONA's RECEIVER_PROCESSES (default: its own, one per core)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary corpus, storage folders and logs")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
-    if args.images < 1 or args.repeat < 1:
-        p.error("--images and --repeat must be at least 1")
+    if args.images < 1 or args.repeat < 1 or args.parallel < 2:
+        p.error("--images and --repeat must be at least 1, --parallel at least 2")
     return args
 
 
@@ -306,17 +330,21 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, root: Path) -> dict:
     progress(f"generating {args.images} MR images (256x256) under {root} ...")
     files = make_corpus(root, args.images, N_SERIES)
-    corpus = root / "corpus"
     size = sum(f.stat().st_size for f in files)
     progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
-    results = Results()
+    ways = {"1 association": split(files, 1),
+            f"{args.parallel} parallel associations": split(files, args.parallel)}
+    results = {how: Results() for how in ways}
+    Fiona.processes = args.processes
     for rep in range(args.repeat):
         order = TARGETS[rep % len(TARGETS):] + TARGETS[:rep % len(TARGETS)]
-        for cls in order:
-            seconds, extra = run_once(cls, root, corpus, args.images, args.keep,
-                                      f"[run {rep + 1}/{args.repeat}]")
-            results.add(cls.name, seconds, extra)
-    return report(results, args.images)
+        for how, parts in ways.items():
+            for cls in order:
+                seconds, extra = run_once(cls, root, parts, args.images, args.keep,
+                                          f"[run {rep + 1}/{args.repeat}, {len(parts)}x]")
+                results[how].add(cls.name, seconds, extra)
+    return {"images": args.images, "cpus": os.cpu_count(),
+            **{how: report(results[how], args.images, how) for how in ways}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,6 @@ daemon uses them.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import logging
 import os
@@ -22,6 +21,7 @@ import pydicom.config
 
 from .config import Site
 from .journal import WakeupSender
+from .parentdeath import die_with
 from .suite import FORWARDER, STARTED, Daemon, daemon
 from .tree import FILE_MODE, Tree, atomic_write, ensure_dir
 
@@ -55,7 +55,6 @@ class NoTraceback(logging.Filter):
 
 #: set by `fiona up` in its daemons' environment: the daemon exits when that process dies
 SUPERVISOR_VAR = "FIONA_SUPERVISOR_PID"
-_PR_SET_PDEATHSIG = 1
 #: set by `fiona ctl start`: the file descriptor on which the daemon says it is ready
 READY_FD_VAR = "FIONA_READY_FD"
 
@@ -233,11 +232,9 @@ def die_with_supervisor() -> None:
     supervisor = os.environ.pop(SUPERVISOR_VAR, None)  # not inherited by our own children
     if not supervisor:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise DaemonError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
-    if str(os.getppid()) != supervisor:
-        raise DaemonError(f"the supervisor (pid {supervisor}) that started this daemon is gone")
+    problem = die_with(int(supervisor), signal.SIGTERM, "supervisor")
+    if problem:
+        raise DaemonError(problem)
 
 
 def stop_event() -> threading.Event:

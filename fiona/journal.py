@@ -9,11 +9,18 @@ may lose messages freely.
 A journal is a folder of numbered segment files `<name>.<seq>.log`. A writer always starts a new
 segment, so a line torn by a crash can only be the last one of an older segment, where the reader
 recognises and skips it (the sender was never told "stored", so it sends again).
+
+Several processes may append to one journal (the receiver's worker processes): the first writer
+starts the new segment, the others join it (`join=True`), and all of them append and rotate under
+one lock file (`<name>.lock`, flock). A segment is left only once it is full, by whichever writer
+finds it full first, and no writer appends to a full segment: so once the reader sees a later
+segment, no line can still arrive in an earlier one.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -85,29 +92,47 @@ def _segment_path(folder: Path, name: str, seq: int) -> Path:
 
 
 class JournalWriter:
-    """Appends lines durably; thread-safe. `append` returns once the line is on disk."""
+    """Appends lines durably; thread-safe. `append` returns once the line is on disk.
 
-    def __init__(self, folder: Path, name: str, durable: bool = True):
+    `shared`: other processes append too (see the module docstring); `join`: append to the
+    newest segment instead of starting one (a writer that starts after the first)."""
+
+    def __init__(self, folder: Path, name: str, durable: bool = True, shared: bool = False,
+                 join: bool = False):
         self.folder = ensure_dir(folder)
         self.name = name
         self.durable = durable
         self._lock = threading.Lock()
-        existing = _segments(self.folder, name)
-        self._seq = (existing[-1] + 1) if existing else 1
-        self._open()
+        self._shared = -1
+        if shared or join:
+            self._shared = os.open(self.folder / f"{name}.lock", os.O_RDWR | os.O_CREAT,
+                                   FILE_MODE)
+        with self._across_processes():
+            existing = _segments(self.folder, name)
+            self._seq = (existing[-1] + (0 if join else 1)) if existing else 1
+            self._open()
+
+    def _across_processes(self) -> _FileLock:
+        return _FileLock(self._shared)
 
     def _open(self) -> None:
         path = _segment_path(self.folder, self.name, self._seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
-        self._size = 0
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        """Move to the next segment: the newest one, if another writer made it already."""
+        os.close(self._fd)
+        self._seq = max([self._seq + 1, *_segments(self.folder, self.name)])
+        self._open()
 
     def append(self, line: str) -> None:
         data = (line.replace("\n", " ") + "\n").encode()
-        with self._lock:
-            if self._size >= SEGMENT_BYTES:
-                os.close(self._fd)
-                self._seq += 1
-                self._open()
+        with self._lock, self._across_processes():
+            if self._shared >= 0:  # others append to the same segment
+                self._size = os.fstat(self._fd).st_size
+            while self._size >= SEGMENT_BYTES:
+                self._rotate()
             os.write(self._fd, data)
             self._size += len(data)
             # sync outside the lock so that concurrent appends share the commit; a private
@@ -122,6 +147,23 @@ class JournalWriter:
     def close(self) -> None:
         with self._lock:
             os.close(self._fd)
+            if self._shared >= 0:
+                os.close(self._shared)
+
+
+class _FileLock:
+    """flock on `fd` for a `with` block; nothing when fd is -1 (a writer of its own)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,12 @@ def _line_value(value: str) -> str:
 class StoreHandler:
     """The receiver's `on_store`: one instance per site, shared by all associations."""
 
-    def __init__(self, tree: Tree, refuse_store_percent: float, pipe: Path):
+    def __init__(self, tree: Tree, refuse_store_percent: float, pipe: Path,
+                 shared: bool = False, join: bool = False):
+        """`shared`, `join`: other processes journal too (`JournalWriter`)."""
         self.tree = tree.make()
         self.refuse_store_percent = refuse_store_percent
-        self.journal = JournalWriter(tree.journal, RECEIVED)
+        self.journal = JournalWriter(tree.journal, RECEIVED, shared=shared, join=join)
         self.wakeup = WakeupSender(pipe)
         self._known_dirs: set[Path] = set()
         self.creator = DurableCreator(self.tree.archive)

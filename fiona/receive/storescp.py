@@ -3,16 +3,31 @@
 C-STORE and C-ECHO on DICOMIP:DICOMPORT for any called AE title (the called AE is recorded, as
 it routes studies to projects). While the first character of the `enabled` file is 0 it refuses
 new associations and lets the ones in progress finish.
+
+One process runs Python's bytecode on one core at a time, so the receiver runs
+RECEIVER_PROCESSES processes (default: one per core) that accept on the one listening socket:
+the daemon (pid file, log, `fiona ctl`) binds it and serves, and starts the others as its
+workers (`python -m fiona.receive.worker`). Each worker files, fsyncs and
+journals on its own (the journal is shared under a lock: `fiona.journal`), so every object is
+durable before its success status whichever process took it. The workers die with the daemon
+(SIGKILL from the kernel if it dies, so none lives on holding the port), stop when it stops,
+and are started again if one dies.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 
-from ..config import Config, Site, is_enabled
-from ..daemon import DaemonError, ready, running
+from ..config import Config, Site, is_enabled, load
+from ..daemon import DaemonError, log_to, ready, running, stop_event
 from ..suite import INDEXER, RECEIVER
 from ..tree import Tree
 from .store import StoreHandler
@@ -20,13 +35,17 @@ from .ul import AcceptorServer, Association
 
 log = logging.getLogger(RECEIVER.logger)
 
+#: how long stopping workers get to finish their associations (`fiona up` allows 40 s)
+WORKER_STOP_SECONDS = 35.0
+
 
 class Receiver(StoreHandler):
     """The store handler plus the association log line and the `enabled` switch."""
 
-    def __init__(self, config: Config, site: Site):
+    def __init__(self, config: Config, site: Site, worker: bool = False):
         super().__init__(Tree(site.datadir), config.refuse_store_percent,
-                         INDEXER.pipe_path(site))
+                         INDEXER.pipe_path(site), shared=config.receiver_processes > 1,
+                         join=worker)
         self.site = site
         self._enabled = True
         self._checked = 0.0
@@ -58,6 +77,63 @@ def make_server(config: Config, site: Site) -> tuple[AcceptorServer, Receiver]:
     return server, receiver
 
 
+def serve(server: AcceptorServer, receiver: Receiver, stop: threading.Event,
+          tick: Callable[[], None] | None = None) -> None:
+    """Accept on a thread until `stop` (calling `tick` every second meanwhile), then finish
+    the associations in progress."""
+    thread = threading.Thread(target=server.serve_forever, name="storescp-accept",
+                              daemon=True)
+    thread.start()
+    while not stop.wait(1.0 if tick else None):
+        if tick:
+            tick()
+    log.info("stopping: finishing associations in progress")
+    server.shutdown()
+    thread.join(5)
+    receiver.close()
+
+
+class Workers:
+    """The daemon's worker processes, accepting on its listening socket."""
+
+    def __init__(self, config: Config, site: Site, listen_fd: int, count: int, verbose: bool):
+        self.cmd = [sys.executable, "-m", "fiona.receive.worker", "--config", str(config.path),
+                    "--listen-fd", str(listen_fd), "--parent", str(os.getpid())]
+        if site.name:
+            self.cmd += ["--site", site.name]
+        if verbose:
+            self.cmd.append("-v")
+        self.fd = listen_fd
+        self.procs: list[subprocess.Popen | None] = [None] * count
+
+    def start(self) -> None:
+        """Start every worker that is not running (from the main thread: the kernel's
+        parent-death signal follows the thread that started a process)."""
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:
+                log.error("receiver worker %d (pid %d) exited with status %s; starting it "
+                          "again", i + 1, proc.pid, proc.returncode)
+            self.procs[i] = subprocess.Popen(self.cmd, pass_fds=(self.fd,),
+                                             stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        """SIGTERM to all, then wait for them to finish their associations."""
+        running = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("receiver worker pid %d did not stop in %.0f s; killing it",
+                          proc.pid, WORKER_STOP_SECONDS)
+                proc.kill()
+                proc.wait()
+
+
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     """Serve until SIGTERM/SIGINT, then finish the associations in progress."""
     site = config.site(site_name)
@@ -68,18 +144,33 @@ def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
             raise DaemonError(f"cannot listen on {site.ip}:{site.port}: {exc.strerror}; is "
                               f"another receiver using DICOMPORT {site.port}? Stop it or "
                               f"choose another port in {config.path}") from None
-        log.info("FIONA receiver listening on %s:%d as %s (data under %s)", site.ip,
-                 server.port, site.aetitle, site.datadir)
+        log.info("FIONA receiver listening on %s:%d as %s (data under %s, %d process%s)",
+                 site.ip, server.port, site.aetitle, site.datadir, config.receiver_processes,
+                 "" if config.receiver_processes == 1 else "es")
+        workers = Workers(config, site, server.listening_fd(), config.receiver_processes - 1,
+                          verbose)
+        workers.start()
         ready()
         if not receiver.accepting():
             log.warning("the receiver is switched off in %s: associations are refused until "
                         "its first character is 1", site.datadir / "config" / "enabled")
-        thread = threading.Thread(target=server.serve_forever, name="storescp-accept",
-                                  daemon=True)
-        thread.start()
-        stop.wait()
-        log.info("stopping: finishing associations in progress")
-        server.shutdown()
-        thread.join(5)
-        receiver.close()
+        try:
+            serve(server, receiver, stop, workers.start)
+        finally:
+            workers.stop()
+    return 0
+
+
+def run_worker(config_path: str, site_name: str | None, listen_fd: int,
+               verbose: bool) -> int:
+    """A worker process (`fiona.receive.worker`): serve on the daemon's listening socket until
+    SIGTERM, then finish the associations in progress."""
+    stop = stop_event()
+    config = load(config_path)
+    site = config.site(site_name)
+    log_to(RECEIVER.log_path(site), verbose)
+    receiver = Receiver(config, site, worker=True)
+    server = AcceptorServer(site.ip, site.port, receiver, accepting=receiver.accepting)
+    server.adopt(socket.socket(fileno=listen_fd))
+    serve(server, receiver, stop)
     return 0

@@ -663,15 +663,26 @@ class AcceptorServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
+        self._serving = False  # serve_forever owns (and closes) the listening socket
 
     def bind(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         sock.listen(128)
+        self.adopt(sock)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve on a listening socket bound elsewhere (the receiver's worker processes accept
+        on the one their parent bound: the kernel hands each connection to one of them)."""
         sock.settimeout(0.5)
         self._sock = sock
         self.port = sock.getsockname()[1]
+
+    def listening_fd(self) -> int:
+        """The listening socket's descriptor, for worker processes to `adopt`."""
+        assert self._sock is not None
+        return self._sock.fileno()
 
     def _admission(self) -> Refusal | None:
         """None to accept, or the A-ASSOCIATE-RJ to answer with."""
@@ -680,12 +691,24 @@ class AcceptorServer:
         return None
 
     def serve_forever(self) -> None:
+        """Accept until `shutdown`, then close the listening socket at once (not after the
+        associations in progress), so that a new receiver can bind the port."""
         if self._sock is None:
             self.bind()
         assert self._sock is not None
+        self._serving = True
+        try:
+            self._accept_until_stopped(self._sock)
+        finally:
+            with self._lock:
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
+
+    def _accept_until_stopped(self, listener: socket.socket) -> None:
         while not self._stop.is_set():
             try:
-                conn, peer = self._sock.accept()
+                conn, peer = listener.accept()
             except TimeoutError:
                 continue
             except OSError as exc:
@@ -744,6 +767,7 @@ class AcceptorServer:
             threads = list(self._threads)
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        with self._lock:
+            if self._sock is not None and not self._serving:
+                self._sock.close()
+                self._sock = None
