@@ -328,9 +328,10 @@ def make_sql(request, tmp_path) -> Callable[..., ControlPlane]:
     """Clients of one SQL store (the backends forwarders may share), with a clock."""
     if request.param == "local":
         path = tmp_path / "fiona.db"
-        return lambda clock=SYSTEM_CLOCK: LocalControlPlane(path, clock)
+        return lambda clock=SYSTEM_CLOCK, holder="": LocalControlPlane(path, clock, holder)
     dsn = request.getfixturevalue("pg_server").database()
-    return lambda clock=SYSTEM_CLOCK: PostgresControlPlane(dsn, clock=clock)
+    return lambda clock=SYSTEM_CLOCK, holder="": PostgresControlPlane(dsn, clock=clock,
+                                                                      holder=holder)
 
 
 def test_two_forwarders_never_take_the_same_request(make_sql):
@@ -377,6 +378,16 @@ def test_a_killed_forwarders_claims_return_when_their_lease_ends(make_sql):
     alive.update_request(req)
     again = alive.request_again(req)                          # a resend: anyone's again
     assert [r.instance for r in dead.pending_requests(claim=True)] == [again.instance]
+
+
+def test_a_restarted_forwarder_takes_its_own_claims_back_at_once(make_sql):
+    """The same holder (machine, node, site: `claim_holder`) after a restart need not wait
+    for the lease of the claims it made before it was killed."""
+    before = make_sql(holder="gw1/north/main")
+    before.add_request(a_request("6.1"))
+    assert len(before.pending_requests(claim=True)) == 1
+    assert make_sql(holder="gw2/north/main").pending_requests(claim=True) == []
+    assert len(make_sql(holder="gw1/north/main").pending_requests(claim=True)) == 1
 
 
 def test_held_requests_do_not_crowd_out_the_claims(make_sql):

@@ -6,16 +6,25 @@ chosen, so `requests` is needed only for `redcap` and `psycopg` only for `postgr
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from ..config import Config, Site
 from .base import ControlPlane, ControlPlaneError
 
 
+def claim_holder(config: Config, site: Site) -> str:
+    """Who claims requests (`fiona.control.sql`): one name per machine, node and site, so a
+    forwarder that restarts takes its own claims back at once, and forwarders on two
+    machines sharing one index never share a name."""
+    return f"{socket.gethostname()}/{config.node}/{site.name or 'main'}"
+
+
 def _local(config: Config, site: Site | None = None) -> ControlPlane:
     from .local import LocalControlPlane
     site = site or config.site(None)
-    return LocalControlPlane(site.datadir / "site" / "fiona.db")
+    return LocalControlPlane(site.datadir / "site" / "fiona.db",
+                             holder=claim_holder(config, site))
 
 
 def _redcap(config: Config, site: Site | None = None) -> ControlPlane:
@@ -25,7 +34,8 @@ def _redcap(config: Config, site: Site | None = None) -> ControlPlane:
 
 def _postgres(config: Config, site: Site | None = None) -> ControlPlane:
     from .postgres import PostgresControlPlane
-    return PostgresControlPlane.from_config(config.control_plane)
+    return PostgresControlPlane.from_config(config.control_plane,
+                                            claim_holder(config, site or config.site(None)))
 
 
 #: CONTROL_PLANE.type -> factory(config, site=None)

@@ -38,8 +38,8 @@ UPGRADES = (
 class LocalControlPlane(SqlControlPlane):
     kind = "local"
 
-    def __init__(self, path: Path, clock: Clock = SYSTEM_CLOCK):
-        super().__init__(clock)
+    def __init__(self, path: Path, clock: Clock = SYSTEM_CLOCK, holder: str = ""):
+        super().__init__(clock, holder)
         self.path = path
         self._local = threading.local()
         db = self._db()

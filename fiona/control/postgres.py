@@ -77,8 +77,8 @@ class PostgresControlPlane(SqlControlPlane):
     _lock = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, dsn: str, password: str | None = None, clock: Clock = SYSTEM_CLOCK,
-                 timeout: float = 10):
-        super().__init__(clock)
+                 timeout: float = 10, holder: str = ""):
+        super().__init__(clock, holder)
         self.params = checked_conninfo(dsn)
         self.where = (f"PostgreSQL {self.params.get('dbname', '')} at "
                       f"{self.params.get('host', 'the default socket')}")
@@ -92,12 +92,12 @@ class PostgresControlPlane(SqlControlPlane):
                 float="DOUBLE PRECISION"))
 
     @classmethod
-    def from_config(cls, cp: dict, clock: Clock = SYSTEM_CLOCK) -> PostgresControlPlane:
+    def from_config(cls, cp: dict, holder: str = "") -> PostgresControlPlane:
         """From config.json's CONTROL_PLANE: the password file must be mode 0600."""
         password = None
         if cp.get("password_file"):
             password = read_secret(Path(cp["password_file"])).decode()
-        return cls(cp["dsn"], password, clock)
+        return cls(cp["dsn"], password, holder=holder)
 
     def _conn(self) -> _Db:
         db = getattr(self._local, "db", None)

@@ -138,9 +138,12 @@ class SqlControlPlane(ControlPlane):
 
     _lock = ""
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK):
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, holder: str = ""):
+        """`holder` names this client in request claims: a forwarder restarted on the same
+        machine and site takes its own claims back at once (`fiona.control.claim_holder`);
+        by default a name of its own."""
         self.clock = clock
-        self.holder = f"{uuid.uuid4().hex[:12]}"  # this client's name in request claims
+        self.holder = holder or uuid.uuid4().hex[:12]
 
     @abstractmethod
     def _read(self) -> Db: ...
