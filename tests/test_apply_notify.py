@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 
 from fiona.apply.store import Application, open_store
 from fiona.config import load
-from fiona.control.base import Project, now_iso
+from fiona.control.base import Project, held_message, now_iso
 from fiona.export.jobs import READY, JobStore
 from fiona.notify.job import Notifier
 from helpers import free_port
@@ -205,7 +205,8 @@ def test_digests_reach_their_subscribers_only_without_identifiers_and_survive_ma
     disk = Disk(10)
     site.gw.run("notify")  # the CLI's first run on the site: records the past, mails nothing
     alice, bob, admin = site.client("alice"), site.client("bob"), site.client("admin")
-    subs = {alice: ("alice@example.org", ["A:routed", "A:failed", "A:export", "A:ethics"]),
+    subs = {alice: ("alice@example.org", ["A:routed", "A:failed", "A:held", "A:export",
+                                                "A:ethics"]),
             bob: ("bob@example.org", ["B:routed"]),
             admin: ("admin@example.org", [":failing", ":disk"])}
     for client, (address, chosen) in subs.items():
@@ -233,11 +234,14 @@ def test_digests_reach_their_subscribers_only_without_identifiers_and_survive_ma
     jobs.save(job)
     ends = (site.clock.now() + timedelta(days=10)).date().isoformat()
     site.control.save_project(replace(site.control.project("A"), rec_end=ends))
+    held = site.request(site.study(accession=ACCESSION + "C"), "A", "A003")
+    site.control.update_request(replace(held, error_message=held_message("project A is "
+                                                                         "inactive")))
     disk.percent = 99
 
     down = notifier(site, disk, smtp_port=free_port())  # nobody listens there
     report = down.run()
-    assert report.queued == 6 and report.sent == 0 and len(report.failed) == 3
+    assert report.queued == 8 and report.sent == 0 and len(report.failed) == 3
     assert inbox.messages == []
     assert notifier(site, disk, smtp_port=free_port()).run().queued == 0  # seen, kept queued
 
@@ -247,6 +251,7 @@ def test_digests_reach_their_subscribers_only_without_identifiers_and_survive_ma
     assert "participant A001, event baseline: a study was assigned" in to_alice
     assert f"https://fiona.example.org/exports/{job.id}" in to_alice
     assert f"ethics approval ends on {ends}" in to_alice and "B002" not in to_alice
+    assert "participant A003, event baseline: the transfer is held" in to_alice
     (to_bob,) = inbox.to("bob@example.org")
     assert "B002" in to_bob and "failed" not in to_bob and "A001" not in to_bob
     (to_admin,) = inbox.to("admin@example.org")
