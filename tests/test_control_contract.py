@@ -20,6 +20,7 @@ from fiona.control.base import (
     ControlPlane,
     ControlPlaneError,
     CouplingRow,
+    InventoryEntry,
     Project,
     RoutingRule,
     Series,
@@ -35,7 +36,8 @@ from postgres import postgres_server
 from redcap_emulator import RedcapEmulator
 
 TOKENS = {"Incoming": "A" * 32, "Routing": "B" * 32, "CouplingList": "C" * 32,
-          "AutoID": "D" * 32, "DataTransferProjects": "E" * 32, "PROJ": "F" * 32}
+          "AutoID": "D" * 32, "DataTransferProjects": "E" * 32, "PROJ": "F" * 32,
+          "WhatIsInIDS7": "G" * 32}
 
 Factory = Callable[[], ControlPlane]
 
@@ -398,3 +400,11 @@ def test_held_requests_do_not_crowd_out_the_claims(make_sql):
         cp.update_request(held)
     cp.add_request(a_request("5.new", requested="2024-05-02 10:00:00"))
     assert "5.new" in [r.study_uid for r in cp.pending_requests(claim=True)]
+
+
+def test_inventory_lines_carry_the_node_that_delivered_them(cp):
+    lines = [InventoryEntry("2.25.1", "PROJ", "P0001", "baseline", "2024-05-01", 1, 3, ["MR"],
+                            "2024-05-02 10:00:00", "2024-05-02 10:00:00", node="north"),
+             InventoryEntry("2.25.2", "PROJ", node="")]        # delivered otherwise
+    cp.replace_inventory("PROJ", lines)
+    assert cp.inventory("PROJ") == lines

@@ -230,9 +230,11 @@ class Inventory:
                 self.progress(f"{len(studies)} studies found; series of {n}/{len(studies)}")
                 entries.append(self._entry(uid, ident))
         seen = now_iso(self.clock)
+        delivered_by = {r.mapped_uid: r.node for r in self.control.requests() if r.mapped_uid}
         for e in entries:
             e.first_seen = old[e.study_uid].first_seen if e.study_uid in old else seen
             e.last_seen = seen
+            e.node = delivered_by.get(e.study_uid, "")  # "": delivered otherwise
         self.control.replace_inventory(project, entries)
         report.studies = len(entries)
         report.new = len({e.study_uid for e in entries} - set(old))
