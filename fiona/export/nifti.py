@@ -6,16 +6,19 @@ on a folder of symbolic links with neutral names, into a temporary folder inside
 `.nii.gz`, `.json`, `.bval` and `.bvec` are kept. Names are built from values that passed the
 exports' one sanitiser (`names.clean`), and `names.place` refuses any target outside `out`, so
 no description or participant ID can reach a path unchecked. A series dcm2niix cannot convert
-is reported with its reason and the rest is delivered. The `bids` type reuses
-`convert_series`.
+is reported with its reason and the rest is delivered. Series are converted in parallel,
+one dcm2niix per CPU (`convert_all`). The `bids` type reuses `convert_series`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +86,27 @@ def convert_series(series: SeriesInput, work: Path) -> list[Image]:
     return images
 
 
+def convert_all(series: list[SeriesInput], staging: Path
+                ) -> Iterator[list[Image] | ConversionError]:
+    """`convert_series` of every series, one dcm2niix per CPU at a time (a conversion is
+    single-threaded; the series are independent), each in its own folder under `staging`
+    (which the caller removes); the results in the order of `series`, as they are ready."""
+    def convert(one: SeriesInput) -> list[Image] | ConversionError:
+        try:
+            return convert_series(one, Path(tempfile.mkdtemp(dir=staging)))
+        except ConversionError as exc:
+            return exc
+
+    if not series:
+        return
+    pool = ThreadPoolExecutor(min(len(series), len(os.sched_getaffinity(0))),
+                              thread_name_prefix="dcm2niix")
+    try:
+        yield from pool.map(convert, series)
+    finally:  # the caller failed or stopped early: start no further conversion
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _images(folder: Path) -> list[Image]:
     """The kept outputs in `folder`, grouped by base name; groups without a NIfTI dropped."""
     groups: dict[str, Image] = {}
@@ -125,27 +149,27 @@ def place_image(image: Image, out: Path, folder: tuple[str, ...], stem: str,
 class NiftiExport(ExportType):
     """`<participant>/<event>/<participant>_<event>_<series number>_<description>[_postfix]`
     with `.nii.gz`, `.json`, `.bval`, `.bvec`, all parts sanitised (the postfix is dcm2niix's,
-    for series that give several images: echoes, phase...)."""
+    for series that give several images: echoes, phase...). The series are converted in
+parallel and placed in their order, so the names do not depend on which finished first."""
 
     name = "nifti"
     description = ("NIfTI (dcm2niix) with JSON sidecars, bval/bvec for diffusion; one folder "
                    "per participant and event")
 
     def build(self, studies: list[StudyInput], out: Path, report: ExportReport) -> None:
-        for study in studies:
-            participant, event = clean(study.participant), clean(study.event)
-            for series in study.series:
-                with tempfile.TemporaryDirectory(dir=out, prefix=".dcm2niix-") as work:
-                    try:
-                        images = convert_series(series, Path(work))
-                    except ConversionError as exc:
-                        report.problems.append(
-                            f"{participant}/{event} series {series_folder(series, 4)} "
-                            f"({series.uid}): {exc}")
-                        log.warning("series %s not converted: %s", series.uid, exc)
-                    else:
-                        stem = f"{participant}_{event}_{series_folder(series, 4)}"
-                        for image in images:
-                            place_image(image, out, (participant, event),
-                                        stem + image.safe_postfix, report)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".dcm2niix-") as staging:
+            jobs = [(study, series) for study in studies for series in study.series]
+            converted = convert_all([series for _study, series in jobs], Path(staging))
+            for (study, series), images in zip(jobs, converted, strict=True):
+                participant, event = clean(study.participant), clean(study.event)
+                if isinstance(images, ConversionError):
+                    report.problems.append(
+                        f"{participant}/{event} series {series_folder(series, 4)} "
+                        f"({series.uid}): {images}")
+                    log.warning("series %s not converted: %s", series.uid, images)
+                else:
+                    stem = f"{participant}_{event}_{series_folder(series, 4)}"
+                    for image in images:
+                        place_image(image, out, (participant, event),
+                                    stem + image.safe_postfix, report)
                 report.done += len(series.files)

@@ -62,6 +62,19 @@ class Characteristics:
         return cls(sex if sex in ("M", "F", "O") else "", year, age)
 
 
+#: an Edit's value that removes the element
+REMOVE = object()
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change a profile makes: `value` is the text to write, None to empty the element,
+    or REMOVE."""
+
+    keyword: str
+    value: str | None | object
+
+
 @dataclass(frozen=True)
 class ExportProfile:
     name: str
@@ -81,13 +94,23 @@ class ExportProfile:
                 return f"a {kind} object (export profile {self.name} drops them)"
         return ""
 
-    def apply(self, ds: Dataset, person: Characteristics | None = None) -> None:
-        """Set, clear and write the allowed patient characteristics, in place."""
+    def edits(self, ds: Dataset, person: Characteristics | None = None) -> dict[str, Edit]:
+        """What the profile does to `ds`, keyword by keyword (the last rule for a keyword
+        wins): set, clear where present, write the allowed patient characteristics and
+        remove the others where present. Empty when the profile has nothing to change in
+        `ds` (a `set` is always listed). `apply` carries them out on a data set, `patch` on
+        the bytes of a file."""
+        edits: dict[str, Edit] = {}
+
+        def present(keyword: str) -> bool:
+            edit = edits.get(keyword)
+            return edit.value is not REMOVE if edit else keyword in ds
+
         for keyword, value in self.set.items():
-            setattr(ds, keyword, value)
+            edits[keyword] = Edit(keyword, value)
         for keyword in self.clear:
-            if keyword in ds:
-                ds[keyword].value = None
+            if present(keyword):
+                edits[keyword] = Edit(keyword, None)
         person = person or Characteristics()
         values = {"PatientSex": ("sex", person.sex),
                   "PatientBirthDate": ("birth_year",
@@ -95,9 +118,18 @@ class ExportProfile:
                   "PatientAge": ("age", person.age)}
         for keyword, (kind, value) in values.items():
             if kind in self.patient and value:
-                setattr(ds, keyword, value)
-            elif kind not in self.patient and keyword in ds:
-                del ds[keyword]
+                edits[keyword] = Edit(keyword, value)
+            elif kind not in self.patient and present(keyword):
+                edits[keyword] = Edit(keyword, REMOVE)
+        return edits
+
+    def apply(self, ds: Dataset, person: Characteristics | None = None) -> None:
+        """Carry out `edits` on `ds`, in place."""
+        for edit in self.edits(ds, person).values():
+            if edit.value is REMOVE:
+                del ds[edit.keyword]
+            else:  # None writes the element empty
+                setattr(ds, edit.keyword, edit.value)
 
 
 def shipped() -> Path:

@@ -13,9 +13,12 @@ C-FIND and C-GET through Review's PACS client (storage contexts with SCP role se
 TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
 
 Every object is passed through the export profile and written as `<work>/<mapped study>/
-<SOP>.dcm`; the series' classification labels are those of the ORIGINAL series, found through
-the pipeline's keyed UID mapping of the series JSONs under raw/<Study>/. A research PACS that
-cannot be reached raises `ExportUnavailable` (a worker waits and tries again).
+<SOP>.dcm` (a file of a folder destination is linked when the profile changes nothing in it,
+and edited on its bytes by `patch` where it can: decoding and encoding every element cost more
+than the rest of an export); the series' classification labels are those of the ORIGINAL
+series, found through the pipeline's keyed UID mapping of the series JSONs under raw/<Study>/.
+A research PACS that cannot be reached raises `ExportUnavailable` (a worker waits and tries
+again).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,8 @@ from ..review.pacs import ReviewPacs
 from ..send.destinations import DestinationError, DestinationUnavailable
 from ..send.forward import destination_name
 from ..tree import InvalidValue, Tree, valid_uid
+from . import patch
+from .names import place
 from .profile import Characteristics, ExportProfile
 from .types import SeriesInput, StudyInput
 
@@ -131,8 +136,8 @@ def select(control: ControlPlane, project: str, participant: str | None = None,
 # --- where the de-identified objects are -------------------------------------------------------
 class Source(ABC):
     @abstractmethod
-    def objects(self, mapped: str) -> Iterator[Dataset]:
-        """The de-identified objects of study `mapped`."""
+    def objects(self, mapped: str) -> Iterator[Dataset | Path]:
+        """The de-identified objects of study `mapped`: data sets, or the paths of files."""
 
 
 class FolderSource(Source):
@@ -141,12 +146,11 @@ class FolderSource(Source):
     def __init__(self, root: Path):
         self.root = root
 
-    def objects(self, mapped: str) -> Iterator[Dataset]:
+    def objects(self, mapped: str) -> Iterator[Path]:
         study = self.root / valid_uid(mapped, "StudyInstanceUID")
         if not study.is_dir():
             raise ExportError(f"study {mapped} is not in the folder destination {self.root}")
-        for path in sorted(study.glob("*/*.dcm")):
-            yield pydicom.dcmread(path)
+        yield from sorted(study.glob("*/*.dcm"))
 
 
 class ExportPacs(ReviewPacs):
@@ -246,22 +250,18 @@ class Collector:
         self.count = 0
         self.dropped: list[str] = []
 
-    def study(self, project: str, sel: Selected, objects: Iterator[Dataset],
+    def study(self, project: str, sel: Selected, objects: Iterable[Dataset | Path],
               labels: dict[str, list[str]], person: Characteristics) -> StudyInput:
         out = StudyInput(project, sel.participant, sel.event, sel.mapped)
         series: dict[str, SeriesInput] = {}
         folder = self.work / valid_uid(sel.mapped, "StudyInstanceUID")
         folder.mkdir(parents=True, exist_ok=True)
-        for ds in objects:
-            why = self.profile.dropped(ds)
-            if why:
-                self.dropped.append(why)
+        for obj in objects:
+            written = self._write(obj, folder, person)
+            if written is None:
                 continue
-            self.profile.apply(ds, person)
-            sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            ds, path = written
             uid = valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            path = folder / f"{sop}.dcm"
-            ds.save_as(path, enforce_file_format=True)
             if uid not in series:
                 series[uid] = SeriesInput(uid, _number(ds.get("SeriesNumber")),
                                           str(ds.get("SeriesDescription", "") or ""), [],
@@ -276,6 +276,34 @@ class Collector:
         out.series = sorted(series.values(), key=lambda s: (s.number is None, s.number or 0,
                                                             s.uid))
         return out
+
+
+    def _write(self, obj: Dataset | Path, folder: Path, person: Characteristics
+               ) -> tuple[Dataset, Path] | None:
+        """`obj` through the profile into `folder/<SOP>.dcm`: (its data set, that path), or
+        None when the profile drops it. A file the profile leaves as it is gets linked (or
+        copied); one it edits is patched on its bytes where `patch` can; anything else is
+        decoded, edited and written by pydicom."""
+        parsed = patch.parse(obj.read_bytes()) if isinstance(obj, Path) else None
+        ds = obj if isinstance(obj, Dataset) else parsed.dataset if parsed else \
+            pydicom.dcmread(obj)
+        why = self.profile.dropped(ds)
+        if why:
+            self.dropped.append(why)
+            return None
+        sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        path = folder / f"{sop}.dcm"
+        edits = list(self.profile.edits(ds, person).values())
+        if parsed and not edits:
+            place(Path(obj), folder, path.name)
+            return ds, path
+        data = patch.patch(parsed, edits) if parsed else None
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            self.profile.apply(ds, person)
+            ds.save_as(path, enforce_file_format=True)
+        return ds, path
 
 
 def retrieve(config: Config, control: ControlPlane, tree: Tree, key: bytes, project: str,
