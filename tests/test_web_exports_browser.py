@@ -66,7 +66,8 @@ def test_request_watch_ready_and_download_an_export(page: Page, tmp_path):
         assert page.evaluate("window.notReloaded") is True
         expect(job.locator("progress")).to_have_attribute("value", re.compile(r"^\d+$"))
         ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "web-exports.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "web-exports.png"), full_page=True,
+                        animations="disabled")  # the bar's transition: at its end
 
         with page.expect_download() as info:
             job.get_by_role("link", name="Download").click()

@@ -22,7 +22,7 @@ from ..actions import ActionError, Invalid
 from ..clock import SYSTEM_CLOCK
 from ..control.base import ControlPlaneError
 from ..export import orders
-from ..export.jobs import FAILED, OPEN, READY, Job, JobError, JobStore
+from ..export.jobs import FAILED, IN_PROGRESS, OPEN, READY, Job, JobError, JobStore
 from ..export.profile import ProfileError
 from ..export.profile import names as profile_names
 from ..export.retrieve import ExportError, ExportUnavailable
@@ -143,11 +143,12 @@ def job_row(job: Job, typical: float | None) -> dict:
         "state", "reason", "waiting", "done", "total", "created", "started", "finished",
         "expires", "problems", "noassign")}
     row["open"] = job.state in OPEN
-    row["estimate"] = round(typical) if typical is not None and job.state in OPEN else None
-    row["remaining"] = None
-    if row["estimate"] is not None and job.started:
-        elapsed = (SYSTEM_CLOCK.now() - datetime.fromisoformat(job.started)).total_seconds()
-        row["remaining"] = max(0, round(typical - elapsed)) if typical is not None else None
+    row["estimate"] = row["remaining"] = None  # seconds, from the project's past exports
+    if typical is not None and job.state in OPEN:
+        row["estimate"] = round(typical)
+        if job.state in IN_PROGRESS and job.started:
+            elapsed = (SYSTEM_CLOCK.now() - datetime.fromisoformat(job.started)).total_seconds()
+            row["remaining"] = max(0, round(typical - elapsed))
     ready = job.state == READY and job.zip
     row["download"] = {part: f"/exports/{job.id}/{'download' if part == 'zip' else part}"
                        for part in orders.PARTS} if ready else None
