@@ -120,7 +120,8 @@ def _page(request: Request, c: Ctx, user: User, form: ExportForm, status: int = 
     try:
         candidates = _candidates(c, form)
     except (ExportUnavailable, ControlPlaneError) as exc:
-        candidates, error = [], error or f"The studies cannot be listed now: {exc}"
+        candidates = []
+        error = error or f"The studies cannot be listed now: {_refusal(user, exc)[1]}"
     participants = []
     if form.project:
         try:
@@ -180,33 +181,40 @@ def _submit(c: Ctx, user: User, form: ExportForm, password: str, password2: str)
 REFUSALS = (ActionError, ExportError, ProfileError, JobError, ControlPlaneError, ValueError)
 
 
+def _refusal(user: User, exc: Exception) -> tuple[int, str]:
+    """The status and text of a request that was refused; what cannot be reached now is 503,
+    its technical detail for admins only (as `outcomes.http_error` does)."""
+    if isinstance(exc, ExportUnavailable):
+        return 503, str(exc) if user.admin else "the studies cannot be reached now; try again later"
+    if isinstance(exc, (ActionError, ControlPlaneError)):
+        error = http_error(user, exc)
+        return error.status_code, str(error.detail)
+    return 400, str(exc)
+
+
 @router.get("/exports", include_in_schema=False)
 def exports_page(request: Request, project: str = "", participant: str = "", event: str = "",
                  since: str = "", until: str = "", done: str = "",
                  user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     form = ExportForm(project=project, participant=participant, event=event, since=since,
-                until=until)
+                      until=until)
     return _page(request, c, user, form, message=MESSAGES.get(done, ""))
 
 
 @router.post("/exports", include_in_schema=False, dependencies=[Depends(csrf.require_csrf)])
-async def exports_request(request: Request, user: User = Depends(current_user),
-                          c: Ctx = Depends(ctx)):
-    data = await request.form()
-    text = {k: str(data.get(k, "")) for k in ("project", "participant", "event", "since",
-                                               "until", "type", "profile", "email",
-                                               "password", "password2")}
-    form = ExportForm(text["project"], text["participant"], text["event"], text["since"],
-                text["until"], text["type"], text["profile"] or "default", text["email"],
-                tuple(str(v) for v in data.getlist("study")))
+def exports_request(request: Request, project: str = Form(""), participant: str = Form(""),
+                    event: str = Form(""), since: str = Form(""), until: str = Form(""),
+                    type: str = Form("dicom"), profile: str = Form("default"),
+                    email: str = Form(""), study: list[str] = Form([]),
+                    password: str = Form(""), password2: str = Form(""),
+                    user: User = Depends(current_user), c: Ctx = Depends(ctx)):
+    form = ExportForm(project, participant, event, since, until, type, profile or "default",
+                      email, tuple(study))
     try:
-        made = _submit(c, user, form, text["password"], text["password2"])
+        made = _submit(c, user, form, password, password2)
     except REFUSALS as exc:
-        status = http_error(user, exc).status_code if isinstance(
-            exc, (ActionError, ControlPlaneError)) else 400
-        if isinstance(exc, ExportUnavailable):
-            status = 503
-        return _page(request, c, user, form, status, error=str(exc))
+        status, detail = _refusal(user, exc)
+        return _page(request, c, user, form, status, error=detail)
     done = "queued" if len(made) == 1 else "queued-many"
     query = urlencode({"done": done, "project": form.project})
     return RedirectResponse(f"/exports?{query}", status_code=303)
