@@ -31,6 +31,11 @@ class MailError(Exception):
     """The mail could not be sent; the text says why (no secret in it)."""
 
 
+class MailServerDown(MailError):
+    """The mail server could not be reached or timed out (rather than refusing this message):
+    other messages would fail the same way now."""
+
+
 def site_url(exports: dict[str, Any], web: dict[str, Any]) -> str:
     """The web application's address for links in mails: EXPORTS.url, else WEB's host:port."""
     return exports.get("url") or \
@@ -60,6 +65,9 @@ def deliver(smtp: dict[str, Any], msg: EmailMessage, timeout: float = TIMEOUT) -
             server.send_message(msg)
     except ConfigError as exc:
         raise MailError(f"SMTP.password_file: {'; '.join(exc.errors)}") from None
-    except (OSError, smtplib.SMTPException) as exc:
+    except OSError as exc:
+        raise MailServerDown(f"mail server {smtp['host']}:{smtp['port']}: "
+                             f"{type(exc).__name__}: {exc}") from None
+    except smtplib.SMTPException as exc:
         raise MailError(f"mail server {smtp['host']}:{smtp['port']}: "
                         f"{type(exc).__name__}: {exc}") from None

@@ -29,7 +29,7 @@ from ..config import Config, Site
 from ..control import open_control_plane
 from ..control.base import ControlPlane, ControlPlaneError
 from ..daemon import setup_logging
-from ..mail import MailError, deliver, message, site_url
+from ..mail import MailError, MailServerDown, deliver, message, site_url
 from ..tree import Tree, ensure_dir
 from ..web.users import User, UserStore
 from . import events as found
@@ -135,7 +135,8 @@ class Notifier:
             return 0, ["no SMTP key in config.json: notices stay queued"]
         now, base = self._now(), site_url(self.config.exports, self.config.web)
         sent, failed = 0, []
-        for (user, email), notices in sorted(pending.items()):
+        waiting = sorted(pending.items())
+        for i, ((user, email), notices) in enumerate(waiting):
             prefs = self.store.prefs(user)
             if prefs and prefs.last_sent and not any(n.kind == DIRECT for n in notices):
                 due = datetime.fromisoformat(prefs.last_sent) + \
@@ -145,6 +146,10 @@ class Notifier:
             subject, body = digest(base, notices)
             try:
                 deliver(smtp, message(smtp, email, subject, body))
+            except MailServerDown as exc:  # the others would wait for the same timeout
+                failed.append(f"{exc}: this and the {len(waiting) - i - 1} digests after it are "
+                              f"kept for the next run")
+                break
             except MailError as exc:
                 failed.append(f"digest for {user} kept for the next run: {exc}")
                 continue
