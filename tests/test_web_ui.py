@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from fiona.web import context
 from webapp import WebSite
@@ -144,3 +145,30 @@ def test_status_shows_the_scans_and_the_last_heartbeat(site: WebSite):
     page = site.client("alice").get("/status").text
     assert 'id="scans-failed">1<' in page and 'id="scans-active">0<' in page
     assert "Last heartbeat: 2026-11-29 10:00" in page and "all receivers answered" in page
+
+
+def test_a_bad_field_and_a_server_bug_answer_with_pages_not_raw_errors(site: WebSite, caplog):
+    c = site.client("alice")
+    html = {"accept": "text/html"}
+    r = c.get("/assign?page=SECRETVALUE", headers=html)
+    assert r.status_code == 422 and "text/html" in r.headers["content-type"]
+    assert 'id="error-title"' in r.text and "page" in r.text
+    assert "SECRETVALUE" not in r.text                     # the value typed is not echoed
+    assert c.get("/api/studies?page=x").headers["content-type"].startswith("application/json")
+
+    def boom():
+        raise RuntimeError("Doe^Jane")                     # a message that would identify
+    site.app.add_api_route("/boom", boom)
+    site.app.add_api_route("/api/boom", boom)
+    c = TestClient(site.app, raise_server_exceptions=False, follow_redirects=False)
+    c.cookies = site.client("alice").cookies
+    with caplog.at_level("ERROR", logger="fiona.web"):
+        page = c.get("/boom", headers=html)
+        api = c.get("/api/boom")
+    assert page.status_code == 500 and 'id="error-title"' in page.text
+    ref = re.search(r"reference ([0-9a-f]{8})", page.text).group(1)
+    assert api.status_code == 500 and "reference" in api.json()["detail"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    logged = caplog.text
+    assert ref in logged and "RuntimeError" in logged and "Doe^Jane" not in logged
+    assert "Traceback" not in logged

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
+import secrets
 from http import HTTPStatus
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -47,7 +53,10 @@ STATIC = Path(__file__).parent / "static"
 #: `swagger-ui-bundle` carries Swagger UI 4, which shows FastAPI's schema as a blank error page
 SWAGGER = Path(str(files("fastapi_offline") / "static"))
 ERROR_TITLES = {400: "Bad request", 401: "Session ended", 403: "Not allowed", 404: "Not found",
-                405: "Not allowed", 429: "Too many attempts"}
+                405: "Not allowed", 422: "Bad request", 429: "Too many attempts",
+                500: "Server error"}
+log = logging.getLogger("fiona.web")
+
 PLAIN_ERRORS = {404: "There is no such page here.",
                 405: "This page cannot be used that way; go back and use its buttons."}
 
@@ -169,6 +178,35 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
             return render(request, "error.html", exc.status_code,
                           title=ERROR_TITLES.get(exc.status_code, "Error"), detail=detail)
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        """A page asked with fields missing or of the wrong kind (an edited link, an old
+        form): a page that names the fields, never the values typed (they may identify)."""
+        if not wants_html(request):
+            return await request_validation_exception_handler(request, exc)
+        names = sorted({str(e["loc"][-1]) for e in exc.errors() if e.get("loc")})
+        return render(request, "error.html", 422, title=ERROR_TITLES[422],
+                      detail="These fields are missing or not valid: " + ", ".join(names)
+                      + ". Go back, check them and try again.")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        """A bug: the user gets a page (or JSON) with a reference to quote, the log gets the
+        reference and the error's kind; no stack trace and no message text, which may carry
+        values from the request."""
+        ref = secrets.token_hex(4)
+        log.error("unhandled %s in %s %s (reference %s): report it with this line",
+                  type(exc).__name__, request.method, request.url.path, ref)
+        detail = f"Something went wrong on the server (reference {ref}); nothing was changed " \
+                 "by this page if it stopped here. Tell your FIONA admin the reference."
+        if wants_html(request):
+            response = render(request, "error.html", 500, title=ERROR_TITLES[500],
+                              detail=detail)
+        else:
+            response = JSONResponse({"detail": detail}, status_code=500)
+        add_security_headers(response.headers, request.url.path)
+        return response
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request, next: str = "/", expired: str = ""):
