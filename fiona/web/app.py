@@ -200,6 +200,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
                   type(exc).__name__, request.method, request.url.path, ref)
         detail = f"Something went wrong on the server (reference {ref}); nothing was changed " \
                  "by this page if it stopped here. Tell your FIONA admin the reference."
+        response: Response
         if wants_html(request):
             response = render(request, "error.html", 500, title=ERROR_TITLES[500],
                               detail=detail)
