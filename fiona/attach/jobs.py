@@ -194,9 +194,10 @@ class Appender:
         try:  # one writer at a time: a retry may arrive while the dropped request still ends
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            have = os.fstat(self.fd).st_size
             os.close(self.fd)
             raise UploadError(f"another chunk of {name} is being written; ask for the offset "
-                              f"again", offset) from None
+                              f"again", have) from None
         if os.fstat(self.fd).st_size != offset:
             have = os.fstat(self.fd).st_size
             os.close(self.fd)

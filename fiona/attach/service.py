@@ -36,6 +36,10 @@ class AttachError(ValueError):
     """The job failed; the text says why (shown on the page, stored in the job)."""
 
 
+class TooLarge(Invalid):
+    """The upload is above the limit, or would fill the disk past the receiver's watermark."""
+
+
 def max_bytes(config: Config) -> int:
     return int(config.attach["max_upload_mb"] * MB)
 
@@ -70,12 +74,19 @@ class Attacher:
             self.actions.study(actor, study)
 
     def check_size(self, size: int) -> None:
+        """Refuse an empty file, one above ATTACH.max_upload_mb, and one that (twice: the
+        upload and what it becomes) would take the disk past DISK.refuse_store_percent, where
+        the receiver would refuse its objects half-way."""
         limit = max_bytes(self.config)
-        if size > limit:
-            raise Invalid(f"the file has {size / MB:.1f} MB, above the upload limit of "
-                          f"{limit / MB:.0f} MB (ATTACH.max_upload_mb)")
         if size <= 0:
             raise Invalid("the file is empty")
+        if size > limit:
+            raise TooLarge(f"the file has {size / MB:.1f} MB, above the upload limit of "
+                           f"{limit / MB:.0f} MB (ATTACH.max_upload_mb)")
+        usage = shutil.disk_usage(Tree(self.site.datadir).site)
+        if 100.0 * (usage.used + 2 * size) / usage.total >= self.config.refuse_store_percent:
+            raise TooLarge(f"the file ({size / MB:.1f} MB) does not fit on the disk below "
+                           f"DISK.refuse_store_percent; ask an admin to free space")
 
     # --- jobs --------------------------------------------------------------------------------
     def create(self, actor: Actor, project: str, participant: str, event: str, name: str,

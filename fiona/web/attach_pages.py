@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from ..actions import ActionError
 from ..attach.jobs import UPLOADING, Job, JobError, JobStore, UploadError
-from ..attach.service import MB, Attacher, max_bytes
+from ..attach.service import MB, Attacher, TooLarge, max_bytes
 from ..attach.worker import Worker
 from ..control.base import ControlPlaneError
 from ..tree import InvalidValue
@@ -71,11 +71,11 @@ def create_upload(body: dict = Body(...), user: User = Depends(current_user),
             user, str(body.get("project", "")), str(body.get("participant", "")),
             str(body.get("event", "")), str(body.get("name", "")), size,
             str(body.get("study", "") or "").strip(), body.get("pathology") or {})
-    except (TypeError, ValueError, ActionError, ControlPlaneError) as exc:
-        if isinstance(exc, ActionError) and "upload limit" in str(exc):
-            raise HTTPException(413, str(exc)) from None
-        if isinstance(exc, (ActionError, ControlPlaneError, InvalidValue)):
-            raise _error(user, exc) from None
+    except TooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except (ActionError, ControlPlaneError, InvalidValue) as exc:
+        raise _error(user, exc) from None
+    except (TypeError, ValueError) as exc:
         raise HTTPException(400, f"bad upload request: {exc}") from None
     return job.public(0)
 
