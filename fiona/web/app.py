@@ -316,7 +316,7 @@ def create_app(config: Config, site: str | None = None, secure_cookies: bool = F
     app.include_router(review_pages.router)
     app.include_router(status_pages.router)
     from . import attach_pages
-    app.include_router(attach_pages.router)
+    attach_pages.install(app)
     from . import apply_pages
     app.include_router(apply_pages.router)
     app.mount("/static/swagger", StaticFiles(directory=SWAGGER), name="swagger")
