@@ -17,7 +17,9 @@ import uvicorn
 from PIL import Image
 
 from dicomgen import make_study
+from fiona.actions import OsActor
 from fiona.attach.jobs import DONE, FAILED
+from fiona.attach.service import Attacher
 from fiona.control.base import Study
 from fiona.receive.store import dataset_part
 from helpers import free_port, wait_for
@@ -190,3 +192,20 @@ def test_pdf_and_image_join_an_existing_study_as_new_series(site, tmp_path):
     assert not {o.SeriesInstanceUID for o in added.values()} & set(study["series"])
     [req] = site.control.requests(study["study"])
     assert (req.project, req.participant) == ("A", "A001")
+
+
+def test_a_job_left_open_goes_on_when_the_server_starts(site, tmp_path):
+    """A job queued when the web application stopped is taken up at its next start, before
+    anyone opens the page (the job file is the state; nothing is redone twice)."""
+    data, study = media_zip(tmp_path)
+    (tmp_path / "cd.zip").write_bytes(data)
+    attacher = Attacher(site.config)
+    job = attacher.create(OsActor("tester"), "A", "A001", "baseline", "cd.zip", len(data),
+                          source=tmp_path / "cd.zip")
+    assert attacher.store.load(job.id).state == "queued"
+    server = Server(site.app)
+    try:
+        done = wait_for(lambda: attacher.store.load(job.id).state == DONE, 60, "the job")
+    finally:
+        server.stop()
+    assert done and len(list(site.gw.tree.study_archive(study["study"]).iterdir())) == 3

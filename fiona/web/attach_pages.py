@@ -10,7 +10,11 @@ connection. The last chunk queues the job for the worker thread; the page polls
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -31,13 +35,33 @@ router = APIRouter()
 PATHOLOGY = ("specimen", "block", "slide", "stain", "biopsy")
 
 
-def worker(request: Request, c: Ctx = Depends(ctx)) -> Worker:
+def _worker(app: FastAPI) -> Worker:
     """The application's attach worker, started (taking up open jobs) on first use."""
-    state = request.app.state
+    state = app.state
     if getattr(state, "attach_worker", None) is None:
+        c: Ctx = state.ctx
         state.attach_worker = Worker(Attacher(c.config, c.site, actions(c)))
         state.attach_worker.start()
     return state.attach_worker
+
+
+def worker(request: Request) -> Worker:
+    return _worker(request.app)
+
+
+def install(app: FastAPI) -> None:
+    """Add the pages, and start the worker when the server starts, so that jobs a stopped
+    server left open go on without waiting for someone to open the page. (Stopping leaves the
+    job in hand: its state file says where it stood, and the next start takes it up.)"""
+    app.include_router(router)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        _worker(app)
+        async with inner(a) as value:
+            yield value
+    app.router.lifespan_context = lifespan
 
 
 def _error(user: User, exc: Exception) -> HTTPException:
