@@ -66,7 +66,12 @@ def open_control_plane(config: Config, site: Site | None = None) -> ControlPlane
     key = site.datadir / "config" / "secret.key"
     if checked not in _KEY_CHECKED and key.exists():  # without a key nothing is hashed
         from .keyed import Keyed
-        from .region import check_key
-        check_key(control, Keyed.from_datadir(site.datadir), str(key))
+        from .region import KeyMismatch, check_key
+        try:
+            check_key(control, Keyed.from_datadir(site.datadir), str(key))
+        except KeyMismatch:
+            raise
+        except ControlPlaneError:  # unreachable or refusing: callers meet it at their first
+            return control         # call, with their own handling; checked the next time
         _KEY_CHECKED.add(checked)
     return control
