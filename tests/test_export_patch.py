@@ -1,6 +1,7 @@
 """Export profiles made on the bytes of a file (fiona/export/patch.py, the fast way for a
 folder destination) give the same data set as decoding, editing and writing it with pydicom,
-and the collector takes the fast way, the link or the slow way where each is due."""
+and the collector takes the fast way, the link or the slow way where each is due, one folder
+per series."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from dicomgen import make_study, part10, to_bytes
 from fiona.export import patch
+from fiona.export.nifti import _own_folder
 from fiona.export.profile import Characteristics, parse
 from fiona.export.retrieve import Collector, Selected
 
@@ -85,4 +87,5 @@ def test_the_collector_links_patches_or_writes_as_due(tmp_path):
         study = Collector(tmp_path / name, profile).study("PROJ", sel, [source], {}, PERSON)
         (written,) = study.series[0].files
         assert (written.stat().st_ino == source.stat().st_ino) == same_inode
+        assert _own_folder(study.series[0].files) == written.parent  # dcm2niix reads it
         assert pydicom.dcmread(written) == _slow(source, profile, PERSON)

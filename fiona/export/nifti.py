@@ -2,7 +2,8 @@
 event.
 
 dcm2niix (the `dcm2niix` wheel, which ships the binary) runs once per series, without a shell,
-on a folder of symbolic links with neutral names, into a temporary folder inside `out`; only
+on the series' own folder (the collector writes one per series, named by its checked UID) or
+else a folder of symbolic links with neutral names, into a temporary folder inside `out`; only
 `.nii.gz`, `.json`, `.bval` and `.bvec` are kept. Names are built from values that passed the
 exports' one sanitiser (`names.clean`), and `names.place` refuses any target outside `out`, so
 no description or participant ID can reach a path unchecked. A series dcm2niix cannot convert
@@ -67,12 +68,16 @@ def convert_series(series: SeriesInput, work: Path) -> list[Image]:
     returns the images it made, or raises ConversionError with dcm2niix's reason."""
     if not series.files:
         raise ConversionError("the series has no files")
-    source, target = work / "dicom", work / "nifti"
-    source.mkdir()
+    target = work / "nifti"
     target.mkdir()
-    for i, path in enumerate(series.files):
-        # neutral link names: dcm2niix needs one folder per series, no file name reaches argv
-        (source / f"{i:06d}.dcm").symlink_to(Path(path).resolve())
+    source = _own_folder(series.files)
+    if source is None:
+        source = work / "dicom"
+        source.mkdir()
+        for i, path in enumerate(series.files):
+            # neutral link names: dcm2niix needs one folder per series, no file name reaches
+            # argv
+            (source / f"{i:06d}.dcm").symlink_to(Path(path).resolve())
     argv = [dcm2niix.bin, "-z", "y", "-b", "y", "-ba", "y", "-f", _BASE, "-o", str(target),
             str(source)]
     try:
@@ -84,6 +89,18 @@ def convert_series(series: SeriesInput, work: Path) -> list[Image]:
     if done.returncode != 0 or not images:
         raise ConversionError(_reason(done).replace(str(source), "the series' files"))
     return images
+
+
+def _own_folder(files: list[Path]) -> Path | None:
+    """The folder that holds these files and nothing else (as the export's collector writes
+    a series: a folder named by its checked UID), which dcm2niix can read as it is; None
+    when there is no such folder."""
+    folders = {Path(f).parent for f in files}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    return folder if sorted(os.listdir(folder)) == sorted(Path(f).name for f in files) \
+        else None
 
 
 def convert_all(series: list[SeriesInput], staging: Path

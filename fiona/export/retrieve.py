@@ -13,12 +13,12 @@ C-FIND and C-GET through Review's PACS client (storage contexts with SCP role se
 TCP_NODELAY). Never the clinical archive: an export holds only what passed the gate.
 
 Every object is passed through the export profile and written as `<work>/<mapped study>/
-<SOP>.dcm` (a file of a folder destination is linked when the profile changes nothing in it,
-and edited on its bytes by `patch` where it can: decoding and encoding every element cost more
-than the rest of an export); the series' classification labels are those of the ORIGINAL
-series, found through the pipeline's keyed UID mapping of the series JSONs under raw/<Study>/.
-A research PACS that cannot be reached raises `ExportUnavailable` (a worker waits and tries
-again).
+<series>/<SOP>.dcm` (a file of a folder destination is linked when the profile changes
+nothing in it, and edited on its bytes by `patch` where it can: decoding and encoding every
+element cost more than the rest of an export). The series' classification labels are those
+of the ORIGINAL series, found through the pipeline's keyed UID mapping of the series JSONs
+under raw/<Study>/. A research PACS that cannot be reached raises `ExportUnavailable` (a
+worker waits and tries again).
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ def original_characteristics(tree: Tree, original: str) -> Characteristics:
 
 # --- into the work folder ----------------------------------------------------------------------
 class Collector:
-    """Writes objects through the export profile into `<work>/<study>/<SOP>.dcm` and builds
-    the StudyInput of each study."""
+    """Writes objects through the export profile into `<work>/<study>/<series>/<SOP>.dcm` and
+    builds the StudyInput of each study."""
 
     def __init__(self, work: Path, profile: ExportProfile, progress: Progress | None = None):
         self.work = work
@@ -249,6 +249,7 @@ class Collector:
         self.progress = progress
         self.count = 0
         self.dropped: list[str] = []
+        self.folders: set[Path] = set()
 
     def study(self, project: str, sel: Selected, objects: Iterable[Dataset | Path],
               labels: dict[str, list[str]], person: Characteristics) -> StudyInput:
@@ -277,11 +278,11 @@ class Collector:
                                                             s.uid))
         return out
 
-
     def _write(self, obj: Dataset | Path, folder: Path, person: Characteristics
                ) -> tuple[Dataset, Path] | None:
-        """`obj` through the profile into `folder/<SOP>.dcm`: (its data set, that path), or
-        None when the profile drops it. A file the profile leaves as it is gets linked (or
+        """`obj` through the profile into `folder/<series>/<SOP>.dcm` (a folder per series,
+        which dcm2niix can read as it is): (its data set, that path), or None when the
+        profile drops it. A file the profile leaves as it is gets linked (or
         copied); one it edits is patched on its bytes where `patch` can; anything else is
         decoded, edited and written by pydicom."""
         parsed = patch.parse(obj.read_bytes()) if isinstance(obj, Path) else None
@@ -292,7 +293,11 @@ class Collector:
             self.dropped.append(why)
             return None
         sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        folder = folder / valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         path = folder / f"{sop}.dcm"
+        if folder not in self.folders:
+            folder.mkdir(exist_ok=True)
+            self.folders.add(folder)
         edits = list(self.profile.edits(ds, person).values())
         if parsed and not edits:
             place(Path(obj), folder, path.name)
