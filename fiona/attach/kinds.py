@@ -57,6 +57,9 @@ def detect(path: Path, name: str) -> str:
         return kind or MEDIA
     if found == "dicom":
         return MEDIA
+    if suffix == ".mrxs":
+        raise KindError(f"{name}: a MIRAX slide is read with its data folder; upload both "
+                        f"in one zip archive")
     raise KindError(f"{name}: Attach takes DICOM files, zip archives, whole-slide images "
                     f"({', '.join(sorted(WSI_EXTENSIONS))}), PDF, PNG and JPEG; "
                     f"this file is none of them")

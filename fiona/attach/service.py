@@ -147,8 +147,10 @@ class Attacher:
         except (AttachError, KindError, archive.ArchiveError, media.MediaError,
                 wsi.ConversionError, documents.DocumentError, ingest.IngestError,
                 ControlPlaneError) as exc:
-            log.error("attach job %s failed: %s", job.id, self.actions.keyed.redact(
-                str(exc), job.participant))
+            # the reason may quote a file name, which can carry a patient's name: it goes to
+            # the job and the audit trail, not to the log
+            log.error("attach job %s of project %s failed (%s); the reason is in its job file",
+                      job.id, job.project, type(exc).__name__)
             self.store.finish(job, FAILED, str(exc))
             self._audit(job.user, "attach failed", job=job.id, project=job.project,
                         reason=str(exc))
