@@ -5,18 +5,25 @@ and the node column and filter of the Assign and Status pages."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import pytest
 
+from dicomgen import make_study
 from fiona import control as control_module
+from fiona.arrive.detector import ArrivalDetector
 from fiona.config import ConfigError, load, parse
 from fiona.control import open_control_plane
-from fiona.control.base import Series, Study
+from fiona.control.assign import Assigner
+from fiona.control.base import Project, Series, Study
 from fiona.control.keyed import Keyed
 from fiona.control.region import KeyMismatch
 from helpers import Gateway, free_port
+from inprocess import LocalSite
 from webapp import WebSite
+
+QUIET = 16.0
 
 
 def test_node_defaults_to_the_host_name_and_is_validated(tmp_path, monkeypatch):
@@ -86,3 +93,35 @@ def test_assign_and_status_show_each_studys_node_with_a_filter(site):
     html = admin.get("/status?node=north").text
     assert 'id="nodes"' in html and "1.2.1 also at south" in html
     assert json.dumps(status).count("ACCN") == 0        # identifiers stay off Status
+
+
+def test_a_study_split_between_two_nodes_is_reported_not_sent_twice(tmp_path, caplog):
+    """Series of one study reach two hospitals: the second node's detector marks the study
+    split, logs it and makes no request of its own; the first node's request stays the only
+    one, for its own series."""
+    north = LocalSite.create(tmp_path / "north", STUDY_QUIET_SECONDS=QUIET, NODE="north")
+    south = LocalSite.create(tmp_path / "south", STUDY_QUIET_SECONDS=QUIET, NODE="south")
+    try:
+        shared = north.control                       # one control plane for the region
+        shared.save_project(Project("PROJ", naming=r"^P[0-9]{4}$", events=["baseline"]))
+        Assigner(shared, north.keyed).upload_coupling("SPLIT1,PROJ,P0100,baseline\n")
+        first = make_study(tmp_path / "a", n_series=1, images_per_series=1,
+                           accession="SPLIT1", seed=11)
+        late = make_study(tmp_path / "b", n_series=2, images_per_series=1, accession="SPLIT1",
+                          study_uid=first["study"], seed=12)
+        north.arrive(first["files"])
+        north.clock.advance(QUIET + 1)
+        ArrivalDetector(north.config, north.site, shared, north.keyed, north.clock).step()
+        south.arrive([f for f in late["files"] if f.name.startswith("s02")])
+        south.clock.advance(QUIET + 1)
+        with caplog.at_level(logging.WARNING, logger="fiona"):
+            ArrivalDetector(south.config, south.site, shared, south.keyed, south.clock).step()
+        assert f"study {first['study']} is split: node north holds it" in caplog.text
+        stored = shared.study(first["study"])
+        assert (stored.node, stored.split_nodes, len(stored.series)) == ("north", ["south"], 1)
+        [req] = shared.requests(first["study"])
+        assert (req.node, req.source, req.revision) == ("north", "coupling", 1)
+        assert [r.study_uid for r in shared.pending_requests(node="south")] == []
+    finally:
+        north.close()
+        south.close()
