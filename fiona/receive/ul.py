@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Protocol
 
 from pydicom.uid import UID
@@ -422,35 +423,18 @@ class AssociationHandler:
         if not struct.unpack_from(">H", body)[0] & 1:  # PS3.8 9.3.2: version 1 is bit 0,
             self._refuse(REFUSE_VERSION)  # the only bit to test; other versions' items may
             return False  # differ, so they are not decoded
-        prim = self._decode_rq(body)
+        outcome = _negotiation(self._screened_rq(body), self.max_pdu)
         refusal = self.admission()
-        if refusal is None and str(prim.application_context_name) != APPLICATION_CONTEXT:
+        if refusal is None and outcome.application_context != APPLICATION_CONTEXT:
             refusal = REFUSE_CONTEXT
-        if refusal is None and not prim.presentation_context_definition_list:
+        if refusal is None and not outcome.proposed:
             refusal = REFUSE_NO_REASON
         if refusal is not None:
             self._refuse(refusal)
             return False
-        self.peer_max_pdu = next((int(item.maximum_length_received or 0)
-                                  for item in prim.user_information
-                                  if isinstance(item, MaximumLengthNotification)), 0)
-        results = [self._negotiate_context(cx) for cx in prim.presentation_context_definition_list]
-        ac = A_ASSOCIATE()
-        ac.application_context_name = UID(APPLICATION_CONTEXT)
-        ac.calling_ae_title = ac.called_ae_title = _PLACEHOLDER_AE.decode()
-        ac.result = 0x00
-        ac.result_source = 0x01
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_len, impl, version]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        encoded = pdu.encode()
+        self.peer_max_pdu = outcome.peer_max_pdu
+        self.contexts = dict(outcome.contexts)
+        encoded = outcome.ac
         # the AC repeats the request's AE title fields byte for byte (PS3.8 Table 9-17)
         self._set_send_timeout(self.deadlines.pdu)
         self.sock.sendall(encoded[:10] + bytes(body[4:36]) + encoded[42:])
@@ -458,55 +442,21 @@ class AssociationHandler:
                                  started=self.started)
         return True
 
-    def _decode_rq(self, body: bytearray) -> A_ASSOCIATE:
-        """The request as a pynetdicom primitive. Its items are screened first, so that
-        pynetdicom (and pydicom under it) never sees what makes it raise or log; whatever its
-        decoder raises all the same becomes a ProtocolError."""
+    def _screened_rq(self, body: bytearray) -> bytes:
+        """The request's PDU with its items screened, so that pynetdicom (and pydicom under
+        it) never sees what makes it raise or log, and reduced to what we use: the AE titles
+        replaced (they are taken from the raw PDU), of the user information only the maximum
+        length (the peer's other sub-items are extended negotiation that we do not take part
+        in, PS3.7 D.3.3)."""
         variable = bytearray()
         for item_type, value in _screen_items(bytes(body), 68, len(body), "A-ASSOCIATE-RQ",
                                               {ITEM_APPLICATION, ITEM_CONTEXT, ITEM_USER}):
-            if item_type == ITEM_USER:  # keep what we use; the peer's other sub-items are
-                # extended negotiation that we do not take part in (PS3.7 D.3.3)
+            if item_type == ITEM_USER:
                 value = b"".join(_item(t, v) for t, v in _screen_items(
                     value, 0, len(value), "user information", None) if t == ITEM_MAX_LENGTH)
             variable += _item(item_type, value)
-        rq = A_ASSOCIATE_RQ()
         raw = bytes(body[:4]) + _PLACEHOLDER_AE * 2 + bytes(body[36:68]) + bytes(variable)
-        try:
-            rq.decode(struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(raw)) + raw)
-            prim = rq.to_primitive()
-            ids = [cx.context_id for cx in prim.presentation_context_definition_list]
-        except Exception as exc:
-            raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: "
-                                f"{str(exc)[:200]!r})") from None
-        if len(set(ids)) != len(ids):
-            raise ProtocolError("A-ASSOCIATE-RQ proposes a presentation context ID twice")
-        return prim
-
-    def _negotiate_context(self, rq: PresentationContext) -> PresentationContext:
-        """Accept verification and every storage-like SOP class (private ones included) with
-        the first proposed transfer syntax that we can file without decoding pixel data."""
-        out = PresentationContext()
-        out.context_id = rq.context_id
-        out.abstract_syntax = rq.abstract_syntax
-        abstract = str(rq.abstract_syntax)
-        proposed = [str(ts) for ts in rq.transfer_syntax]
-        if abstract == VERIFICATION:
-            usable = [ts for ts in proposed if ts in _UNCOMPRESSED]
-        elif _is_storage_like(abstract):
-            usable = [ts for ts in proposed if storable_transfer_syntax(ts)]
-        else:
-            out.transfer_syntax = [proposed[0]] if proposed else []
-            out.result = 0x03  # abstract syntax not supported
-            return out
-        if not usable:
-            out.transfer_syntax = [proposed[0]] if proposed else []
-            out.result = 0x04  # transfer syntaxes not supported
-            return out
-        out.transfer_syntax = [usable[0]]
-        out.result = 0x00
-        self.contexts[rq.context_id or 0] = (abstract, usable[0])  # decoded: never None
-        return out
+        return struct.pack(">BBI", PDU_ASSOCIATE_RQ, 0, len(raw)) + raw
 
     def _refuse(self, refusal: Refusal) -> None:
         rj = A_ASSOCIATE()
@@ -631,6 +581,83 @@ class AssociationHandler:
             control = 0x03 if start + room >= len(command) else 0x01
             self._send_pdu(PDU_DATA, struct.pack(">IBB", len(piece) + 2, context_id, control)
                            + piece)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a screened A-ASSOCIATE-RQ negotiates to, before admission."""
+
+    application_context: str
+    proposed: bool  #: any presentation context proposed
+    peer_max_pdu: int  #: 0: unlimited (PS3.8 D.1)
+    contexts: dict[int, tuple[str, str]]  #: accepted: id -> (abstract, transfer syntax)
+    ac: bytes  #: the A-ASSOCIATE-AC, with placeholder AE titles
+
+
+@lru_cache(maxsize=16)  # a request is at most MAX_ASSOCIATE_RQ: 16 MiB at worst
+def _negotiation(rq_pdu: bytes, max_pdu: int) -> _Outcome:
+    """Decode a screened request and answer it. Peers propose the same contexts on every
+    association (DCMTK's storescu ~128), and pynetdicom takes ~80 ms of CPU to decode and
+    answer them, so identical requests are answered from this cache (errors are not cached)."""
+    rq = A_ASSOCIATE_RQ()
+    try:
+        rq.decode(rq_pdu)
+        prim = rq.to_primitive()
+        ids = [cx.context_id for cx in prim.presentation_context_definition_list]
+    except Exception as exc:
+        raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__}: "
+                            f"{str(exc)[:200]!r})") from None
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("A-ASSOCIATE-RQ proposes a presentation context ID twice")
+    contexts: dict[int, tuple[str, str]] = {}
+    results = [_negotiate_context(cx, contexts)
+               for cx in prim.presentation_context_definition_list]
+    ac = A_ASSOCIATE()
+    ac.application_context_name = UID(APPLICATION_CONTEXT)
+    ac.calling_ae_title = ac.called_ae_title = _PLACEHOLDER_AE.decode()
+    ac.result = 0x00
+    ac.result_source = 0x01
+    ac.presentation_context_definition_results_list = results
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    ac.user_information = [max_len, impl, version]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    return _Outcome(
+        str(prim.application_context_name), bool(prim.presentation_context_definition_list),
+        next((int(item.maximum_length_received or 0) for item in prim.user_information
+              if isinstance(item, MaximumLengthNotification)), 0), contexts, pdu.encode())
+
+
+def _negotiate_context(rq: PresentationContext, accepted: dict[int, tuple[str, str]]
+                       ) -> PresentationContext:
+    """Accept verification and every storage-like SOP class (private ones included) with
+    the first proposed transfer syntax that we can file without decoding pixel data."""
+    out = PresentationContext()
+    out.context_id = rq.context_id
+    out.abstract_syntax = rq.abstract_syntax
+    abstract = str(rq.abstract_syntax)
+    proposed = [str(ts) for ts in rq.transfer_syntax]
+    if abstract == VERIFICATION:
+        usable = [ts for ts in proposed if ts in _UNCOMPRESSED]
+    elif _is_storage_like(abstract):
+        usable = [ts for ts in proposed if storable_transfer_syntax(ts)]
+    else:
+        out.transfer_syntax = [proposed[0]] if proposed else []
+        out.result = 0x03  # abstract syntax not supported
+        return out
+    if not usable:
+        out.transfer_syntax = [proposed[0]] if proposed else []
+        out.result = 0x04  # transfer syntaxes not supported
+        return out
+    out.transfer_syntax = [usable[0]]
+    out.result = 0x00
+    accepted[rq.context_id or 0] = (abstract, usable[0])  # decoded: never None
+    return out
 
 
 def _is_storage_like(abstract: str) -> bool:
