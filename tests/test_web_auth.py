@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +193,37 @@ def test_one_address_guessing_many_user_names_is_locked(site: Site):
         assert login(c, f"guess{i}", "a wrong password").status_code == 401
     assert login(c, "admin", PASSWORD).status_code == 429
     assert login(site.client(address="192.0.2.11"), "admin", PASSWORD).status_code == 303
+
+
+def test_the_lockout_survives_a_restart_and_is_kept_keyed(site: Site):
+    """A restart of `fiona web` (a new app on the same data tree) or a second web worker sees
+    the same failures: killing the web process does not reset a lockout."""
+    c = site.client(address="192.0.2.20")
+    for _ in range(6):
+        assert login(c, "alice", "a wrong password").status_code == 401   # 6th: locked 2 s
+    restarted = create_app(site.config, clock=site.clock)     # was: a fresh, empty throttle
+    c = TestClient(restarted, follow_redirects=False, client=("192.0.2.20", 50000))
+    r = login(c, "alice", PASSWORD)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+    # kept as keyed hashes in the sessions' file (0600), never the name or address in clear
+    path = site.gw.datadir / "site" / "web-sessions.sqlite"
+    assert path.stat().st_mode & 0o777 == 0o600
+    rows = sqlite3.connect(path).execute("SELECT kind, key FROM login_throttle").fetchall()
+    assert sorted(kind for kind, _ in rows) == ["address", "user"]
+    assert all(re.fullmatch("[0-9a-f]{64}", key) for _, key in rows), rows
+    site.clock.advance(2)
+    assert login(c, "alice", PASSWORD).status_code == 303
+
+
+def test_old_throttle_entries_expire(site: Site):
+    c = site.client(address="192.0.2.30")
+    for i in range(3):
+        assert login(c, f"guess{i}", "a wrong password").status_code == 401
+    db = sqlite3.connect(site.gw.datadir / "site" / "web-sessions.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM login_throttle").fetchone()[0] == 4  # 3 names, 1 addr.
+    site.clock.advance(2 * 3600)                              # past `forget`
+    assert login(site.client(address="192.0.2.31"), "bob", "wrong").status_code == 401
+    assert db.execute("SELECT COUNT(*) FROM login_throttle").fetchone()[0] == 2  # bob, .31
 
 
 # --- 5. server-side sessions ----------------------------------------------------------------------

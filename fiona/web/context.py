@@ -69,7 +69,7 @@ class Ctx:
             sessions_path(self.datadir), clock,
             idle=60 * float(config.web.get("session_idle_minutes", 30)),
             lifetime=3600 * float(config.web.get("session_hours", 12)))
-        self.throttle = LoginThrottle(clock)
+        self.throttle = LoginThrottle(sessions_path(self.datadir), self.keyed, clock)
 
     def audit(self, user: str, action: str, **details: Any) -> None:
         audit.append(self.datadir, user, action, details)

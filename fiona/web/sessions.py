@@ -41,6 +41,18 @@ def sessions_path(datadir: Path) -> Path:
     return Path(datadir) / "site" / "web-sessions.sqlite"
 
 
+def open_database(path: Path) -> sqlite3.Connection:
+    """The sessions' SQLite file (created with mode 0600), in autocommit and WAL mode, for
+    threads of one process and for several processes; login throttling (`throttle`) keeps its
+    table in the same file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
 class SessionStore:
     """Sessions in SQLite; safe for the threads of one web process and for several processes."""
 
@@ -51,12 +63,7 @@ class SessionStore:
         self.idle = idle
         self.lifetime = lifetime
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(self.path, 0o600)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_database(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS sessions (key TEXT PRIMARY KEY, "
                          "user TEXT NOT NULL, created REAL NOT NULL, seen REAL NOT NULL, "
                          "data TEXT NOT NULL)")
