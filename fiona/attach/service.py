@@ -24,7 +24,7 @@ from ..control.base import ControlPlaneError
 from ..daemon import notify_forwarder
 from ..tree import Tree, ensure_dir, valid_uid
 from . import archive, documents, ingest, media, wsi
-from .jobs import CONVERTING, DONE, FAILED, OPEN, QUEUED, STORING, Job, JobStore
+from .jobs import CONVERTING, DONE, FAILED, OPEN, QUEUED, STORING, Job, JobStore, safe_filename
 from .kinds import IMAGE, MEDIA, PDF, WSI, KindError, detect
 
 log = logging.getLogger("fiona.attach")
@@ -67,11 +67,11 @@ class Attacher:
         if not actor.can(project, "assign"):
             self._audit(actor, "attach refused", project=project)
             raise Forbidden(f"you have no assign role in project {project}")
-        ingest.check_request(self.actions.control, self.actions.keyed,
-                             [study] if study else [], project, participant, event)
         if study:
             valid_uid(study, "StudyInstanceUID")
             self.actions.study(actor, study)
+        ingest.check_request(self.actions.control, self.actions.keyed,
+                             [study] if study else [], project, participant, event)
 
     def check_size(self, size: int) -> None:
         """Refuse an empty file, one above ATTACH.max_upload_mb, and one that (twice: the
@@ -98,7 +98,7 @@ class Attacher:
         self.check(actor, project, participant, event, study)
         self.check_size(size)
         job = self.store.new(user=actor.name, project=project, participant=participant,
-                             event=event, name=name, size=size, study=study,
+                             event=event, name=safe_filename(name), size=size, study=study,
                              pathology=wsi.Pathology.from_dict(pathology or {}).__dict__,
                              source=str(source or ""))
         if source is not None:
