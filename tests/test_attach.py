@@ -19,7 +19,7 @@ from PIL import Image
 from dicomgen import make_study
 from fiona.actions import OsActor
 from fiona.attach.jobs import DONE, FAILED
-from fiona.attach.service import Attacher
+from fiona.attach.service import UPLOAD_DAYS, Attacher
 from fiona.control.base import Study
 from fiona.receive.store import dataset_part
 from helpers import free_port, wait_for
@@ -209,3 +209,18 @@ def test_a_job_left_open_goes_on_when_the_server_starts(site, tmp_path):
     finally:
         server.stop()
     assert done and len(list(site.gw.tree.study_archive(study["study"]).iterdir())) == 3
+
+
+def test_an_abandoned_upload_is_removed_after_its_days(site):
+    alice = site.client("alice")
+    job = create(alice, 1000).json()
+    token = alice.get("/api/session").json()["csrf_token"]
+    alice.put(f"/api/attach/uploads/{job['id']}?offset=0", content=b"x" * 400,
+              headers={"X-CSRF-Token": token})
+    attacher = Attacher(site.config)
+    upload = attacher.store.folder(job["id"]) / "upload"
+    now = upload.stat().st_mtime
+    assert attacher.expire(now + (UPLOAD_DAYS * 86400 - 60)) == []  # not yet
+    [gone] = attacher.expire(now + UPLOAD_DAYS * 86400 + 60)
+    assert gone.id == job["id"] and not upload.exists()
+    assert alice.get(f"/api/attach/uploads/{job['id']}").json()["state"] == FAILED

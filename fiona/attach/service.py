@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,25 @@ from ..control.base import ControlPlaneError
 from ..daemon import notify_forwarder
 from ..tree import Tree, ensure_dir, valid_uid
 from . import archive, documents, ingest, media, wsi
-from .jobs import CONVERTING, DONE, FAILED, OPEN, QUEUED, STORING, Job, JobStore, safe_filename
+from .jobs import (
+    CONVERTING,
+    DONE,
+    FAILED,
+    OPEN,
+    QUEUED,
+    STORING,
+    UPLOADING,
+    Job,
+    JobStore,
+    safe_filename,
+)
 from .kinds import IMAGE, MEDIA, PDF, WSI, KindError, detect
 
 log = logging.getLogger("fiona.attach")
 
 MB = 1024 * 1024
+#: an upload nobody continued for this long is removed
+UPLOAD_DAYS = 7
 
 
 class AttachError(ValueError):
@@ -208,6 +222,26 @@ class Attacher:
                 documents.make(Tree(self.site.datadir), job.study, source, job.kind, partial)
             partial.rename(done)
         return media.find(media.files_under(done), done)
+
+    def expire(self, now: float | None = None) -> list[Job]:
+        """Uploads nobody continued for UPLOAD_DAYS: removed (they may be GB of identified
+        data), the job failed with the reason. Returns them."""
+        now = time.time() if now is None else now
+        gone = []
+        for job in self.store.all():
+            if job.state != UPLOADING:
+                continue
+            try:
+                idle = now - self.store.upload_path(job).stat().st_mtime
+            except FileNotFoundError:
+                idle = float("inf")
+            if idle > UPLOAD_DAYS * 86400:
+                self.store.finish(job, FAILED, f"the upload was not completed within "
+                                  f"{UPLOAD_DAYS} days; what had arrived was removed")
+                self._audit(job.user, "attach failed", job=job.id, project=job.project,
+                            reason="upload abandoned")
+                gone.append(job)
+        return gone
 
     def resume_open(self) -> list[Job]:
         """Jobs a dead worker left queued or in progress, oldest first."""

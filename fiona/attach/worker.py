@@ -15,6 +15,9 @@ from .service import Attacher
 
 log = logging.getLogger("fiona.attach")
 
+#: how often the idle worker removes abandoned uploads (`Attacher.expire`)
+EXPIRE_SECONDS = 3600.0
+
 
 class Worker:
     def __init__(self, attacher: Attacher):
@@ -29,6 +32,7 @@ class Worker:
             if self._started:
                 return
             self._started = True
+        self._expire()
         for job in self.attacher.resume_open():
             self._queue.put(job.id)
         self._thread.start()
@@ -43,7 +47,14 @@ class Worker:
             self._thread.join()
 
     def _loop(self) -> None:
-        while (job_id := self._queue.get()) is not None:
+        while True:
+            try:
+                job_id = self._queue.get(timeout=EXPIRE_SECONDS)
+            except queue.Empty:
+                self._expire()
+                continue
+            if job_id is None:
+                return
             try:
                 job = self.attacher.store.load(job_id)
                 if job.state in OPEN:
@@ -51,6 +62,12 @@ class Worker:
             except Exception:  # one job's bug must not stop the others
                 log.exception("attach job %s: unexpected error", job_id)
                 self._fail(job_id)
+
+    def _expire(self) -> None:
+        try:
+            self.attacher.expire()
+        except Exception:  # the next round tries again
+            log.exception("attach: removing abandoned uploads failed")
 
     def _fail(self, job_id: str) -> None:
         try:
