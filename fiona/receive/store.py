@@ -12,6 +12,7 @@ import io
 import logging
 import shutil
 import struct
+import time
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +48,11 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 MISMATCH = 0xC001  # SOP Instance UID of command and data set differ
+
+#: a statvfs per object costs ~0.1 ms; the watermark is checked again after this long or after
+#: this many bytes were filed (the disk cannot fill unseen by more than that)
+DISK_CHECK_SECONDS = 0.2
+DISK_CHECK_BYTES = 64 << 20
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _LAST_HEADER_TAG = 0x0020000E  # SeriesInstanceUID: everything we need to file an object
@@ -117,9 +123,16 @@ def dataset_part(path: Path) -> tuple[str, bytes]:
     return str(meta.TransferSyntaxUID), raw[meta_end:]
 
 
+@lru_cache(maxsize=1024)  # per object otherwise, and AE titles repeat
 def _line_value(value: str) -> str:
     """An AE title as a field of the comma-separated journal and pipe lines."""
     return safe_name(value, default="_").replace(",", "_").replace(" ", "_")
+
+
+@lru_cache(maxsize=1024)
+def _source_ae(calling_ae: str) -> str:
+    """The calling AE title as the file meta's Source Application Entity Title."""
+    return safe_name(calling_ae, default="UNKNOWN")[:16]
 
 
 class StoreHandler:
@@ -133,6 +146,8 @@ class StoreHandler:
         self.journal = JournalWriter(tree.journal, RECEIVED, shared=shared, join=join)
         self.wakeup = WakeupSender(pipe)
         self._known_dirs: set[Path] = set()
+        self._disk_ok_until = 0.0  # the watermark check's result holds until then...
+        self._unchecked = 0  # ...unless this many bytes were filed since
         self.creator = DurableCreator(self.tree.archive)
         #: on ext4 and XFS the journal's fdatasync (before "stored" is answered) also commits
         #: the link into the archive folder, so a separate folder fsync is not needed there
@@ -145,7 +160,7 @@ class StoreHandler:
 
     # --- the handler -------------------------------------------------------------------------
     def on_store(self, req: StoreRequest) -> int:
-        if self._disk_full():
+        if self._disk_full(len(req.dataset)):
             return OUT_OF_RESOURCES
         try:
             sop = valid_uid(req.sop_instance_uid, "SOPInstanceUID (command)")
@@ -162,8 +177,8 @@ class StoreHandler:
         except Exception as exc:  # pydicom raises many kinds on malformed bytes
             return self._refuse(req, f"cannot parse the data set as DICOM ({type(exc).__name__}: "
                                 f"{str(exc)[:200]})", CANNOT_UNDERSTAND)
-        source_ae = safe_name(req.association.calling_ae, default="UNKNOWN")[:16]
-        content = file_bytes(sop_class, sop, req.transfer_syntax, source_ae, req.dataset)
+        content = file_bytes(sop_class, sop, req.transfer_syntax,
+                             _source_ae(req.association.calling_ae), req.dataset)
         name = f"{modality_prefix(sop_class)}.{sop}"
         try:
             self._file(req, study, name, content)
@@ -177,15 +192,22 @@ class StoreHandler:
         return SUCCESS
 
     # --- steps -------------------------------------------------------------------------------
-    def _disk_full(self) -> bool:
+    def _disk_full(self, size: int) -> bool:
+        """Above the watermark? Asked of the file system again DISK_CHECK_SECONDS or
+        DISK_CHECK_BYTES after it was last below, and every time while it is above."""
+        self._unchecked += size
+        now = time.monotonic()
+        if now < self._disk_ok_until and self._unchecked < DISK_CHECK_BYTES:
+            return False
         usage = shutil.disk_usage(self.tree.site)
         percent = 100.0 * usage.used / usage.total if usage.total else 0.0
-        if percent >= self.refuse_store_percent:
-            log.error("refusing to store: disk at %.1f%% >= DISK.refuse_store_percent %.0f%% "
-                      "under %s; free disk space there (or raise the watermark in config.json)",
-                      percent, self.refuse_store_percent, self.tree.site)
-            return True
-        return False
+        if percent < self.refuse_store_percent:
+            self._disk_ok_until, self._unchecked = now + DISK_CHECK_SECONDS, 0
+            return False
+        log.error("refusing to store: disk at %.1f%% >= DISK.refuse_store_percent %.0f%% "
+                  "under %s; free disk space there (or raise the watermark in config.json)",
+                  percent, self.refuse_store_percent, self.tree.site)
+        return True
 
     def _dir(self, path: Path) -> Path:
         if path not in self._known_dirs:
