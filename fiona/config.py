@@ -82,7 +82,7 @@ CONTROL_PLANE_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
 }
 
 DISK_KEYS = {"refuse_store_percent": (95, 95), "cleanup_percent": (80, 80),
-             "cleanup_unassigned": (True, False)}
+             "cleanup_unassigned": (True, False), "scan_retention_days": (30, 30)}
 WEB_KEYS = {"host": ("127.0.0.1", "127.0.0.1"), "port": (8080, 8080), "auth": ("local", "local"),
             "trusted_proxies": (["127.0.0.1"], []), "secure_cookies": (True, False),
             "session_idle_minutes": (30, 30), "session_hours": (12, 12),
@@ -161,6 +161,7 @@ class Config:
     workflows: list[dict[str, Any]] = field(default_factory=list)
     retention_days_unassigned: float = 30.0   # clear-old-files: unassigned studies kept this long
     cleanup_unassigned: bool = False          # clear-old-files may remove unassigned studies
+    scan_retention_days: float = 30.0         # clear-old-files: concluded MPPS steps and scans
     receiver_processes: int = 1               # processes accepting on the receiver's port
     smtp: dict[str, Any] | None = None        # SMTP_KEYS, checked; None: no mail
     exports: dict[str, Any] = field(default_factory=lambda: {
@@ -515,6 +516,8 @@ def parse(raw: Any, path: Path) -> Config:
         errors.append(f"DISK.cleanup_unassigned must be true or false; got {cleanup_unassigned!r}")
     retention = _number(top["RETENTION_DAYS_UNASSIGNED"], "RETENTION_DAYS_UNASSIGNED", 1,
                         36500, errors)
+    scan_retention = _number(disk.get("scan_retention_days", 30), "DISK.scan_retention_days",
+                             1, 36500, errors)
     web = _check_keys(top["WEB"], WEB_KEYS, "WEB", errors)
     if web and web.get("auth") not in ("local", "remote-user", "ldap"):
         errors.append(f"WEB.auth must be \"local\", \"remote-user\" or \"ldap\"; "
@@ -551,6 +554,7 @@ def parse(raw: Any, path: Path) -> Config:
         refuse_store_percent=refuse, cleanup_percent=cleanup, web=web, scanner=scanner,
         mpps_port=mpps, clinical_pacs=clinical, workflows=workflows,
         retention_days_unassigned=retention, cleanup_unassigned=cleanup_unassigned is True,
+        scan_retention_days=scan_retention,
         receiver_processes=receivers,
         smtp=smtp, exports=exports, attach=attach, node=node,
     )

@@ -17,13 +17,22 @@ import pytest
 
 from fiona import audit
 from fiona.clock import FakeClock
-from fiona.config import load
+from fiona.config import ConfigError, load
 from fiona.control.base import Study, TransferRequest
 from fiona.control.local import LocalControlPlane
 from fiona.control.redcap import RedcapControlPlane
 from fiona.journal import RECEIVED, JournalWriter
 from fiona.ops.cleanup import Cleanup, CleanupError
 from fiona.ops.links import StaleLinks
+from fiona.scanner.steps import (
+    COMPLETED,
+    DISCONTINUED,
+    FAILED,
+    FINISHED,
+    IN_PROGRESS,
+    Step,
+    Steps,
+)
 from fiona.tree import Tree, ensure_dir, symlink, touch
 from helpers import Gateway, free_port
 from redcap_emulator import RedcapEmulator
@@ -324,3 +333,71 @@ def test_cli_clear_stale_links(site):
     (gw.tree.study_raw(uid(1)) / (uid(1) + ".1") / "1.2.3").symlink_to("../../nowhere")
     res = gw.run("clear-stale-links")
     assert "removed 1 dangling link(s)" in res.stdout
+
+
+# --- MPPS steps and scan outcomes -----------------------------------------------------------------
+def test_old_concluded_scans_and_steps_go_never_an_active_one(site):
+    gw, config, cp = site
+    steps = Steps(gw.datadir)
+
+    def ago(days: float) -> float:
+        return (NOW - timedelta(days=days)).timestamp()
+
+    def step(sop: str, status: str, studies: list[str], days: float) -> None:
+        steps.put(Step(uid(sop), status, [uid(s) for s in studies], ago(days),
+                       {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}))
+
+    def conclude(study: str, state: str, sops: list[str], days: float) -> None:
+        steps.conclude(uid(study), state, [uid(s) for s in sops], ago(days))
+
+    step("101", COMPLETED, ["1"], 40)                # finished 35 days ago: both go
+    conclude("1", FINISHED, ["101"], 35)
+    step("102", IN_PROGRESS, ["2"], 40)              # failed 39 days ago: both go
+    conclude("2", FAILED, ["102"], 39)
+    step("103", COMPLETED, ["3"], 60)                # active (images still missing): stays
+    step("104", COMPLETED, ["4"], 40)                # finished 5 days ago: stays
+    conclude("4", FINISHED, ["104"], 5)
+    step("105", COMPLETED, ["5", "6"], 40)           # one of its studies recent: all stay
+    conclude("5", FINISHED, ["105"], 35)
+    conclude("6", FINISHED, ["105"], 2)
+    step("107", COMPLETED, ["7"], 50)                # a rescan: the old step goes, the
+    conclude("7", FINISHED, ["107"], 45)             # outcome stays with the new step
+    step("108", IN_PROGRESS, ["7"], 1)
+    step("109", DISCONTINUED, [], 40)                # no study: goes once concluded
+    step("110", IN_PROGRESS, [], 40)                 # ... not while in progress
+    active = steps.active()
+    assert set(active) == {uid(3), uid(7)}
+
+    dry = cleanup(config, cp, gw).run(dry_run=True).scans
+    assert (dry.steps, dry.scans) == ([uid(s) for s in ("101", "102", "107", "109")],
+                                      [uid(1), uid(2)])
+    assert len(steps.all()) == 9 and not audit.audit_path(gw.datadir).exists()
+
+    report = cleanup(config, cp, gw).run()
+    assert (report.scans.steps, report.scans.scans) == (dry.steps, dry.scans)
+    assert sorted(s.sop for s in steps.all()) == [uid(s) for s in ("103", "104", "105", "108",
+                                                                  "110")]  # was: all kept
+    assert [steps.outcome(uid(s)) is not None for s in range(1, 8)] == \
+        [False, False, False, True, True, True, True]
+    assert set(steps.active()) == set(active)
+    entry = audit.audit_path(gw.datadir).read_text().splitlines()[-1]
+    assert "prune scan records" in entry and "Doe" not in entry
+    # a shorter retention (DISK.scan_retention_days) takes the rest that is concluded
+    config.scan_retention_days = 1
+    cleanup(config, cp, gw).run()
+    assert sorted(s.sop for s in steps.all()) == [uid("103"), uid("108"), uid("110")]
+
+
+def test_scan_retention_is_checked(tmp_path):
+    gw = Gateway(tmp_path / "data", free_port())
+    raw = json.loads(gw.config.read_text())
+    raw["DISK"] = {"scan_retention_days": 0}
+    gw.config.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="DISK.scan_retention_days"):
+        load(str(gw.config))
+    raw["DISK"] = {"scan_retention_days": 7}
+    gw.config.write_text(json.dumps(raw))
+    assert load(str(gw.config)).scan_retention_days == 7
+    del raw["DISK"]
+    gw.config.write_text(json.dumps(raw))
+    assert load(str(gw.config)).scan_retention_days == 30

@@ -12,6 +12,11 @@ goes only when the admin allows it (`--include-unassigned` or `DISK.cleanup_unas
 arrived more than `RETENTION_DAYS_UNASSIGNED` days ago. A study on disk that the control plane
 does not know is never removed.
 
+The same run prunes the records of scans (`fiona.scanner.steps`: MPPS steps, which carry patient
+names, and scan outcomes) concluded more than `DISK.scan_retention_days` ago, whatever the disk
+usage, never a record of a study still active; one audit entry (written first) and one log
+line name the UIDs.
+
 Everything is decided from one read of the control plane, and each study's requests are read
 again just before it is removed (a resend may have come meanwhile); when the control plane cannot
 be reached nothing is removed. Each removal is an audit entry (written first: no entry, no
@@ -33,6 +38,7 @@ from .. import audit
 from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, ConfigError, Site
 from ..control.base import ControlPlane, ControlPlaneError, Study, TransferRequest
+from ..scanner.steps import Pruning, Steps
 from ..status import DELIVERED, request_state
 from ..tree import Tree
 from .study_files import StudyFiles, arrival_files, unindexed_studies
@@ -70,6 +76,7 @@ class Report:
     watermark: float
     removed: list[Candidate] = field(default_factory=list)
     kept: Counter[str] = field(default_factory=Counter)   # reason -> studies kept for it
+    scans: Pruning = field(default_factory=Pruning)       # scan records removed (dry run: would be)
 
 
 class Cleanup:
@@ -164,7 +171,32 @@ class Cleanup:
     # --- the run ----------------------------------------------------------------------------------
     def run(self, dry_run: bool = False) -> Report:
         """Remove candidates, oldest first, until the disk is below the watermark (dry run:
-        what would go, the usage estimated from the archived files' sizes)."""
+        what would go, the usage estimated from the archived files' sizes), then old scan
+        records (not when the studies' part stopped with CleanupError)."""
+        report = self._free_disk(dry_run)
+        report.scans = self.prune_scans(dry_run)
+        return report
+
+    def prune_scans(self, dry_run: bool = False) -> Pruning:
+        """Remove the MPPS steps and scan outcomes concluded before the retention."""
+        before = self.clock.time() - 86400 * self.config.scan_retention_days
+        steps = Steps(self.site.datadir)
+        pruning = steps.prunable(before)
+        if dry_run or not (pruning.steps or pruning.scans):
+            return pruning
+        try:
+            audit.append(self.site.datadir, self.actor, "prune scan records",
+                         {"steps": pruning.steps, "scans": pruning.scans,
+                          "retention_days": self.config.scan_retention_days})
+        except (OSError, ConfigError, audit.AuditError) as exc:
+            raise CleanupError(f"the audit entry for pruning scan records could not be "
+                               f"written ({exc}); nothing was pruned") from None
+        steps.prune(pruning, before)
+        log.info("pruned %d MPPS step(s) %s and %d scan outcome(s) %s", len(pruning.steps),
+                 " ".join(pruning.steps), len(pruning.scans), " ".join(pruning.scans))
+        return pruning
+
+    def _free_disk(self, dry_run: bool) -> Report:
         watermark = self.config.cleanup_percent
         before = self.percent()
         report = Report(before, before, watermark)

@@ -27,8 +27,10 @@ def add_parsers(sub: argparse._SubParsersAction, site_arg) -> None:
                        "a pending, held or failed request is never removed. Unassigned studies "
                        "go only with --include-unassigned (or DISK.cleanup_unassigned) and "
                        "after RETENTION_DAYS_UNASSIGNED days. Each removal is logged (study UID) "
-                       "and audited. Exit 1 when the control plane cannot be reached: then "
-                       "nothing is removed.")
+                       "and audited. Also removes the records of scans (MPPS steps, scan "
+                       "outcomes) concluded more than DISK.scan_retention_days ago, never one "
+                       "of a study still active. Exit 1 when the control plane cannot be "
+                       "reached: then nothing is removed.")
     p.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
     p.add_argument("--include-unassigned", action="store_true",
                    help="also remove unassigned studies older than RETENTION_DAYS_UNASSIGNED")
@@ -125,6 +127,10 @@ def _clear_old_files(config: Config, site, args: argparse.Namespace) -> int:
     print(f"disk {report.percent_before:.1f}% used, watermark {report.watermark:g}%: {verb} "
           f"{len(report.removed)} study(ies), now {report.percent_after:.1f}%"
           f"{' (estimated)' if args.dry_run else ''}; kept: {kept}")
+    if report.scans.steps or report.scans.scans:
+        print(f"{verb} the records of {len(report.scans.scans)} concluded scan(s) and "
+              f"{len(report.scans.steps)} MPPS step(s) older than "
+              f"{config.scan_retention_days:g} days")
     return 0
 
 
