@@ -299,6 +299,10 @@ def report(seconds: dict[str, list[float]], cpu: dict[str, list[float]],
              f"{verdict(passed['dicom'])}")
     progress(f"FIONA nifti time / dcm2niix time = {nifti:.2f} (target <= {TARGET_NIFTI}) "
              f"{verdict(passed['nifti'])}")
+    cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
+    progress(f"the same in CPU time (no target): zip / FIONA dicom = "
+             f"{cpu_median[Zip.name] / cpu_median[FionaDicom.name]:.2f}, FIONA nifti / "
+             f"dcm2niix = {cpu_median[FionaNifti.name] / cpu_median[Dcm2niix.name]:.2f}")
     return {"images": images, "seconds": seconds, "median_seconds": median,
             "cpu_seconds": cpu, "outputs": outputs,
             "ratios": {"FIONA dicom speed / zip speed": dicom,
