@@ -20,13 +20,15 @@ pseudonymization key (node 1's `secret.key`, copied to the others with mode 0600
    wave 2, which the other nodes receive and deliver while the last node is down: its request
    waits, no other node fails it.
 4. The last node starts again and delivers its request.
+5. Two forwarders on one PostgreSQL index (two machines of one site; a real PostgreSQL on
+   loopback, `bench/region_forwarders.py`) send `--requests` requests: none may go twice.
 
 Checks: every study delivered exactly once by the node that holds it (each node's forwarder
 log says "sent and verified" once per study, and never names a study of another node), no
 request failed, the two auto-ID studies of one patient at two nodes got the same participant
 ID, and the research PACS holds exactly the delivered studies. The last line gives the
-figures, e.g. `region: nodes 3, studies 17, lost 0, duplicates 0, foreign failures 0`; the
-exit status is 1 when one check fails.
+figures, e.g. `region: nodes 3, studies 17, lost 0, duplicates 0, foreign failures 0` (the
+line before it those of the PostgreSQL phase); the exit status is 1 when one check fails.
 """
 
 from __future__ import annotations
@@ -56,11 +58,13 @@ from bench.common import (  # noqa: E402 (repo root)
     stop_process,
     wait_until,
 )
+from bench.region_forwarders import two_forwarders  # noqa: E402
 from dicomgen import make_study  # noqa: E402
 from fiona.bootstrap import init  # noqa: E402
 from fiona.control.base import TransferRequest  # noqa: E402
 from fiona.control.redcap import RedcapControlPlane  # noqa: E402
 from orthanc import Orthanc  # noqa: E402
+from postgres import Postgres  # noqa: E402
 from redcap_emulator import RedcapEmulator  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
@@ -282,6 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=3, help="FIONA nodes (at least 3)")
     p.add_argument("--per-node", type=int, default=3, help="coupled studies per node and wave")
+    p.add_argument("--requests", type=int, default=200,
+                   help="requests for the two forwarders on one PostgreSQL index")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
@@ -305,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             region.tear_down()
+        progress(f"two forwarders on one PostgreSQL index, {args.requests} requests ...")
+        server = Postgres()
+        try:
+            outcome = two_forwarders(root / "postgres", server.database(), args.requests)
+        finally:
+            server.stop()
+        figures["postgres"] = {"requests": outcome.requests, "sent": sum(outcome.sends.values()),
+                               "sent_twice": outcome.sent_twice, "by": dict(outcome.by),
+                               "incomplete": len(outcome.incomplete), "ok": outcome.ok}
         return figures
 
     try:
@@ -313,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"region: {exc}", file=sys.stderr)
         status = 1
     ok = bool(figures) and figures["lost"] == figures["duplicates"] == 0 and \
-        figures["foreign_failures"] == 0 and figures["autoid_same_participant"]
+        figures["foreign_failures"] == 0 and figures["autoid_same_participant"] and \
+        figures.get("postgres", {}).get("ok", False)
     if figures:
         progress(f"auto-ID: the same patient at two nodes got "
                  f"{'the same' if figures['autoid_same_participant'] else 'DIFFERENT'} "
                  f"participant ID; research PACS holds {figures['in_pacs']} studies; "
                  f"split studies: {len(figures['split'])}")
+        pg = figures.get("postgres")
+        if pg:
+            print(f"postgres: forwarders 2, requests {pg['requests']}, sent {pg['sent']}, sent "
+                  f"twice {pg['sent_twice']}, not delivered {pg['incomplete']}", flush=True)
         print(f"region: nodes {figures['nodes']}, studies {figures['studies']}, lost "
               f"{figures['lost']}, duplicates {figures['duplicates']}, foreign failures "
               f"{figures['foreign_failures']}", flush=True)

@@ -39,7 +39,9 @@ class Postgres:
     loopback)."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="fiona-pg-"))
+        # its own folder in /tmp, whatever TMPDIR says: the unprivileged user must reach
+        # it (pytest's folders are 0700 root) and the socket path must stay short
+        self.root = Path(tempfile.mkdtemp(prefix="fiona-pg-", dir="/tmp"))
         self.data = self.root / "data"
         self.port = free_port()
         self._names = itertools.count(1)
