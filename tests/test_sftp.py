@@ -249,3 +249,31 @@ def test_replacing_a_file_drops_the_servers_sidecar_of_the_old_one(tmp_path, ssh
     assert dest.run(lambda sftp: sftp.put(new, remote)) is True
     assert (sshd.remote / "f.dcm").read_bytes() == b"new contents!"
     assert [p.name for p in sshd.remote.iterdir()] == ["f.dcm"]
+
+
+def test_an_interrupted_upload_resumes_from_what_the_server_holds(tmp_path, sshd, monkeypatch):
+    """A temporary file left by a cut upload that is a true prefix of the file is appended to
+    (its bytes are not sent again); one that differs is started again from zero."""
+    import paramiko
+
+    data = os.urandom(3 << 20)
+    local = tmp_path / "big.zip"
+    local.write_bytes(data)
+    final, temp = sshd.remote / "big.zip", sshd.remote / ".big.zip.part"
+    written: list[int] = []
+    real_write = paramiko.SFTPFile.write
+    monkeypatch.setattr(paramiko.SFTPFile, "write",
+                        lambda fh, chunk: written.append(len(chunk)) or real_write(fh, chunk))
+    dest = SftpDestination("remote", sshd.settings())
+
+    temp.write_bytes(data[:2 << 20])                    # the cut left two thirds
+    assert dest.run(lambda sftp: sftp.put(local, str(final))) is True
+    assert final.read_bytes() == data and not temp.exists()
+    assert sum(written) == len(data) - (2 << 20)          # was: the whole file again
+
+    final.unlink()
+    written.clear()
+    temp.write_bytes(data[:1 << 20] + b"\0" * 10)        # not a prefix: start again
+    assert dest.run(lambda sftp: sftp.put(local, str(final))) is True
+    assert final.read_bytes() == data and not temp.exists()
+    assert sum(written) == len(data)

@@ -11,7 +11,10 @@ from the server's `<file>.sha256` or `<file>.md5` sidecar when the site's server
 original's md5 reconciliation), else by reading the remote file back and hashing it. A file that
 fails verification is removed from the final name, so a name on the server always holds a
 complete, verified copy. An upload cut off (server or network gone) leaves only the temporary
-file; the next attempt restarts it from the beginning and overwrites it.
+file; the next attempt resumes it when it is a true prefix of the file (same SHA-256 over its
+length: computed by the server where it offers the `check-file` extension, else read back, up
+to `RESUME_READBACK_LIMIT` bytes; OpenSSH does not offer it), and otherwise starts it again from
+zero. Either way the whole file is verified after the rename.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ log = logging.getLogger("fiona.send.destinations")
 T = TypeVar("T")
 
 CHUNK = 256 * 1024
+#: a partial upload longer than this is sent again rather than read back to check it: past
+#: some size reading it costs about what sending it again does
+RESUME_READBACK_LIMIT = 512 << 20
 #: sidecar suffixes a server may write beside an uploaded file, by hash name, preferred first
 SIDECARS = (("sha256", ".sha256"), ("md5", ".md5"))
 
@@ -245,7 +251,13 @@ class Sftp:
                     self.client.remove(remote + suffix)
         folder, name = PurePosixPath(remote).parent, PurePosixPath(remote).name
         temp = str(folder / f".{name}.part")
-        with open(local, "rb") as src, self.client.open(temp, "wb") as dst:
+        offset = self.resumable(local, temp, size)
+        if offset:
+            log.info("%s: resuming the upload of %s at byte %d of %d", self.name, remote,
+                     offset, size)
+        with open(local, "rb") as src, self.client.open(temp, "r+b" if offset else "wb") as dst:
+            src.seek(offset)
+            dst.seek(offset)
             dst.set_pipelined(True)
             _copy(src, dst)
         if self.size(temp) != size:
@@ -257,6 +269,34 @@ class Sftp:
             raise DestinationError(f"{remote} failed verification after upload: {difference}; "
                                    f"removed")
         return True
+
+
+    def resumable(self, local: Path, temp: str, size: int) -> int:
+        """How many bytes of `local` (`size` bytes) the temporary file `temp` already holds:
+        all of its length when it is a true prefix of `local`, else 0 (start again)."""
+        partial = self.size(temp)
+        if not partial or partial > size:
+            return 0
+        with open(local, "rb") as fh:
+            mine = _digest(fh, partial)
+        with self.client.open(temp, "rb") as fh:
+            try:
+                theirs = fh.check("sha256", 0, partial).hex()
+            except OSError:  # no check-file extension (OpenSSH): read it back
+                if partial > RESUME_READBACK_LIMIT:
+                    return 0
+                fh.prefetch(partial)
+                theirs = _digest(fh, partial)
+        return partial if theirs == mine else 0
+
+
+def _digest(fh: Any, length: int) -> str:
+    """Hex SHA-256 of the first `length` bytes of an open file (fewer when it is shorter)."""
+    h = hashlib.sha256()
+    while length > 0 and (chunk := fh.read(min(CHUNK, length))):
+        h.update(chunk)
+        length -= len(chunk)
+    return h.hexdigest()
 
 
 def _copy(src: IO[bytes], dst: Any) -> None:
