@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 from datetime import datetime
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 
 import pydicom
@@ -33,6 +34,15 @@ from orthanc import Orthanc
 
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 PROJECT = Project("PROJ", naming="^P[0-9]{4}$", events=["baseline"], features={0})
+
+
+@pytest.fixture(autouse=True)
+def _stop_pool_helpers():
+    """An in-process pool's fork server and resource tracker live as long as pytest: stop them
+    after each test (the tracker ignores SIGTERM, so the process check would wait 15 s)."""
+    yield
+    forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
