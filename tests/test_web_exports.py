@@ -233,3 +233,17 @@ def test_job_ids_are_checked(site: Site):
     assert carol.get("/exports/0123456789ab/nothing").status_code == 404
     assert TestClient(site.app, follow_redirects=False).get(
         "/api/exports").status_code == 401
+
+
+def test_a_job_with_a_password_is_never_written_without_it(site: Site, monkeypatch):
+    """The worker polls the job folder: a job file written before its sealed password would
+    be made into a zip without encryption."""
+    written = []
+    save = JobStore.save
+    monkeypatch.setattr(JobStore, "save",
+                        lambda self, job: (written.append(job.sealed_password), save(self, job)))
+    made = post_form(site.client("carol"), project="PROJ", type="dicom", study=site.mapped,
+                     password="s3cret pw", password2="s3cret pw")
+    assert made.status_code == 303
+    assert written and all(written), written
+    assert not any(b"s3cret pw" in p.read_bytes() for p in site.store.tree.export_jobs.iterdir())

@@ -92,13 +92,16 @@ class JobStore:
     def stamp(self, delta: timedelta = timedelta()) -> str:
         return (self.now() + delta).isoformat(timespec="seconds")
 
-    def new(self, **details) -> Job:
+    def new(self, password: bytes | None = None, secret: bytes = b"", **details) -> Job:
         """A queued job with a fresh id, saved; JobError for an e-mail address that is not one
-        (it becomes a mail header)."""
+        (it becomes a mail header). A `password` is sealed with `secret` before the first
+        write: the worker polls the folder, and must never find the job without it."""
         email = details.get("email")
         if email is not None and not valid_address(email):
             raise JobError(f"not an e-mail address: {email!r}")
         job = Job(id=uuid.uuid4().hex[:12], created=self.stamp(), **details)
+        if password:
+            job.sealed_password = seal(secret, job.id, password)
         self.save(job)
         return job
 

@@ -28,7 +28,7 @@ from ..config import Config, Site, read_secret
 from ..control.base import ControlPlane
 from ..tree import Tree
 from .job import export_type
-from .jobs import READY, Job, JobError, JobStore, job_path, seal
+from .jobs import READY, Job, JobError, JobStore, job_path
 from .profile import load as load_profile
 from .retrieve import ExportError, ExportUnavailable, Selected, check_request, select
 from .worker import wake
@@ -82,14 +82,11 @@ def request(config: Config, site: Site, control: ControlPlane, actor: Actor,
             proj.check_participant(order.participant or "")
     except ExportUnavailable:
         pass  # the worker waits for the control plane
-    store = JobStore(site.datadir)
-    job = store.new(project=order.project, type=order.type, requester=actor.name,
-                    participant=order.participant, event=order.event, study=order.study,
-                    profile=order.profile, noassign=order.noassign, email=order.email or None)
-    if order.password:
-        job.sealed_password = seal(read_secret(Tree(site.datadir).config / "secret.key"),
-                                   job.id, order.password)
-        store.save(job)
+    secret = read_secret(Tree(site.datadir).config / "secret.key") if order.password else b""
+    job = JobStore(site.datadir).new(
+        order.password, secret, project=order.project, type=order.type, requester=actor.name,
+        participant=order.participant, event=order.event, study=order.study,
+        profile=order.profile, noassign=order.noassign, email=order.email or None)
     audit.append(site.datadir, actor.name, "export-requested",
                  {"job": job.id, "project": job.project, "type": job.type,
                   "profile": job.profile, "participant": job.participant, "event": job.event,
