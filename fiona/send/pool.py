@@ -219,21 +219,3 @@ class DeidPool:
                 future.cancel()
             wait(queued)
 
-
-def rate(corpus: Path, out: Path, workers: int) -> float:
-    """Files per second de-identifying every file under `corpus` into `out` with `workers`
-    processes (the pool started before the clock; bench/e2e.py prints it)."""
-    from ..deid.engine import site_profile, with_profile
-
-    sources = sorted(p for p in corpus.rglob("*") if p.is_file())
-    out.mkdir(parents=True, exist_ok=True)
-    settings = with_profile(Settings(project="BENCH", participant="P0001", key=os.urandom(32)),
-                            site_profile("default", out))
-    with DeidPool(workers) as pool:
-        started = time.perf_counter()
-        done = sum(1 for o in pool.outputs(Job.of(settings, ProjectRules(), out), sources)
-                   if isinstance(o, Done) and o.path)
-        seconds = time.perf_counter() - started
-    if done != len(sources):
-        raise RuntimeError(f"de-identified {done} of {len(sources)} files")
-    return done / seconds
