@@ -165,6 +165,8 @@ class Run:
             self.set_up()
             control = open_control_plane(load(str(self.config)))
             with PeakRss(self.pids, interval=0.1) as rss:
+                forwarder = self.pids()["forwarder"]
+                cpu0 = cpu_seconds(forwarder)
                 progress("sending with one storescu association (TCP_NODELAY=1) ...")
                 t0 = time.monotonic()
                 sent = subprocess.run([STORESCU, "+sd", "-aec", "FIONA", "127.0.0.1",
@@ -176,6 +178,7 @@ class Run:
                     raise RuntimeError(f"storescu failed ({sent.returncode}): "
                                        f"{sent.stderr[-2000:]}")
                 marks = self.watch(control, study["study"], last_in)
+                figures["forwarder_cpu_s"] = round(cpu_seconds(forwarder) - cpu0, 2)
             figures["peak_rss_mb"] = {k: round(v, 1) for k, v in sorted(rss.peak.items())}
         except BaseException:
             print(f"--- last lines of up.log:\n{log_tail(self.root / 'up.log')}",
@@ -243,23 +246,23 @@ class Run:
         return found
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its descendants alive now (the pool's workers)."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time used so far by process `pid` (default: this one) and its descendants alive
+    now (the forwarder's pool workers)."""
     tick = os.sysconf("SC_CLK_TCK")
-    times = os.times()
-    total = times.user + times.system
-    todo, seen = [os.getpid()], set()
+    total = 0.0
+    todo, seen = [pid or os.getpid()], set()
     while todo:
-        for child in children(todo.pop()):
-            if child in seen:
-                continue
-            seen.add(child)
-            todo.append(child)
-            try:
-                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError, ValueError):
-                pass
+        proc = todo.pop()
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+        for child in children(proc):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
     return total
 
 
@@ -310,6 +313,8 @@ def report(f: dict) -> str:
              f"{f['last_in_to_pacs_s'] - f['quiet_s']:.2f} s = {f['ratio_minus_quiet']:.2f} x send",
              "stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in f["stages_s"].items()),
              f"forwarder: {f['forwarder_says'] or '(no stage line in its log)'}",
+             f"forwarder CPU time for the study (its workers included): "
+             f"{f['forwarder_cpu_s']:.2f} s",
              "peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in f["peak_rss_mb"].items())]
     if "deid_pool_ratio" in f:
         rates = ", ".join(f"{k} {v} files/s ({f['deid_cpu_ms_per_file'][k]} ms CPU per file)"
