@@ -74,7 +74,9 @@ class _Db:
 
 class PostgresControlPlane(SqlControlPlane):
     kind = "postgres"
-    _lock = " FOR UPDATE SKIP LOCKED"
+    #: rows another forwarder is claiming are skipped, not waited for (the nullable side of
+    #: the join with studies cannot be locked, so only the requests' rows are)
+    _claim_lock = " FOR UPDATE OF requests SKIP LOCKED"
 
     def __init__(self, dsn: str, password: str | None = None, clock: Clock = SYSTEM_CLOCK,
                  timeout: float = 10, holder: str = ""):

@@ -133,10 +133,10 @@ def _request(row: Any) -> TransferRequest:
 
 class SqlControlPlane(ControlPlane):
     """Everything but the connection: `_read` (a connection for reading) and `_tx` (one write
-    transaction) come from the backend, as do `_duplicate` (its unique-violation error) and
-    `_lock` (how a SELECT locks the rows it claims)."""
+    transaction) come from the backend, as do `_duplicate` (its unique-violation error),
+    `_lock_study` and `_claim_lock` (how the SELECT of claimable requests locks its rows)."""
 
-    _lock = ""
+    _claim_lock = ""
 
     def __init__(self, clock: Clock = SYSTEM_CLOCK, holder: str = ""):
         """`holder` names this client in request claims: a forwarder restarted on the same
@@ -250,8 +250,7 @@ class SqlControlPlane(ControlPlane):
                 f"studies.uid = requests.study_uid WHERE {PENDING} AND "
                 f"(requests.claimed_by IN ('', ?) OR requests.claimed_until < ?) "
                 f"ORDER BY substr(requests.error_message, 1, CAST(? AS INTEGER)) = ?, "
-                f"requests.requested, requests.id LIMIT {CLAIM_BATCH}"
-                f"{self._lock.replace('FOR UPDATE', 'FOR UPDATE OF requests')}",
+                f"requests.requested, requests.id LIMIT {CLAIM_BATCH}{self._claim_lock}",
                 (node, node, self.holder, now, len(HELD_PREFIX), HELD_PREFIX)).fetchall()]
             if not ids:
                 return []
