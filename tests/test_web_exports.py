@@ -4,7 +4,7 @@ study delivered to a folder destination (as the forwarder leaves it), Starlette'
 
 Who may ask (the project's export role; a refusal is audited), the job from the form to a
 download whose bytes equal the zip and its `.sha256`, HTTP Range (206, a resumed download, 416),
-and who may download (the requester, the project's export role; others 403, audited)."""
+and who may download (the project's export role, held now; others 403, audited)."""
 
 from __future__ import annotations
 
@@ -247,3 +247,20 @@ def test_a_job_with_a_password_is_never_written_without_it(site: Site, monkeypat
     assert made.status_code == 303
     assert written and all(written), written
     assert not any(b"s3cret pw" in p.read_bytes() for p in site.store.tree.export_jobs.iterdir())
+
+
+def test_an_export_is_only_for_who_holds_the_export_role_now(site: Site):
+    """A requester whose export role was withdrawn neither downloads nor sees the job, and the
+    mail's link does not tell a stranger the job's project."""
+    UserStore(site.gw.datadir).add("ivy", PASSWORD, ["project:OTHER:export"])  # PROJ withdrawn
+    (site.gw.tree.exports / "ivy.zip").write_bytes(b"zip")
+    job = site.store.new(project="PROJ", type="dicom", requester="ivy")
+    job.state, job.zip = READY, "ivy.zip"
+    site.store.save(job)
+    ivy = site.client("ivy")
+    assert ivy.get(f"/exports/{job.id}/download").status_code == 403
+    assert job.id not in json.dumps(ivy.get("/api/exports").json())
+    dave = site.client("dave")
+    link = dave.get(f"/exports/{job.id}")
+    assert link.status_code == 403 and "PROJ" not in link.headers.get("location", "")
+    assert site.client("carol").get(f"/exports/{job.id}").status_code == 303

@@ -8,9 +8,9 @@
   plane that cannot be reached lets the job wait in the worker instead), an e-mail address
   only where the site can mail. The password
   is sealed at once (`jobs.seal`) and never written in clear.
-- Who may download a finished export: its requester and users with the project's export role;
-  every download and every refusal is audited.
-- Which jobs a user sees: their own (admins: all).
+- Who may download a finished export: users with the project's export role now (the requester
+  too only while they hold it); every download and every refusal is audited.
+- Which jobs a user sees: their own that they may download (admins: all).
 """
 
 from __future__ import annotations
@@ -115,14 +115,18 @@ def delivered(control: ControlPlane, project: str, participant: str | None = Non
     return out
 
 
-def visible(datadir: Path, actor: Actor) -> list[Job]:
-    """The jobs `actor` sees on the Exports page, newest first: their own (admins: all)."""
-    jobs = [j for j in JobStore(datadir).all() if actor.admin or j.requester == actor.name]
-    return jobs[::-1]
-
-
 def may_download(actor: Actor, job: Job) -> bool:
-    return job.requester == actor.name or actor.can(job.project, "export")
+    """The project's export role, held now: a requester whose role was withdrawn has lost
+    their exports too (the role is what allows de-identified data out)."""
+    return actor.can(job.project, "export")
+
+
+def visible(datadir: Path, actor: Actor) -> list[Job]:
+    """The jobs `actor` sees on the Exports page, newest first: their own that they may still
+    download (admins: all)."""
+    jobs = [j for j in JobStore(datadir).all()
+            if actor.admin or (j.requester == actor.name and may_download(actor, j))]
+    return jobs[::-1]
 
 
 def load(datadir: Path, job_id: str) -> Job:
@@ -138,18 +142,25 @@ def load(datadir: Path, job_id: str) -> Job:
         raise NotFound(str(exc)) from None
 
 
+def allowed(datadir: Path, actor: Actor, job_id: str, address: str = "") -> Job:
+    """The job `job_id` when `actor` may download it; Invalid, NotFound or Forbidden (audited,
+    and not naming the job's project) otherwise."""
+    job = load(datadir, job_id)
+    if not may_download(actor, job):
+        audit.append(datadir, actor.name, "export-download-refused",
+                     {"job": job.id, "project": job.project, "address": address})
+        raise Forbidden(f"export {job.id} is not for you: it needs the export role in its "
+                        f"project")
+    return job
+
+
 def download(datadir: Path, actor: Actor, job_id: str, part: str = "zip",
              address: str = "") -> Path:
     """The file of ready export `job_id` to send (`part`: zip, sha256 or manifest), after
     checking who asks; audited, refusals too. Invalid, NotFound or Forbidden otherwise."""
     if part not in PARTS:
         raise NotFound(f"an export has no {part!r}; it has {', '.join(PARTS)}")
-    job = load(datadir, job_id)
-    if not may_download(actor, job):
-        audit.append(datadir, actor.name, "export-download-refused",
-                     {"job": job.id, "project": job.project, "address": address})
-        raise Forbidden(f"export {job.id} is not yours and you have no export role in "
-                        f"project {job.project}")
+    job = allowed(datadir, actor, job_id, address)
     if job.state != READY or not job.zip:
         raise NotFound(f"export {job.id} is {job.state}: there is nothing to download")
     path = Tree(datadir).exports / f"{job.zip}{PARTS[part]}"

@@ -242,10 +242,12 @@ def exports_noassign(study_uid: str, project: str = Form(""), participant: str =
 
 
 @router.get("/exports/{job_id}", include_in_schema=False)
-def export_job(job_id: str, user: User = Depends(current_user), c: Ctx = Depends(ctx)):
-    """Where the "export ready" mail points: the Exports page at that job."""
+def export_job(request: Request, job_id: str, user: User = Depends(current_user),
+               c: Ctx = Depends(ctx)):
+    """Where the "export ready" mail points: the Exports page at that job (for who may
+    download it; the redirect names the job's project)."""
     try:
-        job = orders.load(c.datadir, job_id)
+        job = orders.allowed(c.datadir, user, job_id, client_address(request))
     except ActionError as exc:
         raise http_error(user, exc) from None
     return RedirectResponse(f"/exports?{urlencode({'project': job.project})}#job-{job.id}",
@@ -264,7 +266,7 @@ def _file(request: Request, c: Ctx, user: User, job_id: str, part: str) -> FileR
 @router.get("/exports/{job_id}/download", tags=["exports"])
 def export_download(request: Request, job_id: str, user: User = Depends(current_user),
                     c: Ctx = Depends(ctx)) -> FileResponse:
-    """The zip of a ready export (HTTP Range: a broken download resumes); its requester and
+    """The zip of a ready export (HTTP Range: a broken download resumes); for who holds
     the project's export role only; audited."""
     return _file(request, c, user, job_id, "zip")
 
