@@ -344,3 +344,14 @@ def test_a_directory_user_without_roles_applies_and_the_approval_says_where_to_g
     assert "approved" in carol.get("/apply").text
     page = carol.get("/notifications").text
     assert 'id="no-mail"' in page and 'id="no-projects"' in page  # no SMTP key on this site
+
+
+def test_the_example_of_a_rule_with_nested_repeats_is_refused_not_built(site: WebSite):
+    """rstr stops each repeat at 100, but nested ones multiply: a few characters of rule
+    could make the web worker build a string of millions (or billions) of characters."""
+    alice = site.client("alice")
+    for naming in (r"(((a{100}){100}){100})", r"((((x*)*)*)*)", r"(ab{99}){50}\1\1"):
+        r = alice.get("/api/apply/example", params={"naming": naming})
+        assert r.status_code == 400 and "too long" in r.json()["detail"], naming
+    r = alice.get("/api/apply/example", params={"naming": r"^(P|Q)[0-9]{2,8}-\1?$"})
+    assert r.status_code == 200 and re.fullmatch(r"(P|Q)[0-9]{2,8}-\1?", r.json()["example"])

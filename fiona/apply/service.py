@@ -13,8 +13,12 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import replace
+from re import _constants as c
+from re import _parser  # type: ignore[attr-defined]
+from typing import Any
 
 import rstr
+from rstr.xeger import STAR_PLUS_LIMIT
 
 from ..access import Actor
 from ..actions import Actions, Invalid, NotFound, check_project
@@ -29,16 +33,47 @@ from .store import APPROVED, PENDING, PROJECT, REJECTED, ROLE, Application, Appl
 ACRONYM = re.compile(r"^[A-Za-z0-9]{5,32}$")
 MAX_TEXT = 2000
 EXAMPLE_TRIES = 20
+#: the longest example ID built (participant IDs are short; this bounds a request's work)
+MAX_EXAMPLE = 1000
+
+
+def _longest(items: Any, groups: dict[int, int]) -> int:
+    """The longest string `rstr.xeger` can make from a parsed pattern: each repeat stops at
+    STAR_PLUS_LIMIT, but nested repeats multiply, so a short rule can ask for billions."""
+    total = 0
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT):
+            total += min(av[1], STAR_PLUS_LIMIT) * _longest(av[2], groups)
+        elif op is c.SUBPATTERN:
+            width = _longest(av[3], groups)
+            if av[0] is not None:
+                groups[av[0]] = width
+            total += width
+        elif op is c.ATOMIC_GROUP:
+            total += _longest(av, groups)
+        elif op is c.BRANCH:
+            total += max(_longest(b, groups) for b in av[1])
+        elif op is c.GROUPREF_EXISTS:
+            total += max(_longest(b, groups) for b in av[1:] if b is not None)
+        elif op is c.GROUPREF:
+            total += groups.get(av, 0)
+        elif op not in (c.ASSERT, c.ASSERT_NOT, c.AT):
+            total += 1
+    return total
 
 
 def example_id(naming: str) -> str:
     """A participant ID that matches `naming`, to show the applicant what the rule allows;
-    Invalid when the rule does not compile or no example can be made from it."""
+    Invalid when the rule does not compile, when an example could be too long to build (any
+    logged-in user may ask), or when none can be made from it."""
     try:
         re.compile(naming)
     except re.error as exc:
         raise Invalid(f"the participant-ID rule {naming!r} is not a valid regular expression: "
                       f"{exc}") from None
+    if _longest(_parser.parse(naming), {}) > MAX_EXAMPLE:
+        raise Invalid(f"the participant-ID rule {naming!r} allows IDs too long to show an "
+                      f"example (more than {MAX_EXAMPLE} characters); bound its repeats")
     for _ in range(EXAMPLE_TRIES):
         try:
             candidate = rstr.xeger(naming)
