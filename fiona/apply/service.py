@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import replace
-from re import _constants as c
-from re import _parser  # type: ignore[attr-defined]
+from re import _constants as c  # type: ignore[attr-defined]
+from re import _parser
 from typing import Any
 
 import rstr
