@@ -2,8 +2,9 @@
 server, for the "export ready" mail (`fiona.export.mail`) and the notification digests
 (`fiona.notify`).
 
-TLS is verified (STARTTLS with the system's CA store), the password comes from a 0600 file
-(`SMTP.password_file`, read per message so a changed password needs no restart), and every
+TLS is verified (STARTTLS with the system's CA store; no login without it), the password
+comes from a 0600 file (`SMTP.password_file`, read per message so a changed password needs no
+restart), and every
 failure is a `MailError` whose text names the server and never a secret. Callers decide what a
 failure means: the export worker logs it, `fiona notify` keeps the digest for its next run.
 """
@@ -54,7 +55,11 @@ def message(smtp: dict[str, Any], to: str, subject: str, body: str) -> EmailMess
 
 def deliver(smtp: dict[str, Any], msg: EmailMessage, timeout: float = TIMEOUT) -> None:
     """Hand `msg` to the mail server of `smtp` (the checked `SMTP` config); MailError when it
-    cannot be reached or refuses."""
+    cannot be reached or refuses. A login without STARTTLS is refused before connecting:
+    smtplib would send the password in clear to any server that offers AUTH."""
+    if smtp.get("user") and not smtp["starttls"]:
+        raise MailError("SMTP.user is set but SMTP.starttls is false: the password would "
+                        "cross the network in clear; turn starttls on")
     try:
         with smtplib.SMTP(smtp["host"], smtp["port"], timeout=timeout) as server:
             if smtp["starttls"]:

@@ -355,3 +355,33 @@ def test_the_example_of_a_rule_with_nested_repeats_is_refused_not_built(site: We
         assert r.status_code == 400 and "too long" in r.json()["detail"], naming
     r = alice.get("/api/apply/example", params={"naming": r"^(P|Q)[0-9]{2,8}-\1?$"})
     assert r.status_code == 200 and re.fullmatch(r"(P|Q)[0-9]{2,8}-\1?", r.json()["example"])
+
+
+def test_the_smtp_password_never_crosses_the_network_in_clear(tmp_path: Path):
+    """A server that offers AUTH without TLS (as a misconfigured or hostile one may): with
+    `starttls` off, FIONA refuses to log in rather than send the password in clear."""
+    from aiosmtpd.smtp import AuthResult
+
+    from fiona.mail import MailError, deliver, message
+
+    heard = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        heard.append(auth_data)
+        return AuthResult(success=True)
+
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                           auth_require_tls=False)
+    controller.start()
+    try:
+        secret = tmp_path / "smtp.password"
+        secret.write_text("hunter2 secret")
+        secret.chmod(0o600)
+        smtp = {"host": "127.0.0.1", "port": port, "starttls": False, "user": "fiona",
+                "password_file": secret, "from": "fiona@example.org"}
+        with pytest.raises(MailError, match="starttls"):
+            deliver(smtp, message(smtp, "a@example.org", "s", "b"))
+    finally:
+        controller.stop()
+    assert heard == [] and inbox.messages == []
