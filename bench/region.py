@@ -287,7 +287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=3, help="FIONA nodes (at least 3)")
     p.add_argument("--per-node", type=int, default=3, help="coupled studies per node and wave")
     p.add_argument("--requests", type=int, default=200,
-                   help="requests for the two forwarders on one PostgreSQL index")
+                   help="requests for the two forwarders on one PostgreSQL index (0: skip "
+                        "that phase; tests/test_region_forwarders.py runs it on its own)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             region.tear_down()
+        if not args.requests:
+            return figures
         progress(f"two forwarders on one PostgreSQL index, {args.requests} requests ...")
         server = Postgres()
         try:
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     ok = bool(figures) and figures["lost"] == figures["duplicates"] == 0 and \
         figures["foreign_failures"] == 0 and figures["autoid_same_participant"] and \
-        figures.get("postgres", {}).get("ok", False)
+        figures.get("postgres", {}).get("ok", not args.requests)
     if figures:
         progress(f"auto-ID: the same patient at two nodes got "
                  f"{'the same' if figures['autoid_same_participant'] else 'DIFFERENT'} "
