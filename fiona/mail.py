@@ -4,9 +4,9 @@ server, for the "export ready" mail (`fiona.export.mail`) and the notification d
 
 TLS is verified (STARTTLS with the system's CA store; no login without it), the password
 comes from a 0600 file (`SMTP.password_file`, read per message so a changed password needs no
-restart), and every
-failure is a `MailError` whose text names the server and never a secret. Callers decide what a
-failure means: the export worker logs it, `fiona notify` keeps the digest for its next run.
+restart), and every failure is a `MailError` whose text names the server and never a secret.
+Callers decide what a failure means: the export worker logs it, `fiona notify` keeps the
+digest for its next run.
 """
 
 from __future__ import annotations

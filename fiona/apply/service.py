@@ -5,7 +5,9 @@ its message). Approval goes through `fiona.actions` exactly as `fiona project ad
 `fiona user` do (`Actions.save_project`, `Actions.set_roles`), so a project made from an
 application meets the same rules and leaves the same audit entries. Every step is audited
 ("application ..."), and the applicant's notice of the decision is queued for `fiona notify`
-(`fiona.notify.store`), so a mail server that is down delays it and loses nothing.
+(`fiona.notify.store`), so a mail server that is down delays it and loses nothing. The notice
+says the decision, not the admin's note: that is free text (it may name anyone) and, for a
+directory user, an instruction for admins; the applicant reads it on the Apply page.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ class Applications:
                 f"your application for the {app.right} role in project {app.project}")
         self.notices.queue(app.applicant, app.email, Event(
             f"application:{app.id}:{state}", DIRECT, app.project,
-            f"{what} was {state}: {note}"), self._now())
+            f"{what} was {state}; the admin's note is on the Apply page"), self._now())
         self.acts.audit(actor, f"application {state}", id=app.id, kind=app.kind,
                         project=app.project, applicant=app.applicant, note=note,
                         notice="queued for fiona notify")
