@@ -146,9 +146,6 @@ class Applications:
                       rec_end=_text(app.rec_end, "the ethics approval end"))
         app.example = example_id(app.naming)
         check_project(self.project_of(app))
-        if app.rec_end <= app.rec_start:
-            raise Invalid(f"the ethics approval must end after it starts ({app.rec_start}); "
-                          f"the end given is {app.rec_end}")
         return app
 
     def apply_project(self, actor: Actor, *, project: str, long_name: str, pi: str,
@@ -218,8 +215,6 @@ class Applications:
     def approve(self, actor: Actor, app_id: str) -> Application:
         app = self._pending(actor, app_id)
         if app.kind == PROJECT:
-            if app.project in [p.name for p in self.acts.control.projects()]:
-                raise Invalid(f"a project {app.project} exists already; reject the application")
             self.acts.save_project(actor, self.project_of(app), new=True)
             note = f"project {app.project} created; " + self._grant(
                 actor, app, [f"project:{app.project}:{r}" for r in RIGHTS])
