@@ -6,7 +6,9 @@ One run: (1) gather the events (`fiona.notify.events`), keep those whose keys ar
 notice for every user who subscribed to them and may see their project, and mark them seen, in
 one transaction; (2) mail each user with unsent notices one digest, unless their last digest
 went less than their interval ago. A notice leaves the queue only once the mail server has
-accepted its digest; a server that is down leaves it for the next run. The first run on a site
+accepted its digest; a server that is down leaves it for the next run. Duplicates rather than
+losses: a run killed after the server accepted a digest but before it was marked sent mails
+that digest again on the next run (there is no way to mark and send in one step). The first run on a site
 only records what exists (no mail about the past). Runs are serialised by a lock file.
 """
 
