@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from helpers import free_port, wait_for
+from helpers import free_port, listening, wait_for
 from test_export_worker import deliver, gateway
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 USER, PASSWORD = "rita", "correct horse battery staple 9"
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.e2e
@@ -40,7 +31,7 @@ def test_request_watch_ready_and_download_an_export(page: Page, tmp_path):
         gw.run("user", "add", USER, "--role", "project:PROJ:export", "--password-file",
                str(secret))
         gw.start("web")
-        wait_for(lambda: _listening(port), 30, "fiona web to listen")
+        wait_for(lambda: listening(port), 30, "fiona web to listen")
         url = f"http://127.0.0.1:{port}"
 
         page.goto(f"{url}/login")
