@@ -386,3 +386,28 @@ def test_the_smtp_password_never_crosses_the_network_in_clear(tmp_path: Path):
     finally:
         controller.stop()
     assert heard == [] and inbox.messages == []
+
+
+def test_a_run_killed_between_sending_and_marking_mails_again_rather_than_lose(
+        site: WebSite, smtp, monkeypatch):
+    from fiona.notify.store import NotifyStore
+
+    inbox, disk = smtp[0], Disk()
+    notifier(site, disk).run()
+    alice = site.client("alice")
+    r = alice.post("/notifications", data={"email": "alice@example.org", "sub": ["A:routed"],
+                                           "csrf_token": form(alice, "/notifications")})
+    assert r.status_code == 303
+    site.request(site.study(accession="K1"), "A", "A009")
+    mark_sent = NotifyStore.mark_sent
+
+    def killed(self, *args):
+        raise KeyboardInterrupt  # the run dies after the server accepted the digest
+
+    monkeypatch.setattr(NotifyStore, "mark_sent", killed)
+    with pytest.raises(KeyboardInterrupt):
+        notifier(site, disk).run()
+    monkeypatch.setattr(NotifyStore, "mark_sent", mark_sent)
+    assert notifier(site, disk).run().sent == 1
+    assert [("A009" in m) for m in inbox.to("alice@example.org")] == [True, True]
+    assert notifier(site, disk).run().sent == 0
