@@ -320,14 +320,20 @@ def test_a_user_without_roles_lands_on_apply_and_can_apply_for_a_role(site: WebS
 def test_a_directory_user_without_roles_applies_and_the_approval_says_where_to_grant_it(
         slapd, tmp_path: Path):
     from fiona.control import open_control_plane
+    from fiona.notify.store import NotifyStore, Prefs
     from slapd import USERS
     from test_ldap import web_site
 
     site = web_site(tmp_path, slapd)
     control = open_control_plane(site.config)
     control.save_project(Project("PROJ1", naming=r"^P[0-9]+$"))
-    carol = site.client("carol", USERS["carol"][0])  # in the directory, in no group
+    # subscribed while a group gave her PROJ1 (the roles are kept with her subscriptions)
+    notices = NotifyStore(site.gw.datadir)
+    notices.subscribe(Prefs("carol", "carol@example.org", roles=["project:PROJ1:review"]),
+                      {("PROJ1", "routed")})
+    carol = site.client("carol", USERS["carol"][0])  # in the directory, in no group now
     assert carol.get("/api/session").json()["roles"] == []
+    assert notices.prefs("carol").roles == []  # her login told the notices too
     assert carol.get("/").headers["location"] == "/apply"
     r = carol.post("/apply/role", data={"project": "PROJ1", "right": "review",
                                         "reason": "reading", "email": "carol@example.org",

@@ -8,8 +8,9 @@ one transaction; (2) mail each user with unsent notices one digest, unless their
 went less than their interval ago. A notice leaves the queue only once the mail server has
 accepted its digest; a server that is down leaves it for the next run. Duplicates rather than
 losses: a run killed after the server accepted a digest but before it was marked sent mails
-that digest again on the next run (there is no way to mark and send in one step). The first run on a site
-only records what exists (no mail about the past). Runs are serialised by a lock file.
+that digest again on the next run (there is no way to mark and send in one step). The first
+run on a site only records what exists (no mail about the past). Runs are serialised by a lock
+file.
 """
 
 from __future__ import annotations

@@ -123,6 +123,14 @@ class NotifyStore:
             db.executemany("INSERT INTO subs VALUES (?, ?, ?)",
                            [(prefs.user, p, k) for p, k in sorted(set(subs))])
 
+    def refresh_roles(self, user: str, roles: list[str]) -> None:
+        """A directory user's roles as their login just found them: the notify job has no
+        other way to learn that a group no longer gives them a project, and would otherwise
+        keep mailing them its notices (local accounts are read from users.json instead)."""
+        with self._db() as db:
+            db.execute("UPDATE prefs SET roles = ? WHERE user = ? AND roles IS NOT NULL",
+                       (json.dumps(roles), user))
+
     def subscribers(self) -> list[tuple[Prefs, set[tuple[str, str]]]]:
         users = []
         with self._db() as db:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ldap3.core.exceptions import LDAPException
 
+from ..notify.store import NotifyStore
 from .ldap_auth import LdapAuthenticator, LdapSettings
 from .users import User, UserStore
 
@@ -54,6 +55,7 @@ class Login:
             raise DirectoryDown from exc
         if found is None:
             return None, {}
+        NotifyStore(self.users.datadir).refresh_roles(found.name, found.roles)
         return User(found.name, found.roles), {DIRECTORY_ROLES: found.roles}
 
     def session_user(self, name: str, values: dict[str, Any]) -> User | None:

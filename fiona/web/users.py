@@ -111,7 +111,8 @@ class User:
 
 class UserStore:
     def __init__(self, datadir: Path):
-        self.path = Path(datadir) / "config" / "users.json"
+        self.datadir = Path(datadir)
+        self.path = self.datadir / "config" / "users.json"
 
     def _load(self) -> dict:
         try:
