@@ -75,9 +75,10 @@ def test_slide_and_cd_arrive_deidentified_in_orthanc(tmp_path, orthanc):
     assert archived.ContainerIdentifier == "3" and archived.PatientID == "P0001"
     [specimen] = archived.SpecimenDescriptionSequence
     assert specimen.SpecimenShortDescription == "colon biopsy"
-    texts = {item.get("TextValue") for step in specimen.SpecimenPreparationSequence
-             for item in step.SpecimenPreparationStepContentItemSequence}
-    assert "hematoxylin and eosin" in texts
+    stains = {code.CodeMeaning for step in specimen.SpecimenPreparationSequence
+              for item in step.SpecimenPreparationStepContentItemSequence
+              for code in item.get("ConceptCodeSequence", [])}
+    assert {"hematoxylin stain", "water soluble eosin stain"} <= stains
 
     cd_tags = orthanc.tags(orthanc.instances_of(
         next(r.mapped_uid for r in reqs if r.study_uid == cd["study"]))[0]["ID"])

@@ -5,10 +5,19 @@ the overview: both are photographs of the slide and carry names and barcodes. Th
 is left out as well (it is made from the image and adds nothing). The pathology metadata of
 the form (specimen, block, slide number, stain, biopsy id) becomes the slide's specimen
 description; the participant ID is the patient, the only identity the objects carry.
+
+The stain is written as codes wherever the form's text names stains of DICOM CID 8112 ("H&E"
+is hematoxylin stain and water soluble eosin stain), because coded content is what the
+de-identification keeps (`fiona.deid.specimen`); a part it cannot name stays text, which the
+de-identification drops. The biopsy id is the identifier of the specimen the block was cut
+from (dissection of a tissue specimen, then block sectioning into the slide), so it is in the
+DICOM as the pathology department wrote it, and de-identification replaces it with a keyed
+value.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +54,36 @@ def slide_file(paths: list[Path]) -> Path:
     return slides[0]
 
 
+#: usual short names of stains (lower case) -> CID 8112 meanings
+_STAIN_NAMES = {"h&e": ("hematoxylin stain", "water soluble eosin stain"),
+                "he": ("hematoxylin stain", "water soluble eosin stain"),
+                "hematoxylin": ("hematoxylin stain",), "haematoxylin": ("hematoxylin stain",),
+                "eosin": ("water soluble eosin stain",), "pas": ("periodic acid Schiff stain",)}
+_STAIN_SPLIT = re.compile(r"\s*(?:,|;|\+|/|\band\b)\s*", re.IGNORECASE)
+
+
+def stain_substances(text: str) -> list:
+    """The form's stain as CID 8112 codes (`SpecimenStainsCode`), each part that names none
+    kept as its text: "H&E", "hematoxylin and eosin", "hematoxylin stain, PAS"."""
+    from wsidicom.conceptcode import SpecimenStainsCode
+
+    meanings = {m.lower(): m for m in SpecimenStainsCode.list()}
+    whole = _STAIN_NAMES.get(text.strip().lower())
+    parts = [text.strip()] if whole else [p for p in _STAIN_SPLIT.split(text) if p.strip()]
+    out: list = []
+    for part in parts:
+        key = part.strip().lower()
+        names = _STAIN_NAMES.get(key) or ((meanings[key],) if key in meanings else ()) or \
+            ((meanings[key + " stain"],) if key + " stain" in meanings else ())
+        out += [SpecimenStainsCode(n) for n in names] if names else [part.strip()]
+    return out
+
+
 def _metadata(participant: str, info: Pathology):
+    from wsidicom.conceptcode import (
+        AnatomicPathologySpecimenTypesCode,
+        SpecimenSamplingProcedureCode,
+    )
     from wsidicom.metadata import (
         Equipment,
         Image,
@@ -57,17 +95,24 @@ def _metadata(participant: str, info: Pathology):
         Study,
         WsiMetadata,
     )
-    from wsidicom.metadata.sample import SlideSample, Specimen, Staining
+    from wsidicom.metadata.sample import Sample, SlideSample, Specimen, Staining
 
     samples = []
     if info.block or info.biopsy or info.specimen:
-        parent = Specimen(identifier=info.biopsy or "specimen").sample() \
-            if info.biopsy else None
-        samples.append(SlideSample(identifier=info.block or info.biopsy or "sample",
-                                   sampled_from=parent,
+        sampling = None
+        tissue = AnatomicPathologySpecimenTypesCode("tissue specimen")
+        if info.biopsy:
+            sampling = Specimen(identifier=info.biopsy, type=tissue).sample(
+                method=SpecimenSamplingProcedureCode("Dissection"))
+            if info.block:
+                sampling = Sample(identifier=info.block, type=tissue, sampled_from=[sampling]
+                                  ).sample(method=SpecimenSamplingProcedureCode("Block sectioning"))
+        parent = info.block or info.biopsy or "sample"
+        samples.append(SlideSample(identifier=f"{parent}-{info.slide}" if info.slide else parent,
+                                   sampled_from=sampling,
                                    short_description=info.specimen or None))
-    slide = Slide(identifier=info.slide or None,
-                  stainings=[Staining(substances=info.stain)] if info.stain else None,
+    stainings = [Staining(substances=stain_substances(info.stain))] if info.stain else None
+    slide = Slide(identifier=info.slide or None, stainings=stainings,
                   samples=samples or None)
     return WsiMetadata(study=Study(), series=Series(),
                        patient=Patient(name=participant, identifier=participant),

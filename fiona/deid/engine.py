@@ -13,7 +13,9 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
 - X remove; Z zero length (a sequence: no items); D a dummy value of the VR ("ANONYMIZED",
   0, 19000101, 8 zero bytes, ...; a UI: a keyed replacement; a sequence: one empty item, so
   no content of it survives); K keep (a sequence is kept and its items are de-identified);
-  U keyed replacement UID.
+  U keyed replacement UID. D on a specimen or container identifier is a keyed replacement
+  (`fiona.deid.specimen.keyed_identifier`), so a slide's levels and a case's specimens keep
+  pointing at each other.
 - C (clean): what cleaning means is written down row by row in `fiona.deid.clean` (one rule
   per C row: DATE, DATETIME, TIME, TZ_OFFSET, DESCRIPTOR, NARRATIVE, BINARY, SEQUENCE). A value
   is kept (dates: shifted) only when it has the strict form of its rule; otherwise, and always
@@ -23,6 +25,10 @@ Actions (the table's code for the tag with the options on; see `fiona.deid.table
   and de-identified item by item, and free text in it that the table does not list (e.g. an SR
   TextValue under Clean Structured Content) is cleaned the same way (coded values only of the
   source's identifiers).
+- Specimen content items (`fiona.deid.specimen`): in SpecimenPreparationStepContentItemSequence
+  (C under Clean Structured Content, else its parent sequence is Z) and
+  SpecimenLocalizationContentItemSequence, coded, numeric and date items are kept, identifier
+  TEXT items keyed, other TEXT items (free text) dropped unless the profile keeps TextValue.
 - Combined codes (`resolve_combined`): the least destructive code that keeps the IOD valid is
   chosen from a fixed list of attributes that are Type 1 or Type 2 in common IODs:
   `TYPE1_ATTRIBUTES` take D (or Z for X/Z), `TYPE2_ATTRIBUTES` take Z (or D for X/D); X/Z/U*
@@ -107,6 +113,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from .clean import CODE_KEYWORDS, RULE_VRS, Rule, clean_text, clean_value, rule_for, shift_values
 from .identifiers import Identifiers, is_class_like_uid, is_well_known_uid
+from .specimen import (
+    CONTENT_ITEM_SEQUENCES,
+    IDENTIFIER_KEYWORDS,
+    ItemAction,
+    item_action,
+    keyed_identifier,
+)
 from .table import Table, default_table
 
 try:  # the package version goes into DeidentificationMethod
@@ -152,7 +165,8 @@ _META_IMPL_NAME = RawDataElement(BaseTag(0x00020013), "SH", len(_IMPL_NAME), _IM
 
 # operations, worked out once per (tag, VR)
 KEEP, DEL, EMPTY, DUMMY, UID, DATE, DATETIME, RECURSE, EMPTY_SQ, DUMMY_SQ, SCRUB, REPLACE, \
-    RECURSE_CLEAN, SCRUB_CODE, CLEAN = range(15)
+    RECURSE_CLEAN, SCRUB_CODE, CLEAN, KEYED, CONTENT_ITEMS = range(17)
+_TEXT_VALUE = BaseTag(0x0040A160)
 
 _UID_PREFIX = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 #: the shipped profiles, package data (so a plain `pip install .` has them); a site's own
@@ -249,6 +263,7 @@ class Deidentifier:
         self._key = s.key
         self._project = s.project.encode("utf-8")
         self._uids: dict[str, str] = {}
+        self._keyed: dict[str, str] = {}
         self._shifted: dict[str, str | None] = {}
         self._shift: int | None = None
         self._safe = {(c.strip(), int(o)) for c, o in s.safe_private}
@@ -289,6 +304,13 @@ class Deidentifier:
             if len(str(n)) > room:
                 n %= 10 ** room
             out = self._uids[u] = prefix + str(n)
+        return out
+
+    def specimen_id(self, value: str) -> str:
+        """The keyed replacement of a specimen or container identifier (cached)."""
+        out = self._keyed.get(value)
+        if out is None:
+            out = self._keyed[value] = keyed_identifier(self._key, self.settings.project, value)
         return out
 
     def shift(self) -> int:
@@ -422,6 +444,8 @@ class Deidentifier:
                     elem = ds[tag]
                 for item in elem.value or ():
                     self._walk(item, clean or op == RECURSE_CLEAN)
+            elif op == CONTENT_ITEMS:
+                self._content_items(ds[tag], clean)
             elif op == CLEAN:
                 assert vr is not None    # `_plan` gives CLEAN only for a VR of the rule's
                 self._clean(ds, tag, elem, vr)
@@ -451,6 +475,25 @@ class Deidentifier:
             self._scrub(ds, tag, op == SCRUB_CODE)
         elif op == REPLACE:
             _put(ds, tag, self._replace[tag])
+        elif op == KEYED:
+            elem = ds[tag]
+            text = str(elem.value or "").strip()
+            if text:
+                elem.value = self.specimen_id(text)
+
+    def _content_items(self, elem: DataElement, clean: bool) -> None:
+        """A specimen content-item sequence, item by item (see `fiona.deid.specimen`)."""
+        kept = []
+        for item in elem.value or ():
+            action = item_action(item, _TEXT_VALUE in self._keep)
+            if action is ItemAction.DROP:
+                continue
+            source = str(item.get("TextValue", "") or "").strip()
+            self._walk(item, clean)
+            if action is ItemAction.KEY:
+                item.TextValue = self.specimen_id(source) if source else ""
+            kept.append(item)
+        elem.value = kept
 
     def _plan(self, tag: int, vr: str | None, clean: bool = False) -> tuple[str | None, int]:
         """(dictionary VR, operation) for a public tag; `vr` overrides the dictionary's."""
@@ -494,6 +537,8 @@ class Deidentifier:
         """The operation for a resolved action; C reaches here only for a sequence (the
         other C rows are resolved by `_plan` through `fiona.deid.clean`)."""
         if vr == "SQ":
+            if action is None and kw in CONTENT_ITEM_SEQUENCES:
+                return CONTENT_ITEMS
             if action == "C":
                 return RECURSE_CLEAN
             return {"X": DEL, "Z": EMPTY_SQ, "D": DUMMY_SQ}.get(action or "", RECURSE)
@@ -501,6 +546,8 @@ class Deidentifier:
             return DEL
         if action == "Z":
             return EMPTY
+        if action == "D" and kw in IDENTIFIER_KEYWORDS and vr in _TEXT_VRS:
+            return KEYED
         if action in ("D", "U"):
             return UID if vr == "UI" else DUMMY
         if action == "K":

@@ -3,7 +3,9 @@
 `Identifiers.from_dataset(source)` collects, at every depth: patient and person names (the
 whole name, each name part and word of 3 or more characters, and the usual ways of writing the
 parts together), patient IDs, other patient IDs, accession number, study ID, institution name,
-address, telephone numbers, the birth date, and every original instance UID (any UI value that
+address, telephone numbers, the birth date, specimen and container identifiers (the attributes
+and the identifier content items of the specimen module, `fiona.deid.specimen`), and every
+original instance UID (any UI value that
 is not a well-known standard UID or a class-like attribute, see `is_class_like_uid`).
 
 Two users need them, so they live here and not in either: the engine's clean action cuts them
@@ -23,6 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 
+from .specimen import identifier_text
+
 #: UI attributes that name classes or coding schemes, not instances: never replaced
 _CLASS_LIKE = frozenset({"CodingSchemeUID", "ContextUID", "MappingResourceUID"})
 
@@ -32,7 +36,8 @@ SHORT_NUMBER = 6
 NAME_KEYWORDS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
                  "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
                  "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician")
-ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID")
+ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID", "SpecimenIdentifier",
+               "ContainerIdentifier", "SpecimenAccessionNumber", "SlideIdentifier")
 TEXT_KEYWORDS = ("InstitutionName", "PatientAddress", "PatientTelephoneNumbers")
 DATE_KEYWORDS = ("PatientBirthDate",)
 _KIND = {tag_for_keyword(kw): (kw, cls)
@@ -113,6 +118,9 @@ class Identifiers:
 
     def _collect(self, ds: Dataset, uids: bool) -> None:
         d = ds._dict
+        specimen = identifier_text(ds)
+        if specimen:
+            self.add(specimen, "source specimen identifier", "id")
         for tag in list(d):
             elem = d[tag]
             vr = elem.VR

@@ -1,0 +1,166 @@
+"""Pathology metadata through de-identification (fiona.deid.specimen): a whole-slide image made
+by the real wsidicomizer from a tifffile OME-TIFF, with stain H&E and biopsy id
+"BIOPSY-SECRET-1", keeps its stain codes under the pathology profile (Clean Structured Content),
+loses every specimen identifier to keyed replacements, keeps one remapped SpecimenUID across
+its pyramid levels, and passes the verification gate."""
+
+from __future__ import annotations
+
+import copy
+from io import BytesIO
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from fiona.attach.wsi import Pathology, convert, stain_substances
+from fiona.deid.engine import Deidentifier, Settings, with_profile
+from fiona.deid.gate import GateError, check
+from fiona.deid.identifiers import Identifiers
+from fiona.deid.pipeline import Pipeline
+from test_attach_e2e import ome_tiff
+
+KEY = b"k" * 32
+SECRET = "BIOPSY-SECRET-1"
+HEMATOXYLIN, EOSIN = ("SCT", "12710003"), ("SCT", "36879007")
+
+
+def settings(profile: str, project: str = "PATH", keep: tuple[str, ...] = ()) -> Settings:
+    out = with_profile(Settings(project=project, participant="P0001", key=KEY), profile)
+    if keep:
+        out.extra["keep"] = list(out.extra.get("keep", [])) + list(keep)
+    return out
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> list[bytes]:
+    """The slide's levels as wsidicomizer wrote them (bytes, so each test reads its own)."""
+    folder = tmp_path_factory.mktemp("slide")
+    out = folder / "dicom"
+    out.mkdir()
+    files = convert(ome_tiff(folder / "slide.ome.tiff"), out, "P0001",
+                    Pathology(specimen="colon biopsy", block="A1", slide="3", stain="H&E",
+                              biopsy=SECRET))
+    return [f.read_bytes() for f in files]
+
+
+def read(data: bytes) -> Dataset:
+    return pydicom.dcmread(BytesIO(data))
+
+
+def items(ds: Dataset) -> list[Dataset]:
+    return [item for spec in ds.SpecimenDescriptionSequence
+            for step in spec.get("SpecimenPreparationSequence", [])
+            for item in step.SpecimenPreparationStepContentItemSequence]
+
+
+def codes(ds: Dataset) -> set[tuple[str, str]]:
+    return {(c.CodingSchemeDesignator, c.CodeValue) for item in items(ds)
+            for c in item.get("ConceptCodeSequence", [])}
+
+
+def test_source_slide_carries_the_form(slide):
+    ds = read(slide[0])
+    assert {HEMATOXYLIN, EOSIN} <= codes(ds)
+    assert SECRET.encode() in slide[0]
+    assert len(slide) == 3
+
+
+def test_pathology_profile_keeps_stain_codes_and_keys_identifiers(slide):
+    pipeline = Pipeline(settings("pathology"))
+    outs = [pipeline.process(read(data)) for data in slide]      # the gate runs in process
+    sources = [read(data) for data in slide]
+    specimen_uids = {r.ds.SpecimenDescriptionSequence[0].SpecimenUID for r in outs}
+    source_uids = {s.SpecimenDescriptionSequence[0].SpecimenUID for s in sources}
+    assert len(source_uids) == 1 and len(specimen_uids) == 1       # one slide, one specimen
+    assert specimen_uids != source_uids
+    assert specimen_uids == {pipeline.mapped_uid(source_uids.pop())}
+    for result in outs:
+        ds = result.ds
+        assert SECRET.encode() not in result.encoded and b"colon biopsy" not in result.encoded
+        assert {HEMATOXYLIN, EOSIN} <= codes(ds)
+        [spec] = ds.SpecimenDescriptionSequence
+        assert spec.SpecimenIdentifier.startswith("SPC") and "SpecimenShortDescription" not in spec
+        assert ds.ContainerIdentifier.startswith("SPC")
+        texts = {(i.ConceptNameCodeSequence[0].CodeValue, i.TextValue) for i in items(ds)
+                 if i.ValueType == "TEXT"}
+        parents = {t for c, t in texts if c == "111705"}
+        # the biopsy's keyed id links the block's sampling to the biopsy
+        assert pipeline.engine.specimen_id(SECRET) in parents
+        assert all(t.startswith("SPC") for _c, t in texts)
+    assert len({r.ds.ContainerIdentifier for r in outs}) == 1
+
+
+def test_default_profile_empties_the_preparation_but_keys_the_identifiers(slide):
+    result = Pipeline(settings("default")).process(read(slide[0]))
+    [spec] = result.ds.SpecimenDescriptionSequence
+    assert "SpecimenPreparationSequence" in spec and not spec.SpecimenPreparationSequence  # Z
+    assert spec.SpecimenIdentifier.startswith("SPC")
+    assert SECRET.encode() not in result.encoded
+
+
+def test_gate_stops_a_specimen_identifier_a_profile_keeps(slide):
+    source = read(slide[0])
+    ids = Identifiers.from_dataset(source)
+    engine = Deidentifier(settings("pathology", keep=("TextValue",)))
+    out = engine.apply(copy.deepcopy(source), ids)
+    [item] = [i for i in items(out) if i.ConceptNameCodeSequence[0].CodeValue == "111705"
+              and i.TextValue == engine.specimen_id(SECRET)]
+    item.TextValue = SECRET                     # as if a rule had let it through
+    buffer = BytesIO()
+    out.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(GateError) as err:
+        check(out, buffer.getvalue(), ids, engine.authored_values())
+    assert "SpecimenPreparationStepContentItemSequence" in err.value.path
+    assert SECRET not in str(err.value)
+
+
+def _text_item(concept: str, scheme: str, text: str) -> Dataset:
+    item = Dataset()
+    item.ValueType = "TEXT"
+    name = Dataset()
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = concept, scheme, "x"
+    item.ConceptNameCodeSequence = Sequence([name])
+    item.TextValue = text
+    return item
+
+
+def _with_step(*content: Dataset) -> Dataset:
+    ds = Dataset()
+    ds.PatientID = "NID0101"
+    ds.SOPInstanceUID = "1.2.3.4"
+    spec = Dataset()
+    spec.SpecimenIdentifier = "S-26-4711"
+    step = Dataset()
+    step.SpecimenPreparationStepContentItemSequence = Sequence(list(content))
+    spec.SpecimenPreparationSequence = Sequence([step])
+    ds.SpecimenDescriptionSequence = Sequence([spec])
+    return ds
+
+
+def test_free_text_items_go_unless_the_profile_keeps_text_value():
+    def step_texts(engine: Deidentifier) -> list[str]:
+        out = engine.apply(_with_step(_text_item("121041", "DCM", "S-26-4711"),
+                                      _text_item("111703", "DCM", "cut by Dr Who")))
+        return [i.TextValue for i in items(out)]
+
+    plain = step_texts(Deidentifier(settings("pathology")))
+    assert plain == [Deidentifier(settings("pathology")).specimen_id("S-26-4711")]
+    assert "cut by Dr Who" in step_texts(Deidentifier(settings("pathology", keep=("TextValue",))))
+
+
+def test_keyed_identifiers_are_per_project():
+    a, b = Deidentifier(settings("default")), Deidentifier(settings("default", project="OTHER"))
+    assert a.specimen_id(SECRET) == Deidentifier(settings("pathology")).specimen_id(SECRET)
+    assert a.specimen_id(SECRET) != b.specimen_id(SECRET)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("H&E", ["hematoxylin stain", "water soluble eosin stain"]),
+    ("hematoxylin and eosin", ["hematoxylin stain", "water soluble eosin stain"]),
+    ("PAS, Congo red", ["periodic acid Schiff stain", "Congo red stain"]),
+    ("house blend", ["house blend"]),
+])
+def test_stain_text_becomes_codes(text, expected):
+    assert [getattr(s, "meaning", s) for s in stain_substances(text)] == expected
