@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,7 +242,11 @@ def test_two_bursts_make_one_study(tmp_path, backend, quiet, amended):
         f.rename((first if f.name.startswith("s01") else second) / f.name)
     start_all(gw)
     assert gw.storescu(first).returncode == 0
-    time.sleep(5)
+    if amended:  # the second burst comes after the first one's arrival
+        wait_for(lambda: f"study {study['study']} arrived" in arrival_log(gw), 90,
+                 "the first burst to arrive")
+    # else it comes at once, well inside the 10 s quiet period (a fixed pause raced a detector
+    # that started late under load)
     assert gw.storescu(second).returncode == 0
     wait_study(gw, study["study"], 2, timeout=90)
     wait_for(lambda: not any(gw.tree.arrived.iterdir()), 60, "the touch files to be removed")
