@@ -15,6 +15,7 @@ import tifffile
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
+from fiona.deid.engine import SHIPPED_PROFILES
 from helpers import Gateway, free_port, wait_for
 
 DAEMONS = ("process-single-file", "detect-study-arrival", "anonymize-and-send")
@@ -42,6 +43,11 @@ def test_slide_and_cd_arrive_deidentified_in_orthanc(tmp_path, orthanc):
         "DESTINATIONS": {"research": {"type": "dicom", "aetitle": orthanc.aet,
                                       "host": "127.0.0.1", "port": orthanc.dicom_port}}})
     gw.run("project", "add", "PATH", "--naming", "^P[0-9]{4}$", "--events", "baseline")
+    # the site de-identifies with the pathology profile (Clean Structured Content): the stain
+    # codes go to research, the biopsy id as a keyed replacement
+    profiles = gw.datadir / "config" / "profiles"
+    profiles.mkdir(exist_ok=True)
+    (profiles / "default.json").write_bytes((SHIPPED_PROFILES / "pathology.json").read_bytes())
     for daemon in DAEMONS:
         gw.start(daemon)
     cd = make_study(tmp_path / "cd", n_series=1, images_per_series=3,
@@ -51,7 +57,8 @@ def test_slide_and_cd_arrive_deidentified_in_orthanc(tmp_path, orthanc):
             z.write(f, f"DICOM/{f.name}")
     out = gw.run("attach", "--project", "PATH", "--participant", "P0001", "--event",
                  "baseline", "--stain", "hematoxylin and eosin", "--specimen", "colon biopsy",
-                 "--block", "A1", "--slide", "3", str(ome_tiff(tmp_path / "slide.ome.tiff")),
+                 "--block", "A1", "--slide", "3", "--biopsy", "BIOPSY-SECRET-1",
+                 str(ome_tiff(tmp_path / "slide.ome.tiff")),
                  str(tmp_path / "cd.zip")).stdout
     assert "as wsi" in out and "as dicom" in out
 
@@ -68,6 +75,11 @@ def test_slide_and_cd_arrive_deidentified_in_orthanc(tmp_path, orthanc):
     assert len(instances) == 3  # the three levels: no label, overview or thumbnail
     assert all(t["ImageType"].split("\\")[2] == "VOLUME" for t in instances)
     assert all(t["PatientID"] == "P0001" for t in instances)
+    assert all("hematoxylin stain" in str(t) and "water soluble eosin stain" in str(t)
+               for t in instances)
+    assert len({t["SpecimenDescriptionSequence"][0]["SpecimenUID"] for t in instances}) == 1
+    for i in orthanc.instances_of(slide):
+        assert b"BIOPSY-SECRET-1" not in orthanc.get_bytes(f"/instances/{i['ID']}/file")
     # the form's pathology is in the archived slide; PS3.15's profile decides what leaves
     source = next(r.study_uid for r in reqs if r.study_uid != cd["study"])
     archived = pydicom.dcmread(next(gw.tree.study_archive(source).iterdir()),
