@@ -42,7 +42,9 @@ The rules (`Rule`):
   SpecimenPreparation-, GraphicAnnotationSequence, ...): kept, and every item de-identified
   like any dataset; free text in it that the table does not list (e.g. an SR TextValue, a
   CodeMeaning) is cleaned with `clean_text` (coded values, `CODE_KEYWORDS`, only of the
-  source's identifiers: a SNOMED code is digits, not a phone number).
+  source's identifiers: a SNOMED code is digits, not a phone number). The specimen module's
+  content items (SpecimenPreparationSequence's steps) follow `fiona.deid.specimen` instead:
+  coded items kept, identifier items keyed, free-text items dropped.
 - SAFE_PRIVATE (the Private Attributes row, Retain Safe Private): a private element is kept
   only when it is on the profile's safe-private list; its value then follows the rules of its
   VR like any unlisted element (dates shifted, UIDs replaced). The engine handles it in its

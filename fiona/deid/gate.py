@@ -3,7 +3,8 @@ source (SPEC §7 step 4).
 
 The identifying values of the source are collected before de-identification by
 `fiona.deid.identifiers.Identifiers.from_dataset(source)` (names and name parts, IDs, accession
-number, institution, address, telephone numbers, birth date, original instance UIDs).
+number, specimen and container identifiers, institution, address, telephone numbers, birth date,
+original instance UIDs).
 
 `check(ds_out, encoded, ids, allowed)` raises `GateError` when one of them is found in the
 de-identified output:
