@@ -36,7 +36,16 @@ from ..mail import MailError, MailServerDown, deliver, message, site_url
 from ..tree import Tree, ensure_dir
 from ..web.users import User, UserStore
 from . import events as found
-from .store import ADMIN_KINDS, DIRECT, PROJECT_KINDS, Event, Notice, NotifyStore, Prefs
+from .store import (
+    ADMIN_KINDS,
+    DIRECT,
+    PROJECT_KINDS,
+    Event,
+    Notice,
+    NotifyStore,
+    Prefs,
+    may_hear,
+)
 
 COMMAND = "notify"
 LOG_NAME = "notify"
@@ -53,15 +62,11 @@ class Report:
     failed: list[str] = field(default_factory=list)
 
 
-def recipients(event: Event, prefs: Prefs, subs: set[tuple[str, str]], user: User) -> bool:
-    """Whether this subscriber gets `event`: a project kind they chose for a project they may
-    see; an admin kind (and "failing" for every failed transfer) only for admins."""
-    if event.kind in PROJECT_KINDS and (event.project, event.kind) in subs and \
-            user.can(event.project):
-        return True
-    if not user.admin:
-        return False
-    return ("", event.kind) in subs or (event.kind == "failed" and ("", "failing") in subs)
+def recipients(event: Event, subs: set[tuple[str, str]], user: User) -> bool:
+    """Whether this subscriber gets `event`: they chose it (a failed transfer also reaches
+    who chose "failing", for the whole site) and `may_hear` it now."""
+    chosen = [(event.project, event.kind)] + ([("", "failing")] if event.kind == "failed" else [])
+    return any(c in subs and may_hear(user, *c) for c in chosen)
 
 
 def digest(base_url: str, notices: list[Notice]) -> tuple[str, str]:
@@ -122,7 +127,7 @@ class Notifier:
             if user is None or not prefs.email:
                 continue
             notices += [(prefs.user, prefs.email, e) for e in new
-                        if recipients(e, prefs, subs, user)]
+                        if recipients(e, subs, user)]
         self.store.record(new, notices, stamp)
         return len(notices)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..access import Actor
 from ..tree import ensure_dir
 
 #: kinds a user may choose per project
@@ -39,6 +40,15 @@ ADMIN_KINDS = {
 DIRECT = "application"
 DEFAULT_EVERY_MINUTES = 60
 MIN_EVERY, MAX_EVERY = 5, 7 * 24 * 60
+
+
+def may_hear(actor: Actor, project: str, kind: str) -> bool:
+    """Whether `actor` may hear of `kind` for `project` ("" for the whole site): a project kind
+    for a project they may see, a site kind as an admin. Checked when they choose, and again
+    with their roles of the day before each notice (roles change)."""
+    if kind in PROJECT_KINDS:
+        return bool(project) and actor.can(project)
+    return kind in ADMIN_KINDS and not project and actor.admin
 
 
 @dataclass

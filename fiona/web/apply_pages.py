@@ -29,6 +29,7 @@ from ..notify.store import (
     PROJECT_KINDS,
     NotifyStore,
     Prefs,
+    may_hear,
 )
 from . import csrf
 from .context import Ctx, ctx, current_user, render
@@ -189,9 +190,7 @@ def notifications_save(request: Request, email: str = Form(""),
     wanted, problems = set(), []
     for value in sub:
         project, _, kind = value.rpartition(":")
-        ok = (kind in PROJECT_KINDS and project and user.can(project)) or \
-             (kind in ADMIN_KINDS and not project and user.admin)
-        if ok:
+        if may_hear(user, project, kind):
             wanted.add((project, kind))
         else:
             problems.append(f"you cannot choose {value!r}")
