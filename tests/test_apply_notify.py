@@ -417,3 +417,24 @@ def test_a_run_killed_between_sending_and_marking_mails_again_rather_than_lose(
     assert notifier(site, disk).run().sent == 1
     assert [("A009" in m) for m in inbox.to("alice@example.org")] == [True, True]
     assert notifier(site, disk).run().sent == 0
+
+
+def test_notices_waiting_for_a_digest_are_withheld_from_who_lost_the_project(
+        site: WebSite, smtp):
+    """Roles change while notices wait (the mail server down, or a long interval): a digest
+    carries only what its reader may still see; the rest is withheld, not kept for ever."""
+    from fiona.notify.store import NotifyStore
+    from webapp import PASSWORD
+
+    inbox, disk = smtp[0], Disk()
+    notifier(site, disk).run()
+    alice = site.client("alice")
+    r = alice.post("/notifications", data={"email": "alice@example.org", "sub": ["A:routed"],
+                                           "csrf_token": form(alice, "/notifications")})
+    assert r.status_code == 303
+    site.request(site.study(accession="W1"), "A", "A007")
+    assert notifier(site, disk, smtp_port=free_port()).run().queued == 1  # mail server down
+    site.users.add("alice", PASSWORD, ["project:B:review"])  # A withdrawn meanwhile
+    assert notifier(site, disk).run().sent == 0
+    assert inbox.to("alice@example.org") == []
+    assert NotifyStore(site.gw.datadir).unsent() == []

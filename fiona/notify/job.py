@@ -4,8 +4,9 @@ delays notices and nothing else.
 
 One run: (1) gather the events (`fiona.notify.events`), keep those whose keys are new, queue a
 notice for every user who subscribed to them and may see their project, and mark them seen, in
-one transaction; (2) mail each user with unsent notices one digest, unless their last digest
-went less than their interval ago. A notice leaves the queue only once the mail server has
+one transaction; (2) mail each user with unsent notices one digest of those they may still
+see (roles change while notices wait), unless their last digest went less than their interval
+ago. A notice leaves the queue only once the mail server has
 accepted its digest; a server that is down leaves it for the next run. Duplicates rather than
 losses: a run killed after the server accepted a digest but before it was marked sent mails
 that digest again on the next run (there is no way to mark and send in one step). The first
@@ -131,6 +132,20 @@ class Notifier:
         self.store.record(new, notices, stamp)
         return len(notices)
 
+    def _still_allowed(self, user: str, prefs: Prefs | None, notices: list[Notice],
+                       now: datetime) -> list[Notice]:
+        """The notices `user` may still read; the others (a role withdrawn, an account
+        removed while they waited for a digest) are withheld for good."""
+        reader = self._user(prefs) if prefs else None
+        allowed = [n for n in notices if n.kind == DIRECT or
+                   (reader is not None and may_hear(reader, n.project, n.kind))]
+        if len(allowed) < len(notices):
+            withheld = [n.id for n in notices if n not in allowed]
+            self.store.withhold(withheld, now.isoformat(timespec="seconds"))
+            log.info("%d notices for %s withheld: they may no longer see them", len(withheld),
+                     user)
+        return allowed
+
     def send(self) -> tuple[int, list[str]]:
         """Mail the digests that are due; (digests sent, failures)."""
         smtp = self.config.smtp
@@ -144,8 +159,11 @@ class Notifier:
         now, base = self._now(), site_url(self.config.exports, self.config.web)
         sent, failed = 0, []
         waiting = sorted(pending.items())
-        for i, ((user, email), notices) in enumerate(waiting):
+        for i, ((user, email), queued) in enumerate(waiting):
             prefs = self.store.prefs(user)
+            notices = self._still_allowed(user, prefs, queued, now)
+            if not notices:
+                continue
             if prefs and prefs.last_sent and not any(n.kind == DIRECT for n in notices):
                 due = datetime.fromisoformat(prefs.last_sent) + \
                     timedelta(minutes=prefs.every_minutes)

@@ -6,7 +6,8 @@
 - `subs`: (user, project, kind) rows; admin kinds use the project "" (the whole site);
 - `seen`: the durable cursor: the key of every event already turned into notices, so a run
   that is killed, or a mail server that is down, neither repeats nor loses a notice;
-- `queue`: notices per user, kept until their digest was accepted by the mail server.
+- `queue`: notices per user, kept until their digest was accepted by the mail server (`sent`
+  says when), or withheld because their reader may no longer see them (`withheld <when>`).
 
 Nothing identifying is stored: notices carry projects, pseudonyms, counts and links.
 """
@@ -189,6 +190,12 @@ class NotifyStore:
             rows = db.execute("SELECT id, user, email, kind, project, text, created FROM queue "
                               "WHERE sent = '' ORDER BY id").fetchall()
         return [Notice(*r) for r in rows]
+
+    def withhold(self, ids: list[int], now: str) -> None:
+        """Take notices out of the queue unsent (their reader may no longer see them)."""
+        with self._db() as db:
+            db.executemany("UPDATE queue SET sent = ? WHERE id = ?",
+                           [(f"withheld {now}", i) for i in ids])
 
     def mark_sent(self, user: str, ids: list[int], now: str) -> None:
         with self._db() as db:
