@@ -438,3 +438,20 @@ def test_notices_waiting_for_a_digest_are_withheld_from_who_lost_the_project(
     assert notifier(site, disk).run().sent == 0
     assert inbox.to("alice@example.org") == []
     assert NotifyStore(site.gw.datadir).unsent() == []
+
+
+def test_a_store_that_cannot_be_reached_is_a_clear_answer_not_a_crash(site: WebSite,
+                                                                      monkeypatch):
+    """The applications live in REDCap on such sites: REDCap down is a message."""
+    from fiona.apply.store import LocalApplications
+    from fiona.control.base import Unavailable
+
+    def down(self):
+        raise Unavailable("REDCap at https://redcap.example.org cannot be reached")
+
+    monkeypatch.setattr(LocalApplications, "all", down)
+    admin, alice = site.client("admin"), site.client("alice")
+    for client, page in ((admin, "/admin/applications"), (alice, "/apply"),
+                         (alice, "/apply?done=role&id=x")):
+        r = client.get(page, headers={"Accept": "text/html"})
+        assert r.status_code == 503 and "cannot be reached" in r.text, page

@@ -73,7 +73,10 @@ def apply_page(request: Request, done: str = "", id: str = "",
                user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     message = ""
     if done in DONE:
-        app = next((a for a in service(c).mine(user) if a.id == id), None)
+        try:
+            app = next((a for a in service(c).mine(user) if a.id == id), None)
+        except ControlPlaneError as exc:
+            raise http_error(user, exc) from None
         if app is not None:  # only one's own application, so a link cannot say anything else
             message = DONE[done].format(**vars(app))
     return _apply_page(request, c, user, message=message)
@@ -128,10 +131,9 @@ def api_example(naming: str, user: User = Depends(current_user)) -> dict:
 @router.get("/admin/applications", include_in_schema=False)
 def applications_page(request: Request, done: str = "", id: str = "",
                       user: User = Depends(current_user), c: Ctx = Depends(ctx)):
-    apps = service(c)
     try:
-        every = apps.all(user)
-    except ActionError as exc:
+        every = service(c).all(user)
+    except (ActionError, ControlPlaneError) as exc:
         raise http_error(user, exc) from None
     decided = next((a for a in every if a.id == id and a.state == done), None)
     message = DECIDED[done].format(id=decided.id, note=decided.decision_note) \
