@@ -41,6 +41,10 @@ def test_heartbeat_restarts_a_stopped_receiver_and_status_shows_it(gateway: Gate
         ctl(gateway, "start", "storescp")
         hung = pid(gateway, RECEIVER)
         os.kill(hung, signal.SIGSTOP)
+        # its worker processes refuse new associations once they miss the stopped daemon
+        wait_for(lambda: subprocess.run([dcmtk("echoscu"), "-to", "2", "127.0.0.1",
+                                         str(gateway.port)]).returncode != 0, 60,
+                 "the receiver to stop answering")
         res = gateway.run("heartbeat", "--echo-timeout", "2", "--traffic-seconds", "0",
                           "--grace", "10", check=False)
         assert res.returncode == 0, res.stdout + res.stderr

@@ -11,7 +11,10 @@ workers (`python -m fiona.receive.worker`). Each worker files, fsyncs and
 journals on its own (the journal is shared under a lock: `fiona.journal`), so every object is
 durable before its success status whichever process took it. The workers die with the daemon
 (SIGKILL from the kernel if it dies, so none lives on holding the port), stop when it stops,
-and are started again if one dies.
+and are started again if one dies. The daemon writes a byte to each worker's stdin every
+second; a worker that has not heard from it for DAEMON_SILENCE_SECONDS refuses new
+associations, so a hung daemon shows as a hung receiver (its C-ECHO fails and the heartbeat
+restarts it) rather than one that answers from its workers alone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 from ..config import Config, Site, is_enabled, load
 from ..daemon import DaemonError, log_to, ready, running, stop_event
@@ -37,18 +39,44 @@ log = logging.getLogger(RECEIVER.logger)
 
 #: how long stopping workers get to finish their associations (`fiona up` allows 40 s)
 WORKER_STOP_SECONDS = 35.0
+#: a worker refuses new associations when the daemon has been silent this long
+DAEMON_SILENCE_SECONDS = 5.0
+
+
+class DaemonBeat:
+    """A worker's view of its daemon, which writes a byte to the worker's stdin every second."""
+
+    def __init__(self, fd: int = 0):
+        self.last = time.monotonic()
+        self._fd = fd
+        threading.Thread(target=self._listen, name="daemon-beat", daemon=True).start()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                if not os.read(self._fd, 64):
+                    return  # the daemon is gone: the kernel's SIGKILL follows
+            except OSError:
+                return
+            self.last = time.monotonic()
+
+    def heard(self) -> bool:
+        return time.monotonic() - self.last < DAEMON_SILENCE_SECONDS
 
 
 class Receiver(StoreHandler):
     """The store handler plus the association log line and the `enabled` switch."""
 
-    def __init__(self, config: Config, site: Site, worker: bool = False):
+    def __init__(self, config: Config, site: Site, daemon: DaemonBeat | None = None):
+        """`daemon`: in a worker process, how it hears from the daemon."""
         super().__init__(Tree(site.datadir), config.refuse_store_percent,
                          INDEXER.pipe_path(site), shared=config.receiver_processes > 1,
-                         join=worker)
+                         join=daemon is not None)
         self.site = site
+        self.daemon = daemon
         self._enabled = True
         self._checked = 0.0
+        self._daemon_heard = True
 
     def on_closed(self, association: Association, how: str) -> None:
         seconds = time.monotonic() - association.started
@@ -58,7 +86,18 @@ class Receiver(StoreHandler):
                 association.stored, association.failed, association.bytes, seconds, how)
 
     def accepting(self) -> bool:
-        """The receive switch of the `enabled` file, read at most once a second."""
+        """The receive switch of the `enabled` file, read at most once a second; in a worker,
+        also whether the daemon was heard from lately."""
+        if self.daemon is not None:
+            heard = self.daemon.heard()
+            if heard != self._daemon_heard:
+                log.log(logging.INFO if heard else logging.ERROR, "receiver worker pid %d: %s",
+                        os.getpid(), "the daemon is heard from again" if heard else
+                        f"no word from the daemon (pid {os.getppid()}) for "
+                        f"{DAEMON_SILENCE_SECONDS:g} s: refusing new associations")
+                self._daemon_heard = heard
+            if not heard:
+                return False
         now = time.monotonic()
         if now - self._checked > 1.0:
             self._checked = now
@@ -78,15 +117,17 @@ def make_server(config: Config, site: Site) -> tuple[AcceptorServer, Receiver]:
 
 
 def serve(server: AcceptorServer, receiver: Receiver, stop: threading.Event,
-          tick: Callable[[], None] | None = None) -> None:
-    """Accept on a thread until `stop` (calling `tick` every second meanwhile), then finish
-    the associations in progress."""
+          workers: Workers | None = None) -> None:
+    """Accept on a thread until `stop` (ticking the workers every second meanwhile, and
+    telling them to stop first), then finish the associations in progress."""
     thread = threading.Thread(target=server.serve_forever, name="storescp-accept",
                               daemon=True)
     thread.start()
-    while not stop.wait(1.0 if tick else None):
-        if tick:
-            tick()
+    while not stop.wait(1.0 if workers else None):
+        if workers:
+            workers.tick()
+    if workers:
+        workers.terminate()
     log.info("stopping: finishing associations in progress")
     server.shutdown()
     thread.join(5)
@@ -105,24 +146,40 @@ class Workers:
             self.cmd.append("-v")
         self.fd = listen_fd
         self.procs: list[subprocess.Popen | None] = [None] * count
+        self.beats: list[int] = [-1] * count  # each worker's stdin (`DaemonBeat`)
 
-    def start(self) -> None:
+    def tick(self) -> None:
         """Start every worker that is not running (from the main thread: the kernel's
-        parent-death signal follows the thread that started a process)."""
+        parent-death signal follows the thread that started a process), and tell each that
+        the daemon lives (`DaemonBeat`)."""
         for i, proc in enumerate(self.procs):
             if proc is not None and proc.poll() is None:
+                try:
+                    os.write(self.beats[i], b".")
+                except OSError:  # full (the worker is stuck) or closed (it is exiting)
+                    pass
                 continue
             if proc is not None:
                 log.error("receiver worker %d (pid %d) exited with status %s; starting it "
                           "again", i + 1, proc.pid, proc.returncode)
-            self.procs[i] = subprocess.Popen(self.cmd, pass_fds=(self.fd,),
-                                             stdin=subprocess.DEVNULL)
+                os.close(self.beats[i])
+            read, self.beats[i] = os.pipe()
+            os.set_blocking(self.beats[i], False)
+            try:
+                self.procs[i] = subprocess.Popen(self.cmd, pass_fds=(self.fd,), stdin=read)
+            finally:
+                os.close(read)
+
+    def terminate(self) -> None:
+        """SIGTERM to all: they refuse new associations and finish those in progress."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
         """SIGTERM to all, then wait for them to finish their associations."""
+        self.terminate()
         running = [p for p in self.procs if p is not None and p.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + WORKER_STOP_SECONDS
         for proc in running:
             try:
@@ -132,6 +189,9 @@ class Workers:
                           proc.pid, WORKER_STOP_SECONDS)
                 proc.kill()
                 proc.wait()
+        for fd in self.beats:
+            if fd >= 0:
+                os.close(fd)
 
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
@@ -149,13 +209,13 @@ def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
                  "" if config.receiver_processes == 1 else "es")
         workers = Workers(config, site, server.listening_fd(), config.receiver_processes - 1,
                           verbose)
-        workers.start()
+        workers.tick()
         ready()
         if not receiver.accepting():
             log.warning("the receiver is switched off in %s: associations are refused until "
                         "its first character is 1", site.datadir / "config" / "enabled")
         try:
-            serve(server, receiver, stop, workers.start)
+            serve(server, receiver, stop, workers)
         finally:
             workers.stop()
     return 0
@@ -169,7 +229,7 @@ def run_worker(config_path: str, site_name: str | None, listen_fd: int,
     config = load(config_path)
     site = config.site(site_name)
     log_to(RECEIVER.log_path(site), verbose)
-    receiver = Receiver(config, site, worker=True)
+    receiver = Receiver(config, site, DaemonBeat())
     server = AcceptorServer(site.ip, site.port, receiver, accepting=receiver.accepting)
     server.adopt(socket.socket(fileno=listen_fd))
     serve(server, receiver, stop)
