@@ -29,6 +29,7 @@ from .control.assign import COUPLING_HEADER, Assigner, CouplingReport
 from .control.base import ControlPlane, Project, Study, TransferRequest
 from .control.keyed import Keyed
 from .daemon import notify_forwarder
+from .deid.pipeline import check_profile
 from .scanner.retrieve import Line as RetrievalLine
 from .scanner.retrieve import Peer
 from .scanner.retrieve import retrieve as retrieve_by_accession
@@ -427,10 +428,15 @@ class Actions:
         if new is False and not exists:
             raise NotFound(f"no project {project.name!r}")
         check_project(project)
+        try:
+            check_profile(project.deid_profile, self.datadir)
+        except ValueError as exc:
+            raise Invalid(f"project {project.name}: {exc}") from None
         self.control.save_project(project)
         self.audit(actor, "project changed" if exists else "project added", project=project.name,
                    naming=project.naming, events=project.events, active=project.active,
-                   rec_start=project.rec_start, rec_end=project.rec_end)
+                   rec_start=project.rec_start, rec_end=project.rec_end,
+                   deid_profile=project.deid_profile)
         return project
 
     def edited_project(self, name: str, **fields: Any) -> Project:

@@ -91,10 +91,11 @@ def test_projects(cp):
                    long_name="A study", contact="Kari", contact_email="kari@example.org",
                    use_autoid=True, autoid_aetitle="PROJAE", features={0, 2},
                    rec_start="2024-01-01", rec_end="2026-12-31",
-                   pixel_exclusions=[("0008,0060", "^US$")])
+                   pixel_exclusions=[("0008,0060", "^US$")], deid_profile="pathology")
     cp.save_project(proj)
     cp.save_project(Project("OTHER", active=False))
     assert cp.project("PROJ") == proj
+    assert cp.project("OTHER").deid_profile == "default"
     assert [p.name for p in cp.projects()] == ["OTHER", "PROJ"]
     assert not cp.project("OTHER").active
     proj.pixel_exclusions = []

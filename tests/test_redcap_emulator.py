@@ -60,7 +60,8 @@ SCHEMA: dict[str, tuple[str, dict[str, list[str]]]] = {
             "project_patient_naming", "project_events", "project_rec_number",
             "project_rec_start_date", "project_rec_end_date", "project_end_type",
             "project_token", "project_active", "project_use_autoid", "project_autoid_aetitle",
-            "project_import_rule_1_tag", "project_import_rule_1_regexp", "project_features"],
+            "project_import_rule_1_tag", "project_import_rule_1_regexp", "project_features",
+            "project_deid_profile"],
         "rewritepixelexclusions": ["rewrite_ex_tag", "rewrite_ex_reg"],
     }),
     "WhatIsInIDS7": ("record_id", {"whatisinids7": [

@@ -159,6 +159,30 @@ def test_projects_are_added_and_edited_with_their_rules_checked(site: WebSite):
     assert post(admin, "/admin/projects/NOPE", naming=".*", events="x").status_code == 404
 
 
+def test_a_project_chooses_its_de_identification_profile_among_the_available_ones(
+        site: WebSite):
+    """Shipped profiles and the site's own are offered; anything else is refused, naming them."""
+    own = site.gw.datadir / "config" / "profiles"
+    own.mkdir(parents=True, exist_ok=True)
+    (own / "mysite.json").write_text('{"options": ["rtnLongModifDatesOpt"]}')
+    admin = site.client("admin")
+    page = admin.get("/admin/projects/new").text
+    assert re.findall(r'<option value="([^"]+)"', page) == \
+        ["compat42", "default", "mysite", "pathology"]
+    form = {"name": "P", "naming": ".*", "events": "baseline", "active": "1"}
+    r = post(admin, "/admin/projects", **form, deid_profile="nope")
+    assert r.status_code == 400
+    assert "no de-identification profile &#39;nope&#39;; available: compat42, default, " \
+        "mysite, pathology" in r.text
+    assert post(admin, "/admin/projects", **form, deid_profile="mysite").status_code == 303
+    assert site.control.project("P").deid_profile == "mysite"
+    assert site.audit("project added")[-1]["details"]["deid_profile"] == "mysite"
+    assert post(admin, "/admin/projects/P", naming=".*", events="baseline").status_code == 303
+    assert site.control.project("P").deid_profile == "mysite"  # kept when the form omits it
+    assert '<option value="mysite" selected>' in admin.get("/admin/projects/P").text
+    assert "<code>mysite</code>" in admin.get("/admin/projects").text
+
+
 def test_the_cli_uses_the_same_actions(site: WebSite, tmp_path: Path):
     pw = tmp_path / "pw"
     pw.write_text("a long enough passphrase\n")
@@ -171,8 +195,10 @@ def test_the_cli_uses_the_same_actions(site: WebSite, tmp_path: Path):
     assert res.returncode == 1 and "must be admin or project:P:assign" in res.stderr
     res = site.gw.run("project", "add", "D", "--naming", "^D[0-9", "--events", "x", check=False)
     assert res.returncode == 1 and "not a valid regular expression" in res.stderr
-    site.gw.run("project", "add", "D", "--naming", "^D[0-9]+$", "--events", "x,y")
+    site.gw.run("project", "add", "D", "--naming", "^D[0-9]+$", "--events", "x,y",
+                "--deid-profile", "pathology")
     assert site.control.project("D").events == ["x", "y"]
+    assert site.control.project("D").deid_profile == "pathology"
     assert site.audit("project added")[-1]["user"].startswith("os:")
     # and the service layer refuses the same things for every caller
     acts = Actions.open(site.config)

@@ -49,6 +49,9 @@ class Project:
     import_rule_tag: str = ""
     import_rule_regexp: str = ""
     pixel_exclusions: list[tuple[str, str]] = field(default_factory=list)
+    #: the de-identification profile its studies go through (`fiona.deid.pipeline.settings_for`:
+    #: the site's `DATADIR/config/profiles/NAME.json`, else the shipped one)
+    deid_profile: str = "default"
 
     def check_participant(self, participant: str) -> None:
         """Refuse a participant ID that the project's naming rule does not allow."""

@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction, site_arg) -> None:
     a.add_argument("--rek-start", default="", metavar="YYYY-MM-DD", help="ethics approval from")
     a.add_argument("--rek-end", default="", metavar="YYYY-MM-DD", help="ethics approval until")
     a.add_argument("--long-name", default="", help="the project's full name")
+    a.add_argument("--deid-profile", metavar="NAME",
+                   help="de-identification profile of its studies (shipped or the site's "
+                   "config/profiles/NAME.json; default: kept, 'default' for a new project)")
     psub.add_parser("list", help="list the projects")
     s = psub.add_parser("show", help="one project with its participants and requests")
     s.add_argument("name")
@@ -129,14 +132,15 @@ def _project_add(acts, args) -> int:
     except ValueError:
         raise ControlPlaneError("--features takes 0 (drop PR), 1 (never pixel-mask), "
                                 "2 (drop secondary captures)") from None
+    profile = {"deid_profile": args.deid_profile} if args.deid_profile else {}
     project = acts.edited_project(
         args.name, naming=args.naming, events=events, long_name=args.long_name,
         use_autoid=bool(args.autoid_aetitle), autoid_aetitle=args.autoid_aetitle or "",
-        features=features, rec_start=args.rek_start, rec_end=args.rek_end)
+        features=features, rec_start=args.rek_start, rec_end=args.rek_end, **profile)
     acts.save_project(OsActor.current(), project)
+    autoid = f", auto-ID for AE {project.autoid_aetitle}" if project.use_autoid else ""
     print(f"project {project.name}: participants {project.naming}, events "
-          f"{', '.join(events)}" + (f", auto-ID for AE {project.autoid_aetitle}"
-                                    if project.use_autoid else ""))
+          f"{', '.join(events)}, de-identification profile {project.deid_profile}{autoid}")
     return 0
 
 
@@ -160,7 +164,8 @@ def _project_list(control: ControlPlane, assigner: Assigner, args) -> int:
 def _project_show(control: ControlPlane, assigner: Assigner, args) -> int:
     p = control.project(args.name)
     print(f"project {p.name} {p.long_name}\n  naming {p.naming}\n  events {', '.join(p.events)}"
-          f"\n  features {sorted(p.features)}\n  auto-ID {p.autoid_aetitle or '-'}")
+          f"\n  features {sorted(p.features)}\n  auto-ID {p.autoid_aetitle or '-'}"
+          f"\n  de-identification profile {p.deid_profile}")
     print(f"  participants: {', '.join(control.participants(p.name)) or '-'}")
     for r in control.requests():
         if r.project == p.name:

@@ -114,6 +114,8 @@ COUPLING_FIELDS = {
     "event": "cl_eventname",
     "added": "cl_date",
 }
+#: the project's de-identification profile (added after the first FIONA: see `save_project`)
+PROFILE_FIELD = "project_deid_profile"
 PROJECT_TEXT_FIELDS = {
     "long_name": "project_name",
     "contact": "project_contact",
@@ -124,6 +126,7 @@ PROJECT_TEXT_FIELDS = {
     "autoid_aetitle": "project_autoid_aetitle",
     "import_rule_tag": "project_import_rule_1_tag",
     "import_rule_regexp": "project_import_rule_1_regexp",
+    "deid_profile": PROFILE_FIELD,
 }
 
 INVENTORY_FIELDS = {  # InventoryEntry attribute -> WhatIsInIDS7 field (study_uid: record id)
@@ -401,6 +404,7 @@ def rows_projects(rows: list[dict]) -> list[Project]:
         values = {attr: row.get(field, "") for attr, field in PROJECT_TEXT_FIELDS.items()}
         if not values["naming"]:
             values["naming"] = Project.__dataclass_fields__["naming"].default
+        values["deid_profile"] = values["deid_profile"] or "default"  # an older FIONA's row
         out.append(Project(
             name=name,
             events=[e.strip() for e in row.get("project_events", "").split(",") if e.strip()],
@@ -471,6 +475,7 @@ class RedcapControlPlane(ControlPlane):
         self._local = threading.local()
         self._write_lock = threading.Lock()  # save_autoid/mirror_forwarded read-then-write
         self._fields_checked = False
+        self._profile_field_checked = False
 
     @classmethod
     def from_config(cls, cp: dict) -> RedcapControlPlane:
@@ -619,6 +624,7 @@ class RedcapControlPlane(ControlPlane):
         return super().project(name)  # the error message lists the known projects
 
     def save_project(self, project: Project) -> None:
+        self._check_profile_field()
         old = self.export(PROJECTS, records=[project.name], fields=[RECORD_ID],
                           forms=["rewritepixelexclusions"])
         old_instances = {_instance(r) for r in old
@@ -631,6 +637,21 @@ class RedcapControlPlane(ControlPlane):
             rows.append({RECORD_ID: project.name, REPEAT_FORM: "rewritepixelexclusions",
                          REPEAT_INSTANCE: str(i), "rewrite_ex_tag": "", "rewrite_ex_reg": ""})
         self.import_rows(PROJECTS, rows, overwrite=True)
+
+    def _check_profile_field(self) -> None:
+        """Refuse, naming the field to add, to save a project in a DataTransferProjects made
+        for an older FIONA (its projects read as profile "default"; asked once per process)."""
+        if self._profile_field_checked:
+            return
+        metadata = self._post(PROJECTS, {"content": "metadata", "forms[0]": "project"})
+        if PROFILE_FIELD not in {m.get("field_name") for m in metadata or []
+                                 if isinstance(m, dict)}:
+            raise ControlPlaneError(
+                f"REDCap project {PROJECTS} at {self.url} lacks the field {PROFILE_FIELD} "
+                f"(each project's de-identification profile): add it by uploading "
+                f"config/redcap/{PROJECTS}.csv as its data dictionary (see "
+                f"config/redcap/README.md, 'Upgrading')")
+        self._profile_field_checked = True
 
     def participants(self, project: str) -> list[str]:
         if self.has_token(project):

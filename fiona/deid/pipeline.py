@@ -29,7 +29,7 @@ from pydicom.tag import BaseTag
 
 from .. import quarantine
 from ..tree import Tree, valid_uid
-from .engine import Deidentifier, Settings, site_profile, with_profile
+from .engine import Deidentifier, Settings, profile_names, site_profile, with_profile
 from .gate import GateError, check
 from .identifiers import Identifiers
 from .pixels import PixelMaskingError, mask_burned_in_text, needs_masking
@@ -90,17 +90,35 @@ class Result:
         return valid_uid(_text(self.ds, 0x00080018), "SOPInstanceUID")
 
 
-def settings_for(project: Project, participant: str, event: str, key: bytes, datadir: str | Path,
-                 profile: str = "default") -> Settings:
+def settings_for(project: Project, participant: str, event: str, key: bytes,
+                 datadir: str | Path) -> Settings:
     """Engine settings for a study of `project` (a control-plane `Project`): its import rule and
-    the site's profile NAME (`DATADIR/config/profiles/NAME.json`, else the shipped one)."""
+    its profile (`Project.deid_profile`: the site's `DATADIR/config/profiles/NAME.json`, else
+    the shipped one). The one place that turns a project into a profile: the forwarder, the
+    preview and the exports all come here, so what is previewed is what is sent."""
     extra = {}
     if project.import_rule_tag and project.import_rule_regexp:
         extra["import_rule"] = {"tag": project.import_rule_tag,
                                 "regexp": project.import_rule_regexp}
     settings = Settings(project=project.name, participant=participant, key=key, event=event,
                         extra=extra)
-    return with_profile(settings, site_profile(profile, datadir))
+    return with_profile(settings, site_profile(project.deid_profile, datadir))
+
+
+def available_profiles(datadir: str | Path) -> list[str]:
+    """The profile names a project may choose: the shipped ones and the site's own."""
+    site = Path(datadir) / "config" / "profiles"
+    return sorted(set(profile_names()) | set(profile_names(site)))
+
+
+def check_profile(name: str, datadir: str | Path) -> None:
+    """Refuse (ValueError naming the available ones) a profile a project cannot use: unknown,
+    or a site file that does not load; checked when a project is saved, not at its first study."""
+    known = available_profiles(datadir)
+    if name not in known:
+        raise ValueError(f"no de-identification profile {name!r}; available: "
+                         f"{', '.join(known)}")
+    site_profile(name, datadir)
 
 
 def read(path: Path) -> Dataset:

@@ -15,6 +15,7 @@ from fastapi.responses import RedirectResponse
 
 from ..actions import ActionError, Actions
 from ..control.base import ControlPlaneError
+from ..deid.pipeline import available_profiles
 from . import csrf
 from .context import Ctx, ctx, current_user, render
 from .outcomes import actions, http_error
@@ -177,14 +178,15 @@ def projects_page(request: Request, done: str = "", name: str = "",
                   message=_done_message(PROJECT_DONE, done, name, known))
 
 
-def _project_form(request: Request, project, new: bool, status: int = 200, **extra):
-    return render(request, "admin_project.html", status, project=project, new=new, **extra)
+def _project_form(request: Request, c: Ctx, project, new: bool, status: int = 200, **extra):
+    return render(request, "admin_project.html", status, project=project, new=new,
+                  profiles=available_profiles(c.datadir), **extra)
 
 
 @router.get("/projects/new", include_in_schema=False)
 def project_new(request: Request, user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     acts = _admin(c, user, "manage projects")
-    return _project_form(request, acts.edited_project(""), True)
+    return _project_form(request, c, acts.edited_project(""), True)
 
 
 @router.get("/projects/{name}", include_in_schema=False)
@@ -194,21 +196,23 @@ def project_edit(request: Request, name: str, user: User = Depends(current_user)
     project = next((p for p in c.control.projects() if p.name == name), None)
     if project is None:
         raise HTTPException(404, f"no project {name!r}")
-    return _project_form(request, project, False)
+    return _project_form(request, c, project, False)
 
 
 def _save(request: Request, c: Ctx, user: User, new: bool, name: str, long_name: str,
-          naming: str, events: str, active: str, rec_start: str, rec_end: str):
+          naming: str, events: str, active: str, rec_start: str, rec_end: str,
+          deid_profile: str):
     acts = _admin(c, user, "manage projects")
     project = acts.edited_project(
         name.strip(), long_name=long_name.strip(), naming=naming.strip(),
         events=[e.strip() for e in events.split(",") if e.strip()], active=bool(active),
-        rec_start=rec_start.strip(), rec_end=rec_end.strip())
+        rec_start=rec_start.strip(), rec_end=rec_end.strip(),
+        **({"deid_profile": deid_profile.strip()} if deid_profile.strip() else {}))
     try:
         acts.save_project(user, project, new=new)
     except (ActionError, ControlPlaneError) as exc:
         err = http_error(user, exc)
-        return _project_form(request, project, new, err.status_code, error=err.detail,
+        return _project_form(request, c, project, new, err.status_code, error=err.detail,
                              events_text=events)
     return RedirectResponse(f"/admin/projects?done={'added' if new else 'saved'}"
                             f"&name={quote(project.name)}", status_code=303)
@@ -218,15 +222,17 @@ def _save(request: Request, c: Ctx, user: User, new: bool, name: str, long_name:
 def project_add(request: Request, name: str = Form(""), long_name: str = Form(""),
                 naming: str = Form(""), events: str = Form(""), active: str = Form(""),
                 rec_start: str = Form(""), rec_end: str = Form(""),
+                deid_profile: str = Form(""),
                 user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     return _save(request, c, user, True, name, long_name, naming, events, active, rec_start,
-                 rec_end)
+                 rec_end, deid_profile)
 
 
 @router.post("/projects/{name}", include_in_schema=False, dependencies=FORMS)
 def project_save(request: Request, name: str, long_name: str = Form(""),
                  naming: str = Form(""), events: str = Form(""), active: str = Form(""),
                  rec_start: str = Form(""), rec_end: str = Form(""),
+                 deid_profile: str = Form(""),
                  user: User = Depends(current_user), c: Ctx = Depends(ctx)):
     return _save(request, c, user, False, name, long_name, naming, events, active, rec_start,
-                 rec_end)
+                 rec_end, deid_profile)
