@@ -7,6 +7,7 @@ its pyramid levels, and passes the verification gate."""
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 from io import BytesIO
 
 import pydicom
@@ -15,10 +16,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fiona.attach.wsi import Pathology, convert, stain_substances
+from fiona.bootstrap import init
+from fiona.clock import FakeClock
+from fiona.config import load
+from fiona.control import open_control_plane
+from fiona.control.base import Project, TransferRequest, now_iso
 from fiona.deid.engine import Deidentifier, Settings, with_profile
 from fiona.deid.gate import GateError, check
 from fiona.deid.identifiers import Identifiers
 from fiona.deid.pipeline import Pipeline
+from fiona.send.forward import Forwarder
 from test_attach_e2e import ome_tiff
 
 KEY = b"k" * 32
@@ -164,3 +171,36 @@ def test_keyed_identifiers_are_per_project():
 ])
 def test_stain_text_becomes_codes(text, expected):
     assert [getattr(s, "meaning", s) for s in stain_substances(text)] == expected
+
+
+def test_each_project_sends_the_same_slide_through_its_own_profile(slide, tmp_path):
+    """The forwarder takes the profile from the project: PATH (pathology) keeps the stain codes,
+    PLAIN (default) empties the preparation steps, for the same slide on the same site."""
+    research = tmp_path / "research"
+    config = load(str(init(tmp_path / "data", port=11112, ip="127.0.0.1", extra={
+        "DESTINATIONS": {"research": {"type": "folder", "path": str(research)}}})))
+    site = config.site(None)
+    control = open_control_plane(config, site)
+    control.save_project(Project("PATH", deid_profile="pathology"))
+    control.save_project(Project("PLAIN"))
+    forwarder = Forwarder(config, site, control, FakeClock(start=datetime(2026, 3, 2, 9, 30)))
+    first = read(slide[0])
+    for data in slide:
+        ds = read(data)
+        target = forwarder.tree.raw / first.StudyInstanceUID / ds.SeriesInstanceUID
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{ds.SOPInstanceUID}.dcm").write_bytes(data)
+    sent: dict[str, list[Dataset]] = {}
+    for project in ("PATH", "PLAIN"):
+        req = control.add_request(TransferRequest(first.StudyInstanceUID, project, "P0001",
+                                                  "baseline", requested=now_iso()))
+        forwarder.process(req)
+        done = next(r for r in control.requests(first.StudyInstanceUID) if r.project == project)
+        assert done.complete, done.error_message
+        sent[project] = [d for d in map(pydicom.dcmread, research.rglob("*.dcm"))
+                         if d.StudyInstanceUID == done.mapped_uid]
+    assert len(sent["PATH"]) == len(sent["PLAIN"]) == len(slide)
+    assert all({HEMATOXYLIN, EOSIN} <= codes(ds) for ds in sent["PATH"])
+    for ds in sent["PLAIN"]:
+        [spec] = ds.SpecimenDescriptionSequence
+        assert not spec.SpecimenPreparationSequence
