@@ -394,16 +394,21 @@ def test_the_smtp_password_never_crosses_the_network_in_clear(tmp_path: Path):
     assert heard == [] and inbox.messages == []
 
 
-def test_a_run_killed_between_sending_and_marking_mails_again_rather_than_lose(
-        site: WebSite, smtp, monkeypatch):
-    from fiona.notify.store import NotifyStore
-
-    inbox, disk = smtp[0], Disk()
+def alice_hears_of_studies_in_a(site: WebSite, disk: Disk) -> None:
+    """The site's first notify run (the past recorded), then alice's subscription to A:routed."""
     notifier(site, disk).run()
     alice = site.client("alice")
     r = alice.post("/notifications", data={"email": "alice@example.org", "sub": ["A:routed"],
                                            "csrf_token": form(alice, "/notifications")})
     assert r.status_code == 303
+
+
+def test_a_run_killed_between_sending_and_marking_mails_again_rather_than_lose(
+        site: WebSite, smtp, monkeypatch):
+    from fiona.notify.store import NotifyStore
+
+    inbox, disk = smtp[0], Disk()
+    alice_hears_of_studies_in_a(site, disk)
     site.request(site.study(accession="K1"), "A", "A009")
     mark_sent = NotifyStore.mark_sent
 
@@ -427,11 +432,7 @@ def test_notices_waiting_for_a_digest_are_withheld_from_who_lost_the_project(
     from webapp import PASSWORD
 
     inbox, disk = smtp[0], Disk()
-    notifier(site, disk).run()
-    alice = site.client("alice")
-    r = alice.post("/notifications", data={"email": "alice@example.org", "sub": ["A:routed"],
-                                           "csrf_token": form(alice, "/notifications")})
-    assert r.status_code == 303
+    alice_hears_of_studies_in_a(site, disk)
     site.request(site.study(accession="W1"), "A", "A007")
     assert notifier(site, disk, smtp_port=free_port()).run().queued == 1  # mail server down
     site.users.add("alice", PASSWORD, ["project:B:review"])  # A withdrawn meanwhile
