@@ -15,7 +15,6 @@ import tifffile
 from dicomgen import make_study
 from fiona.config import load
 from fiona.control import open_control_plane
-from fiona.deid.engine import SHIPPED_PROFILES
 from helpers import Gateway, free_port, wait_for
 
 DAEMONS = ("process-single-file", "detect-study-arrival", "anonymize-and-send")
@@ -42,12 +41,10 @@ def test_slide_and_cd_arrive_deidentified_in_orthanc(tmp_path, orthanc):
         "STUDY_QUIET_SECONDS": 2,
         "DESTINATIONS": {"research": {"type": "dicom", "aetitle": orthanc.aet,
                                       "host": "127.0.0.1", "port": orthanc.dicom_port}}})
-    gw.run("project", "add", "PATH", "--naming", "^P[0-9]{4}$", "--events", "baseline")
-    # the site de-identifies with the pathology profile (Clean Structured Content): the stain
-    # codes go to research, the biopsy id as a keyed replacement
-    profiles = gw.datadir / "config" / "profiles"
-    profiles.mkdir(exist_ok=True)
-    (profiles / "default.json").write_bytes((SHIPPED_PROFILES / "pathology.json").read_bytes())
+    # the project de-identifies with the pathology profile (Clean Structured Content): the
+    # stain codes go to research, the biopsy id as a keyed replacement
+    gw.run("project", "add", "PATH", "--naming", "^P[0-9]{4}$", "--events", "baseline",
+           "--deid-profile", "pathology")
     for daemon in DAEMONS:
         gw.start(daemon)
     cd = make_study(tmp_path / "cd", n_series=1, images_per_series=3,
