@@ -604,3 +604,27 @@ def test_an_incoming_project_without_node_fields_is_named(tmp_path):
             cp.register_study(a_study("1.1"))
     finally:
         legacy.stop()
+
+
+def test_a_projects_project_without_the_profile_field_is_named(tmp_path):
+    """DataTransferProjects from before per-project profiles: its projects read as profile
+    "default"; saving one names the field to add instead of REDCap's import error."""
+    old = tmp_path / "dictionaries"
+    shutil.copytree(DICTIONARIES_DIR, old)
+    text = (old / "DataTransferProjects.csv").read_text().splitlines(keepends=True)
+    (old / "DataTransferProjects.csv").write_text(
+        "".join(x for x in text if not x.startswith("project_deid_profile")))
+    legacy = RedcapEmulator(dictionaries_dir=old)
+    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
+    legacy.start()
+    try:
+        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
+                                timeout=5)
+        cp.import_rows("DataTransferProjects", [{"record_id": "OLD", "project_events": "x"}])
+        assert cp.project("OLD").deid_profile == "default"
+        with pytest.raises(ControlPlaneError, match="lacks the field project_deid_profile.*"
+                                                    "DataTransferProjects.csv"):
+            cp.save_project(Project("NEW", deid_profile="pathology"))
+        assert [p.name for p in cp.projects()] == ["OLD"]
+    finally:
+        legacy.stop()
