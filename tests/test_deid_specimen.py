@@ -204,3 +204,12 @@ def test_each_project_sends_the_same_slide_through_its_own_profile(slide, tmp_pa
     for ds in sent["PLAIN"]:
         [spec] = ds.SpecimenDescriptionSequence
         assert not spec.SpecimenPreparationSequence
+    # a profile gone since the project chose it (a site file removed): nothing is sent, the
+    # request names the available ones
+    control.save_project(Project("GONE", deid_profile="removed"))
+    req = control.add_request(TransferRequest(first.StudyInstanceUID, "GONE", "P0001",
+                                              "baseline", requested=now_iso()))
+    forwarder.process(req)
+    [failed] = [r for r in control.requests(first.StudyInstanceUID) if r.project == "GONE"]
+    assert not failed.complete and "no de-identification profile 'removed'; available: " \
+        "compat42, default, pathology" in failed.error_message

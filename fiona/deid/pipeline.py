@@ -102,7 +102,7 @@ def settings_for(project: Project, participant: str, event: str, key: bytes,
                                 "regexp": project.import_rule_regexp}
     settings = Settings(project=project.name, participant=participant, key=key, event=event,
                         extra=extra)
-    return with_profile(settings, site_profile(project.deid_profile, datadir))
+    return with_profile(settings, check_profile(project.deid_profile, datadir))
 
 
 def available_profiles(datadir: str | Path) -> list[str]:
@@ -111,14 +111,15 @@ def available_profiles(datadir: str | Path) -> list[str]:
     return sorted(set(profile_names()) | set(profile_names(site)))
 
 
-def check_profile(name: str, datadir: str | Path) -> None:
-    """Refuse (ValueError naming the available ones) a profile a project cannot use: unknown,
-    or a site file that does not load; checked when a project is saved, not at its first study."""
+def check_profile(name: str, datadir: str | Path) -> dict:
+    """Profile `name` as the site has it, or ValueError naming the available ones (unknown, or a
+    site file that does not load). Checked when a project is saved, and again when its studies
+    are de-identified (a site file may have gone since, or REDCap been edited by hand)."""
     known = available_profiles(datadir)
     if name not in known:
         raise ValueError(f"no de-identification profile {name!r}; available: "
                          f"{', '.join(known)}")
-    site_profile(name, datadir)
+    return site_profile(name, datadir)
 
 
 def read(path: Path) -> Dataset:

@@ -46,8 +46,11 @@ def prepare(control: ControlPlane, tree: Tree, key: bytes, project: str, partici
         raise ExportError(f"study {uid} is not waiting at this FIONA (not received, or gone "
                           f"from disk)")
     labels = {s.uid: s.classify_types for s in record.series}
-    pipeline = Pipeline(settings_for(proj, participant, event, key, tree.datadir),
-                        ProjectRules.of(proj, labels))
+    try:
+        settings = settings_for(proj, participant, event, key, tree.datadir)
+    except ValueError as exc:  # the project's profile is gone or broken
+        raise ExportError(f"project {project}: {exc}") from None
+    pipeline = Pipeline(settings, ProjectRules.of(proj, labels))
     return proj, Selected(uid, pipeline.mapped_uid(uid), participant, event), pipeline
 
 

@@ -209,8 +209,12 @@ class Forwarder:
         """De-identify into `work` while sending what is done; verify once at the end."""
         study = self.control.study(req.study_uid)
         labels = {s.uid: s.classify_types for s in study.series} if study else {}
-        settings = settings_for(project, req.participant, req.event, self.key,
-                                self.site.datadir)
+        try:
+            settings = settings_for(project, req.participant, req.event, self.key,
+                                    self.site.datadir)
+        except ValueError as exc:
+            raise PermanentFailure(ERROR_DEID, f"project {project.name}: {exc}; correct the "
+                                   f"project and resend") from None
         rules = ProjectRules.of(project, labels)
         outcome = Outcome(mapped_study=Pipeline(settings, rules).mapped_uid(req.study_uid))
         sources = [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
