@@ -102,7 +102,7 @@ class Target(ABC):
 
 class Fiona(Target):
     name, aetitle = "FIONA", "FIONA"
-    #: RECEIVER_PROCESSES (None: FIONA's default, one per core)
+    #: RECEIVER_PROCESSES (None: FIONA's default)
     processes: int | None = None
 
     def __init__(self, workdir: Path):
@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=8,
                    help="associations of the parallel runs (default 8)")
     p.add_argument("--processes", type=int, metavar="N",
-                   help="FIONA's RECEIVER_PROCESSES (default: its own, one per core)")
+                   help="FIONA's RECEIVER_PROCESSES (default: its own default)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary corpus, storage folders and logs")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")

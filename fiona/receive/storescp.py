@@ -5,7 +5,7 @@ it routes studies to projects). While the first character of the `enabled` file 
 new associations and lets the ones in progress finish.
 
 One process runs Python's bytecode on one core at a time, so the receiver runs
-RECEIVER_PROCESSES processes (default: one per core) that accept on the one listening socket:
+RECEIVER_PROCESSES processes (default 1) that accept on the one listening socket:
 the daemon (pid file, log, `fiona ctl`) binds it and serves, and starts the others as its
 workers (`python -m fiona.receive.worker`). Each worker files, fsyncs and
 journals on its own (the journal is shared under a lock: `fiona.journal`), so every object is
