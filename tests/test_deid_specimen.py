@@ -67,6 +67,15 @@ def codes(ds: Dataset) -> set[tuple[str, str]]:
             for c in item.get("ConceptCodeSequence", [])}
 
 
+def test_converting_leaves_pydicom_of_this_process_as_it_was(slide):
+    # wsidicomizer switches pydicom to its future behaviour when imported: a hostile UID
+    # would then raise instead of being quarantined; the conversion runs in a child process
+    assert pydicom.config.settings.writing_validation_mode != pydicom.config.RAISE
+    assert pydicom.config.settings.reading_validation_mode != pydicom.config.RAISE
+    assert hasattr(Dataset, "convert_pixel_data")
+    Dataset().StudyInstanceUID = "../not-a-uid"  # warns, does not raise
+
+
 def test_source_slide_carries_the_form(slide):
     ds = read(slide[0])
     assert {HEMATOXYLIN, EOSIN} <= codes(ds)

@@ -13,11 +13,20 @@ de-identification drops. The biopsy id is the identifier of the specimen the blo
 from (dissection of a tissue specimen, then block sectioning into the slide), so it is in the
 DICOM as the pathology department wrote it, and de-identification replaces it with a keyed
 value.
+
+The conversion runs in a child process of its own (spawned, not forked): importing wsidicomizer
+switches pydicom, process-wide, to its future behaviour (`config.future_behavior()`: invalid
+values raise, deprecated methods are gone), which would break every other reader and writer of
+the process it runs in (the web server's preview, a hostile UID that must be quarantined, not
+raised). A crash in the native slide readers then ends the child, not the web server.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +131,21 @@ def _metadata(participant: str, info: Pathology):
 
 def convert(source: Path, out: Path, participant: str, info: Pathology,
             with_overview: bool = False) -> list[Path]:
-    """Convert `source` into DICOM files under `out` (an empty folder); ConversionError with
-    wsidicomizer's reason when it cannot."""
+    """Convert `source` into DICOM files under `out` (an empty folder) in a child process;
+    ConversionError with wsidicomizer's reason when it cannot."""
+    with ProcessPoolExecutor(max_workers=1,
+                             mp_context=multiprocessing.get_context("spawn")) as child:
+        try:
+            return child.submit(_convert, source, out, participant, info,
+                                with_overview).result()
+        except BrokenProcessPool:
+            raise ConversionError(f"wsidicomizer cannot convert {source.name}: the converter "
+                                  "crashed (a damaged or unsupported file)") from None
+
+
+def _convert(source: Path, out: Path, participant: str, info: Pathology,
+             with_overview: bool) -> list[Path]:
+    """The conversion itself, in the child process."""
     from wsidicomizer import WsiDicomizer
 
     try:
