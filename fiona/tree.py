@@ -11,13 +11,15 @@ world-readable modes.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import queue
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 DIR_MODE = 0o750
 #: archive/<ARCHIVE_PREFIX><StudyInstanceUID>: one folder per study, as the original named it
@@ -115,6 +117,25 @@ def atomic_write(path: Path, data: bytes, durable: bool = True, mode: int = FILE
     os.rename(tmp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+Record = TypeVar("Record")
+
+
+def load_record(cls: type[Record], path: Path, what: str,
+                error: type[Exception] = ValueError) -> Record:
+    """A dataclass that was saved as JSON with `atomic_write` (a job file): `error` naming
+    `what` when it is missing or unreadable. Keys the class no longer has are ignored, so a
+    file written by an older FIONA still loads."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"no {what}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise error(f"{what} cannot be read: {exc}") from None
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+    return cls(**values)
 
 
 class DurableCreator:

@@ -20,11 +20,11 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..tree import Tree, atomic_write, ensure_dir
+from ..tree import Tree, atomic_write, ensure_dir, load_record
 
 UPLOADING, QUEUED, CONVERTING, STORING, DONE, FAILED = (
     "uploading", "queued", "converting", "storing", "done", "failed")
@@ -119,15 +119,8 @@ class JobStore:
         atomic_write(self.folder(job.id) / "job.json", json.dumps(asdict(job)).encode())
 
     def load(self, job_id: str) -> Job:
-        path = self.folder(job_id) / "job.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise JobError(f"no attach job {job_id}") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise JobError(f"attach job {job_id} cannot be read: {exc}") from None
-        known = {f.name for f in fields(Job)}
-        return Job(**{k: v for k, v in data.items() if k in known})
+        return load_record(Job, self.folder(job_id) / "job.json", f"attach job {job_id}",
+                           JobError)
 
     def all(self) -> list[Job]:
         out = []

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..mail import valid_address
-from ..tree import Tree, atomic_write, ensure_dir
+from ..tree import Tree, atomic_write, ensure_dir, load_record
 
 QUEUED, RETRIEVING, CONVERTING, PACKING, READY, FAILED, EXPIRED = (
     "queued", "retrieving", "converting", "packing", "ready", "failed", "expired")
@@ -110,15 +110,7 @@ class JobStore:
         atomic_write(job_path(self.tree, job.id), json.dumps(asdict(job), indent=1).encode())
 
     def load(self, job_id: str) -> Job:
-        path = job_path(self.tree, job_id)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise JobError(f"no export job {job_id}") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise JobError(f"export job file {path.name} cannot be read: {exc}") from None
-        known = {f.name for f in fields(Job)}
-        return Job(**{k: v for k, v in data.items() if k in known})
+        return load_record(Job, job_path(self.tree, job_id), f"export job {job_id}", JobError)
 
     def remove(self, job: Job) -> None:
         job_path(self.tree, job.id).unlink(missing_ok=True)
