@@ -383,6 +383,21 @@ def test_a_killed_forwarders_claims_return_when_their_lease_ends(make_sql):
     assert [r.instance for r in dead.pending_requests(claim=True)] == [again.instance]
 
 
+def test_a_claim_is_renewed_only_by_its_holder_before_its_lease_ends(make_sql):
+    clock = FakeClock()
+    slow, other = make_sql(clock, "gw1/north/main"), make_sql(clock, "gw2/north/main")
+    slow.add_request(a_request("7.1"))
+    [req] = slow.pending_requests(claim=True)
+    assert not other.renew_claim(req)                        # not its claim
+    clock.advance(CLAIM_SECONDS - 1)
+    assert slow.renew_claim(req)                             # renewed: a whole lease again
+    clock.advance(CLAIM_SECONDS - 1)
+    assert other.pending_requests(claim=True) == []
+    clock.advance(2)                                         # the lease ran out
+    assert [r.instance for r in other.pending_requests(claim=True)] == [req.instance]
+    assert not slow.renew_claim(req)                         # the slow one must not send it
+
+
 def test_a_restarted_forwarder_takes_its_own_claims_back_at_once(make_sql):
     """The same holder (machine, node, site: `claim_holder`) after a restart need not wait
     for the lease of the claims it made before it was killed."""

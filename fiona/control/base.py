@@ -342,6 +342,13 @@ class ControlPlane(ABC):
         return sorted((r for r in self.requests() if r.pending and takes(node, r.node)),
                       key=lambda r: r.requested)
 
+    def renew_claim(self, request: TransferRequest) -> bool:
+        """Whether this client still holds its claim on `request` (read with `claim=True`),
+        renewing it if so: a forwarder asks before it sends each request of its batch, so a
+        lease that ran out meanwhile (another forwarder took the request) is never sent
+        twice. Backends without claims (one forwarder per node) hold everything."""
+        return True
+
     # --- the region's shared key ----------------------------------------------------------------
     @abstractmethod
     def claim_key_fingerprint(self, fingerprint: str) -> str:

@@ -261,6 +261,16 @@ class SqlControlPlane(ControlPlane):
                               f"ORDER BY requested, requests.id", ids).fetchall()
         return [_request(r) for r in rows]
 
+    def renew_claim(self, request: TransferRequest) -> bool:
+        """A lease that has not run out is renewed (only by its holder); one that ran out
+        is lost even if nobody took it yet: `pending_requests(claim=True)` takes it again."""
+        now = self.clock.time()
+        with self._tx() as db:
+            cur = db.execute("UPDATE requests SET claimed_until = ? WHERE id = ? AND "
+                             "claimed_by = ? AND claimed_until >= ?",
+                             (now + CLAIM_SECONDS, request.instance, self.holder, now))
+            return int(cur.rowcount) == 1
+
     def _stored(self, db: Db, request: TransferRequest) -> TransferRequest:
         row = db.execute(f"{REQUESTS} WHERE requests.id = ?", (request.instance,)).fetchone()
         if row is None:

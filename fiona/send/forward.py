@@ -155,6 +155,15 @@ class Forwarder:
                  outcome.mapped_study, outcome.dropped, outcome.masked, outcome.sent,
                  outcome.first_out, outcome.verified - outcome.sent)
 
+    def process_claimed(self, req: TransferRequest) -> None:
+        """`process` a request of the batch `due` claimed if this forwarder still holds it
+        (the claim renewed): sending the batch's earlier requests may outlast the lease, and
+        another forwarder that took the request then must be its only sender."""
+        if self.control.renew_claim(req):
+            self.process(req)
+        else:
+            self._pending.pop(identity(req), None)
+
     def _retry_later(self, req: TransferRequest, exc: Exception) -> None:
         """Keep the request pending and try again later, waiting longer each time; a
         destination's reason shows on the request (written when it changes)."""
@@ -304,7 +313,7 @@ class Forwarder:
                     if stop.is_set():
                         break
                     try:
-                        self.process(req)
+                        self.process_claimed(req)
                     except (Unavailable, ControlPlaneError) as exc:
                         log.warning("request for study %s not written back: %s",
                                     req.study_uid, exc)
