@@ -224,3 +224,24 @@ def test_an_abandoned_upload_is_removed_after_its_days(site):
     [gone] = attacher.expire(now + UPLOAD_DAYS * 86400 + 60)
     assert gone.id == job["id"] and not upload.exists()
     assert alice.get(f"/api/attach/uploads/{job['id']}").json()["state"] == FAILED
+
+
+def test_a_job_is_closed_to_its_owner_once_the_assign_role_is_gone(site):
+    """The assign role is checked on the job's project at every request, not only when the
+    upload was created: a user whose role was taken away mid-upload can neither send the
+    rest (which would file it in the project) nor read the job; another user never could."""
+    alice = site.client("alice")
+    job = create(alice, 1000).json()
+    token = alice.get("/api/session").json()["csrf_token"]
+    bob = site.client("bob")
+    bob_token = bob.get("/api/session").json()["csrf_token"]
+    assert bob.get(f"/api/attach/uploads/{job['id']}").status_code == 404
+    assert bob.put(f"/api/attach/uploads/{job['id']}?offset=0", content=b"x" * 10,
+                   headers={"X-CSRF-Token": bob_token}).status_code == 404
+    site.users.add("alice", None, ["project:A:review"])
+    assert alice.get(f"/api/attach/uploads/{job['id']}").status_code == 404
+    r = alice.put(f"/api/attach/uploads/{job['id']}?offset=0", content=b"x" * 1000,
+                  headers={"X-CSRF-Token": token})
+    assert r.status_code == 404
+    assert Attacher(site.config).store.load(job["id"]).state == "uploading"
+    assert "cd.zip" not in alice.get("/attach").text

@@ -127,10 +127,16 @@ class Attacher:
                     participant=job.participant, event=job.event, bytes=job.size,
                     study_uid=job.study)
 
+    @staticmethod
+    def mine(actor: Actor, job: Job) -> bool:
+        """Whether `actor` may see and continue `job`: its owner while they still have the
+        assign role in its project (a role taken away mid-upload closes the job), or an admin."""
+        return actor.admin or (job.user == actor.name and actor.can(job.project, "assign"))
+
     def own(self, actor: Actor, job_id: str) -> Job:
-        """The job, if it is `actor`'s (admins see all); else NotFound."""
+        """The job, if `actor` may see it (`mine`); else NotFound."""
         job = self.store.load(job_id)
-        if job.user != actor.name and not actor.admin:
+        if not self.mine(actor, job):
             raise NotFound(f"no attach job {job_id}")
         return job
 

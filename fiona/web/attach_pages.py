@@ -75,7 +75,7 @@ def attach_page(request: Request, user: User = Depends(current_user), c: Ctx = D
                 w: Worker = Depends(worker)):
     projects = [{"name": p.name, "events": p.events} for p in c.control.projects()
                 if user.can(p.name, "assign")]
-    jobs = [j for j in w.attacher.store.all() if j.user == user.name or user.admin]
+    jobs = [j for j in w.attacher.store.all() if w.attacher.mine(user, j)]
     return render(request, "attach.html", projects=projects, pathology=PATHOLOGY,
                   limit_mb=int(max_bytes(c.config) / MB),
                   jobs=[j.public(w.attacher.store.received(j)) | {"created": j.created,
