@@ -25,6 +25,8 @@ def test_the_connection_string_is_checked_with_the_configuration(tmp_path):
         config_with("host=127.0.0.1 dbname=fiona password=secret", tmp_path)
     with pytest.raises(ConfigError, match="db.example.org is not on this machine.*verify-full"):
         config_with("host=db.example.org dbname=fiona sslmode=require", tmp_path)
+    with pytest.raises(ConfigError, match="10.0.0.5 is not on this machine.*verify-full"):
+        config_with("host=localhost hostaddr=10.0.0.5 dbname=fiona", tmp_path)
     with pytest.raises(ConfigError, match="not a libpq connection string"):
         config_with("host='unclosed", tmp_path)
     with pytest.raises(ConfigError, match="CONTROL_PLANE.dsn"):

@@ -48,7 +48,8 @@ def checked_conninfo(dsn: Any) -> dict[str, str]:
     if "password" in params:
         raise ConfigError(["CONTROL_PLANE.dsn must not hold the password: put it in the file "
                            "that CONTROL_PLANE.password_file names (mode 0600)"])
-    hosts = str(params.get("host", "") or "").split(",")
+    # libpq connects to `hostaddr` when given (`host` then only names the server for TLS)
+    hosts = [h for key in ("host", "hostaddr") for h in str(params.get(key) or "").split(",")]
     remote = [h for h in hosts if h and not h.startswith("/") and h not in LOCAL_HOSTS]
     if remote and params.get("sslmode") != "verify-full":
         raise ConfigError([f"CONTROL_PLANE.dsn: the PostgreSQL server {remote[0]} is not on "
