@@ -89,7 +89,7 @@ def two_forwarders(root: Path, dsn: str, requests: int = 200) -> Outcome:
             while control.pending_requests():
                 work = forwarder.due()
                 for req in work:
-                    forwarder.process(req)
+                    forwarder.process_claimed(req)
                 if not work:
                     idle.wait(0.05)  # the other one holds what is left
         except BaseException as exc:  # raised by the caller's thread below
