@@ -168,12 +168,12 @@ class Attacher:
                 wsi.ConversionError, documents.DocumentError, ingest.IngestError,
                 ControlPlaneError) as exc:
             # the reason may quote a file name, which can carry a patient's name: it goes to
-            # the job and the audit trail, not to the log
+            # the job file (its owner's page) only; the log and the audit trail name its kind
             log.error("attach job %s of project %s failed (%s); the reason is in its job file",
                       job.id, job.project, type(exc).__name__)
             self.store.finish(job, FAILED, str(exc))
             self._audit(job.user, "attach failed", job=job.id, project=job.project,
-                        reason=str(exc))
+                        reason=type(exc).__name__)
             return job
         self.store.finish(job, DONE)
         log.info("attach job %s: %d object(s) of %d study(ies) filed for %s (%s)", job.id,
