@@ -247,3 +247,14 @@ def test_a_job_is_closed_to_its_owner_once_the_assign_role_is_gone(site):
     assert r.status_code == 404
     assert Attacher(site.config).store.load(job["id"]).state == "uploading"
     assert "cd.zip" not in alice.get("/attach").text
+
+
+def test_an_entry_the_disk_cannot_hold_fails_the_job_clearly_and_logs_no_name(site, tmp_path,
+                                                                               caplog):
+    """An archive entry whose name the file system refuses (too long) is bad input: the job
+    fails saying so, not with an internal error whose trace puts the name in the web log."""
+    alice = site.client("alice")
+    data, _ = media_zip(tmp_path, {f"DICOM/Smith^Anna{'x' * 300}.dcm": b"x"})
+    failed = finished(alice, upload(alice, data, "cd.zip"))
+    assert failed["state"] == FAILED and "cannot be unpacked" in failed["reason"]
+    assert "Smith" not in caplog.text

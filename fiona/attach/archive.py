@@ -60,3 +60,7 @@ def extract(zip_path: Path, dest: Path, max_bytes: int) -> list[Path]:
     except FileExistsError as exc:
         raise ArchiveError(f"the archive holds {Path(exc.filename or '').name!r} twice; "
                            f"nothing was stored") from None
+    except OSError as exc:  # a name the file system refuses (too long ...), a full disk
+        raise ArchiveError(f"the archive cannot be unpacked at "
+                           f"{Path(exc.filename or '').name!r} ({exc.strerror}); nothing was "
+                           f"stored") from None
