@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -186,6 +188,19 @@ def test_pdf_and_image_join_an_existing_study_as_new_series(site, tmp_path):
         alice.put(f"/api/attach/uploads/{job['id']}?offset=0", content=content,
                   headers={"X-CSRF-Token": token})
         assert finished(alice, job["id"])["state"] == DONE
+    # a PNG that says it has 400 million pixels (PIL refuses it at once) is bad input
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2,
+                                                               0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    job = create(alice, len(bomb), "huge.png", study=study["study"]).json()
+    token = alice.get("/api/session").json()["csrf_token"]
+    alice.put(f"/api/attach/uploads/{job['id']}?offset=0", content=bomb,
+              headers={"X-CSRF-Token": token})
+    failed = finished(alice, job["id"])
+    assert failed["state"] == FAILED and "pixels" in failed["reason"], failed
     objects = [pydicom.dcmread(p, stop_before_pixels=True)
                for p in site.gw.tree.study_archive(study["study"]).iterdir()]
     added = {o.SOPClassUID.name: o for o in objects if o.Modality in ("DOC", "OT")}

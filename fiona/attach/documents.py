@@ -85,7 +85,7 @@ def _image(ds: Dataset, source: Path) -> None:
                                     f"pixels, more than {MAX_PIXELS}")
             arr = np.asarray(opened.convert("L" if opened.mode in ("1", "L", "I;16")
                                             else "RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise DocumentError(f"the image cannot be read ({exc})") from None
     ds.Rows, ds.Columns = arr.shape[:2]
     rgb = arr.ndim == 3
