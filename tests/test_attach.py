@@ -273,3 +273,11 @@ def test_an_entry_the_disk_cannot_hold_fails_the_job_clearly_and_logs_no_name(si
     failed = finished(alice, upload(alice, data, "cd.zip"))
     assert failed["state"] == FAILED and "cannot be unpacked" in failed["reason"]
     assert "Smith" not in caplog.text
+
+
+def test_a_malformed_request_gets_a_clear_400(site):
+    alice = site.client("alice")
+    for size, extra in ((100, {"pathology": "H&E"}), (100, {"pathology": ["H&E"]}),
+                        ("1e3", {})):
+        r = create(alice, size, **extra)
+        assert r.status_code == 400 and "bad upload request" in r.json()["detail"], extra

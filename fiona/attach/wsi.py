@@ -49,6 +49,8 @@ class Pathology:
 
     @classmethod
     def from_dict(cls, data: dict) -> Pathology:
+        if not isinstance(data, dict):  # a client's JSON may hold anything
+            raise ValueError("the pathology must be an object of named fields")
         return cls(**{k: str(data.get(k, "") or "").strip()[:64] for k in
                       ("specimen", "block", "slide", "stain", "biopsy")})
 
