@@ -281,3 +281,18 @@ def test_a_malformed_request_gets_a_clear_400(site):
                         ("1e3", {})):
         r = create(alice, size, **extra)
         assert r.status_code == 400 and "bad upload request" in r.json()["detail"], extra
+
+
+def test_media_cannot_join_a_study_that_belongs_to_another_project(site, tmp_path):
+    """A study requested for project B belongs to B (only B's users see it). Media carrying
+    its StudyInstanceUID, attached by a user of A only, would couple it to A and show her
+    B's study: refused, nothing filed, nothing coupled."""
+    data, study = media_zip(tmp_path)
+    site.control.register_study(Study(study["study"]))
+    site.request(study["study"], "B", "B001")
+    alice = site.client("alice")
+    failed = finished(alice, upload(alice, data, "cd.zip"))
+    assert failed["state"] == FAILED and "another project" in failed["reason"], failed
+    assert not site.control.coupling_rows()
+    assert [r.project for r in site.control.requests(study["study"])] == ["B"]
+    assert not any(site.gw.tree.archive.iterdir())

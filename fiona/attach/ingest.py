@@ -61,9 +61,17 @@ def check_request(control: ControlPlane, keyed: Keyed, studies: Iterable[str], p
     assigner = Assigner(control, keyed)
     assigner.checked(project, participant, event)
     studies = set(studies)
+    rows = control.coupling_rows()
     for study in studies:
+        # a study requested (or attached) for other projects only belongs to them: coupling
+        # it here would show it, and send it, to a project whose users may not see it
+        owners = {r.project for r in control.requests(study)} | \
+            {r.project for r in rows if r.study_uid == study}
+        if owners and project not in owners:
+            raise Refused(f"study {study} belongs to another project; it is not attached to "
+                          f"{project} (an administrator can assign it on the Assign page)")
         assigner.existing(study, project, participant, event)
-    for row in control.coupling_rows():  # attached before, not yet arrived
+    for row in rows:  # attached before, not yet arrived
         if row.study_uid in studies and row.project == project and \
                 (row.participant, row.event) != (participant, event):
             raise Refused(f"study {row.study_uid} is already attached in project {project} to "
