@@ -14,9 +14,12 @@ left running the session would still report it.
 
 from __future__ import annotations
 
-import pytest
-from playwright.sync_api import sync_playwright
+from pathlib import Path
 
+import pytest
+from playwright.sync_api import Page, sync_playwright
+
+from helpers import Gateway, listening, wait_for
 from procs import session_wide
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,3 +42,20 @@ def playwright(_pw_api_request_contexts):
         _pw_api_request_contexts.instrument(pw)
     yield pw
     pw.stop()
+
+
+def start_web_and_log_in(page: Page, gw: Gateway, port: int, user: str, password: str,
+                         role: str, folder: Path) -> str:
+    """Add `user` with `role` (password from a file, as an admin would), start `fiona web` on
+    `port`, log in on the page; the site's URL."""
+    secret = folder / "password"
+    secret.write_text(password + "\n")
+    gw.run("user", "add", user, "--role", role, "--password-file", str(secret))
+    gw.start("web")
+    wait_for(lambda: listening(port), 30, "fiona web to listen")
+    url = f"http://127.0.0.1:{port}"
+    page.goto(f"{url}/login")
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    return url

@@ -5,24 +5,16 @@ again, and the page shows the job done; the objects are in the archive."""
 
 from __future__ import annotations
 
-import socket
 import zipfile
 
 import pytest
 from playwright.sync_api import Page, Route, expect
 
+from browser import start_web_and_log_in
 from dicomgen import make_study
-from helpers import Gateway, free_port, wait_for
+from helpers import Gateway, free_port
 
 USER, PASSWORD = "pat", "correct horse battery staple 7"
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.e2e
@@ -30,21 +22,11 @@ def test_upload_survives_a_dropped_chunk_and_shows_done(page: Page, tmp_path):
     port = free_port()
     gw = Gateway(tmp_path / "data", free_port(), {"WEB": {"host": "127.0.0.1", "port": port}})
     gw.run("project", "add", "PATH", "--naming", "^P[0-9]{4}$", "--events", "baseline")
-    secret = tmp_path / "password"
-    secret.write_text(PASSWORD + "\n")
-    gw.run("user", "add", USER, "--role", "project:PATH:assign", "--password-file", str(secret))
     study = make_study(tmp_path / "cd", n_series=1, images_per_series=3)
     with zipfile.ZipFile(tmp_path / "cd.zip", "w") as z:
         for f in study["files"]:
             z.write(f, f"DICOM/{f.name}")
-    gw.start("web")
-    wait_for(lambda: _listening(port), 30, "fiona web to listen")
-    url = f"http://127.0.0.1:{port}"
-
-    page.goto(f"{url}/login")
-    page.get_by_label("User name").fill(USER)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    start_web_and_log_in(page, gw, port, USER, PASSWORD, "project:PATH:assign", tmp_path)
     page.locator("#nav-attach").click()
     dropped = []
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from helpers import free_port, listening, wait_for
+from browser import start_web_and_log_in
+from helpers import free_port
 from test_export_worker import deliver, gateway
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -26,18 +27,8 @@ def test_request_watch_ready_and_download_an_export(page: Page, tmp_path):
     gw, research = gateway(tmp_path, {"WEB": {"host": "127.0.0.1", "port": port}})
     try:
         mapped = deliver(tmp_path, gw, research)
-        secret = tmp_path / "password"
-        secret.write_text(PASSWORD + "\n")
-        gw.run("user", "add", USER, "--role", "project:PROJ:export", "--password-file",
-               str(secret))
-        gw.start("web")
-        wait_for(lambda: listening(port), 30, "fiona web to listen")
-        url = f"http://127.0.0.1:{port}"
-
-        page.goto(f"{url}/login")
-        page.get_by_label("User name").fill(USER)
-        page.get_by_label("Password").fill(PASSWORD)
-        page.get_by_role("button", name="Log in").click()
+        url = start_web_and_log_in(page, gw, port, USER, PASSWORD, "project:PROJ:export",
+                                   tmp_path)
         page.locator("#nav-exports").click()
         expect(page.get_by_role("heading", name="Request an export")).to_be_visible()
         row = page.locator("#candidates tbody tr", has_text="P0001")
