@@ -140,6 +140,14 @@ class Row(ABC):
     def check(self, out: Path) -> str:
         """What the output holds (raises when it is short); untimed."""
 
+    def check_zip(self, zip_path: Path) -> str:
+        """A zip of the study: every .dcm in it."""
+        with zipfile.ZipFile(zip_path) as zf:
+            dcm = sum(n.endswith(".dcm") for n in zf.namelist())
+        if dcm != len(self.site.files):
+            raise RuntimeError(f"{self.name}: {dcm} of {len(self.site.files)} files in the zip")
+        return f"{dcm} .dcm, {_mb(zip_path)}"
+
     def fsync(self, out: Path) -> str:
         """For a peer, which writes without fsync: the time to fsync its output afterwards
         (untimed: for reference, since FIONA's time includes fsyncing its zip)."""
@@ -171,11 +179,7 @@ class FionaDicom(Fiona):
 
     def check(self, out):
         (zip_path,) = out.glob("*.zip")
-        with zipfile.ZipFile(zip_path) as zf:
-            dcm = sum(n.endswith(".dcm") for n in zf.namelist())
-        if dcm != len(self.site.files):
-            raise RuntimeError(f"{self.name}: {dcm} of {len(self.site.files)} files in the zip")
-        return f"{dcm} .dcm, {_mb(zip_path)}"
+        return self.check_zip(zip_path)
 
 
 class Zip(Row):
@@ -187,12 +191,7 @@ class Zip(Row):
                         self.site.study.name], cwd=self.site.study.parent, check=True)
 
     def check(self, out):
-        zip_path = out / "study.zip"
-        with zipfile.ZipFile(zip_path) as zf:
-            dcm = sum(n.endswith(".dcm") for n in zf.namelist())
-        if dcm != len(self.site.files):
-            raise RuntimeError(f"{self.name}: {dcm} of {len(self.site.files)} files in the zip")
-        return f"{dcm} .dcm, {_mb(zip_path)}"
+        return self.check_zip(out / "study.zip")
 
 
 class ZipFast(Zip):
