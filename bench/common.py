@@ -26,9 +26,13 @@ def progress(text: str) -> None:
 
 
 def count_files(root: Path) -> int:
-    """Finished files under `root`; temporary '.tmp.*' names of writers in flight excluded."""
-    return sum(1 for _dir, _subs, names in os.walk(root)
-               for name in names if not name.startswith("."))
+    """Finished files under `root`; temporary '.tmp.*' names of writers in flight and hidden
+    folders (FIONA's archive/.receipts) excluded."""
+    total = 0
+    for _dir, subs, names in os.walk(root):
+        subs[:] = [s for s in subs if not s.startswith(".")]
+        total += sum(1 for name in names if not name.startswith("."))
+    return total
 
 
 def make_corpus(root: Path, images: int, n_series: int) -> list[Path]:

@@ -210,6 +210,8 @@ def running(site: Site, command: str, verbose: bool = False) -> Iterator[threadi
     """Set up logging, claim the pid file, and yield the stop event (SIGTERM/SIGINT). A daemon
     whose readiness rule is STARTED is ready here; the others call `ready` themselves."""
     entry = daemon(command)
+    if entry.nice:
+        os.nice(entry.nice)
     Tree(site.datadir).make()
     log_to(entry.log_path(site), verbose)
     pid = PidFile(site, entry).acquire()

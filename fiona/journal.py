@@ -2,13 +2,16 @@
 
 The system FIONA replaces used a named pipe as its only queue: a dead reader made the receiver
 hang or drop notices, and dropped files were never indexed. Here the journal is the queue: the
-producer appends a line and fsyncs it before it reports success; the consumer keeps a durable
+producer appends a line and makes it durable before it reports success (the receiver through
+its receipts, `fiona.receive.receipts`, and syncs the journal later); the consumer keeps a durable
 read position and replays everything after it when it starts. The pipe only says "look now" and
 may lose messages freely.
 
 A journal is a folder of numbered segment files `<name>.<seq>.log`. A writer always starts a new
 segment, so a line torn by a crash can only be the last one of an older segment, where the reader
-recognises and skips it (the sender was never told "stored", so it sends again).
+recognises and skips it (the sender was never told "stored", so it sends again). Lines a crash
+took from the end of an older segment before they were synced are written again into the new
+one from the receipts; a reader whose position lies beyond the shortened end moves on to it.
 
 Several processes may append to one journal (the receiver's worker processes): the first writer
 starts the new segment, the others join it (`join=True`), and all of them append and rotate under
@@ -122,6 +125,8 @@ class JournalWriter:
 
     def _rotate(self) -> None:
         """Move to the next segment: the newest one, if another writer made it already."""
+        if not self.durable:  # what `sync` has not covered yet must not be left behind
+            os.fdatasync(self._fd)
         os.close(self._fd)
         self._seq = max([self._seq + 1, *_segments(self.folder, self.name)])
         self._open()
@@ -144,8 +149,19 @@ class JournalWriter:
             finally:
                 os.close(fd)
 
+    def sync(self) -> None:
+        """Make every line appended so far durable (for a writer that is not `durable`)."""
+        with self._lock:
+            fd = os.dup(self._fd)  # a rotation may close the shared one meanwhile
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         with self._lock:
+            if not self.durable:
+                os.fdatasync(self._fd)
             os.close(self._fd)
             if self._shared >= 0:
                 os.close(self._shared)

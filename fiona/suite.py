@@ -42,6 +42,7 @@ class Daemon:
     #: (0: no limit; such a daemon logs only when it has work)
     requires: tuple[str, ...] = ()  #: the Config attributes that must be set for it to run
     #: (MPPS: "mpps_port"); `fiona up` and the heartbeat leave it alone otherwise
+    nice: int = 0  #: added to its nice value at start (BACKGROUND for work nobody waits on)
 
     def wanted(self, config: Config) -> bool:
         """Whether this installation runs it (every `requires` setting is set)."""
@@ -80,24 +81,30 @@ class Daemon:
                 f"stop {self.unit_name(site_name)}")
 
 
+#: the nice value of the daemons whose work nobody waits on: on a busy machine the receiver
+#: (a sender waits for every status), the MPPS listener and the web pages get the CPU first;
+#: on the test machine the indexer beside the receiver cost a fifth of the ingest rate
+BACKGROUND = 10
+
 #: in data-flow order
 DAEMONS: tuple[Daemon, ...] = (
     Daemon("storescp", "storectl.sh", "storescpd", True, "fiona.storescp", "fiona-storescp",
            ready=LISTENING),
     Daemon("process-single-file", "processSingleFile3.py", "processSingleFile", True,
            "fiona.indexer", "fiona-process-single-file", pipe="processSingleFilePipe",
-           quiet_limit=3600.0),
+           quiet_limit=3600.0, nice=BACKGROUND),
     Daemon("detect-study-arrival", "detectStudyArrival.sh", "detectStudyArrival", True,
-           "fiona.arrival", "fiona-detect-study-arrival"),
+           "fiona.arrival", "fiona-detect-study-arrival", nice=BACKGROUND),
     Daemon("anonymize-and-send", "anonymizeAndSend.py", "anonymizeAndSend", True,
-           "fiona.forward", "fiona-anonymize-and-send", pipe="anonymizeAndSendPipe"),
+           "fiona.forward", "fiona-anonymize-and-send", pipe="anonymizeAndSendPipe",
+           nice=BACKGROUND),
     Daemon("web", "", "web", False, "fiona.web", "fiona-web"),
     Daemon("mpps", "mppsctl.sh", "mpps", False, "fiona.mpps", "fiona-mpps", ready=LISTENING,
            requires=("mpps_port",)),
     Daemon("pull-from-scanner", "moveFromScanner.sh", "moveFromScanner", False, "fiona.pull",
-           "fiona-pull-from-scanner", requires=("mpps_port", "scanner")),
+           "fiona-pull-from-scanner", requires=("mpps_port", "scanner"), nice=BACKGROUND),
     Daemon("export-worker", "", "exportWorker", True, "fiona.exportworker",
-           "fiona-export-worker", pipe="exportWorkerPipe"),
+           "fiona-export-worker", pipe="exportWorkerPipe", nice=BACKGROUND),
 )
 
 RECEIVER, INDEXER, ARRIVAL, FORWARDER, WEB, MPPS, PULL, EXPORTER = DAEMONS

@@ -10,14 +10,12 @@ world-readable modes.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import queue
 import re
 import tempfile
-import threading
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +59,7 @@ def safe_name(value: object, what: str = "value", default: str = "unknown") -> s
     return text[:64].rstrip() or default
 
 
+@lru_cache(maxsize=256)  # per received object otherwise, and SOP classes repeat
 def modality_prefix(sop_class_uid: str) -> str:
     """The MOD part of archive file names, from the SOP class (MR, CT, SC, PS, SR, ...)."""
     from pydicom.uid import UID
@@ -106,7 +105,7 @@ def atomic_write(path: Path, data: bytes, durable: bool = True, mode: int = FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")  # created 0600
     try:
         os.fchmod(fd, mode)
-        _write_all(fd, data)
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -138,103 +137,8 @@ def load_record(cls: type[Record], path: Path, what: str,
     return cls(**values)
 
 
-class DurableCreator:
-    """Creates files under one folder, each all or nothing, with its data on disk.
-
-    Each file's data goes to an unnamed file (O_TMPFILE) that is fsynced and then linked under
-    its name, so a crash leaves no partial or temporary file and an existing file is never
-    replaced (FileExistsError). Making an inode waits for the file system's journal commit of
-    the previous file, so a helper thread keeps a few unnamed files ready: that wait then
-    overlaps with the network instead of adding to every store. The new folder entry becomes
-    durable with the next fsync on the same journaled file system, or by `fsync_dir`. Where
-    O_TMPFILE is unsupported, a named temporary file is used instead.
-    """
-
-    def __init__(self, root: Path, spares: int = 4):
-        self.root = root
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        self._spares: queue.Queue[int] = queue.Queue(spares)
-        self._closed = threading.Event()
-        probe = self._open_unnamed()
-        self.unnamed = probe is not None
-        self._helper: threading.Thread | None = None
-        if probe is not None:
-            os.close(probe)
-            self._helper = threading.Thread(target=self._prepare, name="spare-files",
-                                            daemon=True)
-            self._helper.start()
-
-    def _open_unnamed(self) -> int | None:
-        try:
-            return os.open(self.root, os.O_TMPFILE | os.O_WRONLY, FILE_MODE)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.EISDIR):
-                return None
-            raise
-
-    def _prepare(self) -> None:
-        while not self._closed.is_set():
-            fd = self._open_unnamed()
-            if fd is None:  # the file system stopped offering O_TMPFILE: callers fall back
-                return
-            while not self._closed.is_set():
-                try:
-                    self._spares.put(fd, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-            else:
-                os.close(fd)
-
-    def create(self, relative: str, data: bytes) -> None:
-        """Write `root/relative` durably; FileExistsError if it exists, FileNotFoundError if
-        its folder does not."""
-        if not self.unnamed:
-            return _create_via_temp_name(self.root / relative, data)
-        try:
-            fd = self._spares.get_nowait()
-        except queue.Empty:
-            spare = self._open_unnamed()
-            if spare is None:  # the file system stopped offering O_TMPFILE
-                return _create_via_temp_name(self.root / relative, data)
-            fd = spare
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-            # linkat(..., AT_SYMLINK_FOLLOW): CPython uses it only when a dir fd is given
-            os.link(f"/proc/self/fd/{fd}", relative, dst_dir_fd=self._root_fd,
-                    follow_symlinks=True)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._helper is not None:
-            self._helper.join(2)
-        while True:
-            try:
-                os.close(self._spares.get_nowait())
-            except queue.Empty:
-                break
-        os.close(self._root_fd)
-
-
-def _create_via_temp_name(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.link(tmp, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)
-
-
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` (os.write may write less than asked)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -353,6 +257,12 @@ class Tree:
     @property
     def archive(self) -> Path:
         return self.site / "archive"
+
+    @property
+    def receipts(self) -> Path:
+        """Received objects whose journal lines may not be synced yet (`fiona.receive.receipts`);
+        inside archive/, because a receipt is a hard link to the archived file."""
+        return self.archive / ".receipts"
 
     @property
     def raw(self) -> Path:

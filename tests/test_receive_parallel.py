@@ -17,6 +17,7 @@ import pytest
 from dicomgen import make_study
 from fiona import journal
 from fiona.journal import RECEIVED, JournalReader, JournalWriter
+from fiona.receive.receipts import Receipt
 from fiona.receive.store import dataset_part
 from helpers import Gateway, dcmtk, listening, wait_for
 from procs import alive, children, spawn
@@ -117,12 +118,21 @@ def test_a_dead_worker_is_replaced_and_the_workers_stop_with_the_daemon(make_gat
     receiver = gateway.start("storescp")
     wait_for(lambda: len(children(receiver.pid)) == 1, 60, "the worker")
     [worker] = children(receiver.pid)
+    # a receipt the worker had not flushed yet (written by hand): the daemon journals it
+    gateway.tree.study_archive("1.2").mkdir()
+    receipt = gateway.tree.receipts / Receipt(f"{worker}.1-1", 1, "1.2", "MR.1.2.3",
+                                              ("SCANNER", "FIONA", "127.0.0.1")).file_name()
+    receipt.write_bytes(b"x")
+    os.link(receipt, gateway.tree.study_archive("1.2") / "MR.1.2.3")
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: [p for p in children(receiver.pid) if p != worker], 60,
              "a new worker")
     [replacement] = children(receiver.pid)
-    assert "exited with status -9; starting it again" in (
-        gateway.tree.logs / "storescpd.log").read_text()
+    log = (gateway.tree.logs / "storescpd.log").read_text()
+    assert "exited with status -9; starting it again" in log
+    assert f"receipts left by receiver process {worker}: 1 objects journaled again" in log
+    assert any(line.endswith(",MR.1.2.3") for line in _journal_lines(gateway))
+    assert not receipt.exists()
     gateway.stop("storescp")
     assert not alive(replacement)
     assert not listening(gateway.port)

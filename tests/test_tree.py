@@ -12,7 +12,6 @@ import pytest
 from fiona.tree import (
     DIR_MODE,
     FILE_MODE,
-    DurableCreator,
     InvalidValue,
     Tree,
     atomic_write,
@@ -198,79 +197,6 @@ def test_tree_make(tmp_path):
     assert tree.archive_file("1.2", "MR", "1.2.3") == tree.archive / "scp_1.2" / "MR.1.2.3"
     assert tree.series_json("1.2", "1.3") == tree.raw / "1.2" / "1.3.json"
     Tree(tmp_path / "data").make()  # idempotent
-
-
-# ---------------------------------------------------------------- DurableCreator
-
-@pytest.fixture
-def creator(tmp_path):
-    c = DurableCreator(tmp_path)
-    yield c
-    c.close()
-
-
-def test_durable_create_writes_file(tmp_path, creator):
-    creator.create("a.dcm", b"hello")
-    assert (tmp_path / "a.dcm").read_bytes() == b"hello"
-    assert mode(tmp_path / "a.dcm") == 0o640
-    (tmp_path / "sub").mkdir()
-    creator.create("sub/b.dcm", b"x" * 100_000)
-    assert (tmp_path / "sub" / "b.dcm").read_bytes() == b"x" * 100_000
-    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "sub") == []
-
-
-def test_durable_create_never_overwrites(tmp_path, creator):
-    creator.create("a", b"original")
-    with pytest.raises(FileExistsError):
-        creator.create("a", b"replacement")
-    assert (tmp_path / "a").read_bytes() == b"original"
-    assert sorted(os.listdir(tmp_path)) == ["a"]
-
-
-def test_durable_create_missing_folder(tmp_path, creator):
-    with pytest.raises(FileNotFoundError):
-        creator.create("missing/a", b"x")
-    assert sorted(os.listdir(tmp_path)) == []
-
-
-def test_durable_create_concurrent(tmp_path, creator):
-    errors = []
-
-    def run(t):
-        try:
-            for i in range(25):
-                creator.create(f"t{t}_{i}", f"{t}:{i}".encode())
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not errors
-    names = sorted(os.listdir(tmp_path))
-    assert len(names) == 200
-    for t in range(8):
-        for i in range(25):
-            assert (tmp_path / f"t{t}_{i}").read_bytes() == f"{t}:{i}".encode()
-
-
-def test_durable_create_named_temp_fallback(tmp_path):
-    c = DurableCreator(tmp_path)
-    try:
-        c.unnamed = False  # as on a file system without O_TMPFILE
-        c.create("a", b"data")
-        assert (tmp_path / "a").read_bytes() == b"data"
-        assert mode(tmp_path / "a") == 0o640
-        with pytest.raises(FileExistsError):
-            c.create("a", b"other")
-        assert (tmp_path / "a").read_bytes() == b"data"
-        with pytest.raises(FileNotFoundError):
-            c.create("missing/a", b"x")
-        assert sorted(os.listdir(tmp_path)) == ["a"]
-    finally:
-        c.close()
 
 
 # ---------------------------------------------------------------- symlink, touch

@@ -33,8 +33,10 @@ class IngestError(RuntimeError):
 def file_objects(config: Config, site: Site, objects: Iterable[Part10],
                  progress: Callable[[int], None] | None = None) -> int:
     """File every object; returns how many. Objects are read one at a time."""
+    # joins the receiver's journal: neither a segment of its own (the indexer would leave
+    # the receiver's behind) nor the recovery of the receiver's receipts
     handler = StoreHandler(Tree(site.datadir), config.refuse_store_percent,
-                           INDEXER.pipe_path(site))
+                           INDEXER.pipe_path(site), join=True)
     assoc = Association(ATTACH_AE, ATTACH_AE, "127.0.0.1", 0)
     count = 0
     try:

@@ -9,7 +9,8 @@ RECEIVER_PROCESSES processes (default 1) that accept on the one listening socket
 the daemon (pid file, log, `fiona ctl`) binds it and serves, and starts the others as its
 workers (`python -m fiona.receive.worker`). Each worker files, fsyncs and
 journals on its own (the journal is shared under a lock: `fiona.journal`), so every object is
-durable before its success status whichever process took it. The workers die with the daemon
+durable before its success status whichever process took it; the receipts of a worker that
+died are journaled again by the daemon (`fiona.receive.receipts`). The workers die with the daemon
 (SIGKILL from the kernel if it dies, so none lives on holding the port), stop when it stops,
 and are started again if one dies. The daemon writes a byte to each worker's stdin every
 second; a worker that has not heard from it for DAEMON_SILENCE_SECONDS refuses new
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from ..config import Config, Site, is_enabled, load
 from ..daemon import DaemonError, log_to, ready, running, stop_event
@@ -137,7 +139,9 @@ def serve(server: AcceptorServer, receiver: Receiver, stop: threading.Event,
 class Workers:
     """The daemon's worker processes, accepting on its listening socket."""
 
-    def __init__(self, config: Config, site: Site, listen_fd: int, count: int, verbose: bool):
+    def __init__(self, config: Config, site: Site, listen_fd: int, count: int, verbose: bool,
+                 on_exit: Callable[[int], None]):
+        """`on_exit(pid)`: after a worker died (its receipts are recovered)."""
         self.cmd = [sys.executable, "-m", "fiona.receive.worker", "--config", str(config.path),
                     "--listen-fd", str(listen_fd), "--parent", str(os.getpid())]
         if site.name:
@@ -145,6 +149,7 @@ class Workers:
         if verbose:
             self.cmd.append("-v")
         self.fd = listen_fd
+        self.on_exit = on_exit
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.beats: list[int] = [-1] * count  # each worker's stdin (`DaemonBeat`)
 
@@ -162,6 +167,7 @@ class Workers:
             if proc is not None:
                 log.error("receiver worker %d (pid %d) exited with status %s; starting it "
                           "again", i + 1, proc.pid, proc.returncode)
+                self.on_exit(proc.pid)
                 os.close(self.beats[i])
             read, self.beats[i] = os.pipe()
             os.set_blocking(self.beats[i], False)
@@ -208,7 +214,7 @@ def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
                  site.ip, server.port, site.aetitle, site.datadir, config.receiver_processes,
                  "" if config.receiver_processes == 1 else "es")
         workers = Workers(config, site, server.listening_fd(), config.receiver_processes - 1,
-                          verbose)
+                          verbose, receiver.receipts.recover)
         workers.tick()
         ready()
         if not receiver.accepting():

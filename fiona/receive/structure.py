@@ -38,7 +38,7 @@ class Truncated(Invalid):
 
 
 class _Walker:
-    def __init__(self, data: bytes, little: bool, wanted: frozenset[int]):
+    def __init__(self, data: bytes | bytearray, little: bool, wanted: frozenset[int]):
         self.data = data
         self.n = len(data)
         self.wanted = wanted
@@ -81,7 +81,7 @@ class _Walker:
                 pos += 8
                 sequence = tag in _SQ_TAGS or (length == UNDEFINED and tag != PIXEL_DATA)
             else:
-                vr = data[pos + 4:pos + 6]
+                vr = bytes(data[pos + 4:pos + 6])  # hashable when data is a bytearray
                 if vr in _LONG_VRS:
                     if pos + 12 > end:
                         self._short(pos, 12, end, f"header of ({group:04X},{elem:04X})")
@@ -107,7 +107,7 @@ class _Walker:
                 if sequence:
                     self.items(pos, pos + length, implicit, defined=True)
                 elif top and tag in self.wanted:
-                    self.found[tag] = data[pos:pos + length]
+                    self.found[tag] = bytes(data[pos:pos + length])
                 pos += length
         if delimited:
             self._short(pos, 8, end, "item delimiter")
@@ -158,13 +158,14 @@ class _Walker:
             pos += length
 
 
-def _walk(data: bytes, implicit: bool, little: bool, wanted: frozenset[int]) -> dict[int, bytes]:
+def _walk(data: bytes | bytearray, implicit: bool, little: bool, wanted: frozenset[int]
+          ) -> dict[int, bytes]:
     walker = _Walker(data, little, wanted)
     walker.dataset(0, len(data), implicit, delimited=False, top=True)
     return walker.found
 
 
-def scan(data: bytes, implicit: bool, little: bool, wanted: frozenset[int]
+def scan(data: bytes | bytearray, implicit: bool, little: bool, wanted: frozenset[int]
          ) -> dict[int, bytes] | None:
     """Check that `data` is complete and return the raw values of the `wanted` top-level tags.
 

@@ -166,14 +166,15 @@ class Association:
 
 @dataclass
 class StoreRequest:
-    """One received C-STORE: the dataset exactly as the sender encoded it."""
+    """One received C-STORE: the dataset exactly as the sender encoded it (the receive buffer
+    itself, handed over without a copy)."""
 
     association: Association
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    dataset: bytes
+    dataset: bytes | bytearray
 
 
 class Handler(Protocol):
@@ -537,11 +538,12 @@ class AssociationHandler:
                                             "command", ABORT_UNEXPECTED_PARAMETER)
                     dataset += fragment
                     if control & 0x02:
-                        self._dispatch(cmd, context, bytes(dataset))
-                        dataset.clear()
+                        complete, dataset = dataset, bytearray()
+                        self._dispatch(cmd, context, complete)
                         cmd = None
 
-    def _dispatch(self, cmd: dict[int, bytes], context_id: int, data: bytes) -> None:
+    def _dispatch(self, cmd: dict[int, bytes], context_id: int, data: bytes | bytearray
+                  ) -> None:
         field_ = _us(cmd, 0x0100, "CommandField")
         message_id = _us(cmd, 0x0110, "MessageID")
         abstract, transfer_syntax = self.contexts[context_id]
