@@ -92,6 +92,17 @@ def test_receiver_killed_mid_transfer_loses_nothing_acknowledged(gateway: Gatewa
     assert gateway.quarantined() == []  # re-sent copies were identical: no conflicts
 
 
+def test_background_daemons_leave_the_cpu_to_the_receiver(gateway: Gateway):
+    """A sender waits for every status; indexing and forwarding can wait a moment."""
+    receiver = gateway.start("storescp")
+    indexer = gateway.start("process-single-file")
+    forwarder = gateway.start("anonymize-and-send")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    wait_for(lambda: all(os.getpriority(os.PRIO_PROCESS, p.pid) == base + 10
+                         for p in (indexer, forwarder)), 30, "them to lower their priority")
+    assert os.getpriority(os.PRIO_PROCESS, receiver.pid) == base  # listening: started
+
+
 def test_a_power_cut_between_receipt_and_journal_sync_loses_nothing(gateway: Gateway,
                                                                     tmp_path: Path):
     """What a power cut leaves (written here by hand): objects acknowledged with their

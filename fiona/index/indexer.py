@@ -10,7 +10,6 @@ journal position committed once per batch, so a burst of images costs one write 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -42,8 +41,6 @@ log = logging.getLogger(INDEXER.logger)
 CONSUMER = "indexer"
 BATCH = 500
 IDLE_EVICT_SECONDS = 600
-#: indexing can wait a moment, a sender cannot: the receiver gets the CPU first
-NICENESS = 10
 
 
 def read_image(path: Path) -> Dataset:
@@ -217,7 +214,6 @@ def load_rules(site: Site) -> RuleSet:
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:
     site = config.site(site_name)
     with running(site, INDEXER.command, verbose) as stop:
-        os.nice(NICENESS)
         indexer = Indexer(site, load_rules(site))
         log.info("indexer for %s started at journal position %s", site.datadir,
                  indexer.reader.position)
