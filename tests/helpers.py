@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,25 @@ def listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def in_threads(work: Callable[[int], object], count: int = 8, timeout: float = 60.0
+               ) -> list[Exception]:
+    """Run work(0) ... work(count - 1) at once, each on its own thread; the exceptions raised."""
+    errors: list[Exception] = []
+
+    def run(t: int) -> None:
+        try:
+            work(t)
+        except Exception as exc:  # pragma: no cover - reported by the caller's assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition",

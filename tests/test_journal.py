@@ -18,6 +18,7 @@ from fiona.journal import (
     WakeupSender,
     _segments,
 )
+from helpers import in_threads
 
 NAME = "events"
 
@@ -207,22 +208,14 @@ def test_concurrent_appends_arrive_exactly_once(tmp_path, monkeypatch, segment_b
     # with tiny segments, rotations happen while other threads are syncing their lines
     monkeypatch.setattr(journal, "SEGMENT_BYTES", segment_bytes)
     w = JournalWriter(tmp_path, NAME)
-    errors = []
 
     def run(t):
-        try:
-            for i in range(200):
-                w.append(f"{t}:{i}")
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
+        for i in range(200):
+            w.append(f"{t}:{i}")
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    errors = in_threads(run)
     w.close()
-    assert not errors
+    assert errors == []
     got = lines_of(JournalReader(tmp_path, NAME, "c"), limit=10**6)
     assert len(got) == 1600
     assert sorted(got) == sorted(f"{t}:{i}" for t in range(8) for i in range(200))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from fiona.journal import RECEIVED, FileEvent, JournalReader, JournalWriter
 from fiona.receive.receipts import Receipt, Receipts
 from fiona.tree import Tree
+from helpers import in_threads
 
 STUDY = "1.2.3"
 
@@ -89,21 +89,12 @@ def test_store_without_unnamed_files(site, monkeypatch):
 
 def test_concurrent_stores(site):
     tree, _journal, receipts = site
-    errors = []
 
     def run(t):
-        try:
-            for i in range(25):
-                receipts.store(STUDY, event(tree, f"1.{t}.{i}"), [f"{t}:{i}".encode()])
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
+        for i in range(25):
+            receipts.store(STUDY, event(tree, f"1.{t}.{i}"), [f"{t}:{i}".encode()])
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not errors
+    assert in_threads(run) == []
     assert len(os.listdir(tree.study_archive(STUDY))) == 200
     assert len(set(journal_lines(tree))) == 200
     receipts.flush()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from fiona.tree import (
     touch,
     valid_uid,
 )
+from helpers import in_threads
 
 
 def mode(path: Path) -> int:
@@ -173,20 +173,8 @@ def test_ensure_dir_existing_is_untouched(tmp_path):
 
 def test_ensure_dir_concurrent(tmp_path):
     target = tmp_path / "x" / "y" / "z"
-    errors = []
-
-    def run():
-        try:
-            ensure_dir(target)
-        except Exception as exc:  # pragma: no cover - reported by the assert below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and target.is_dir()
+    assert in_threads(lambda _t: ensure_dir(target)) == []
+    assert target.is_dir()
 
 
 def test_tree_make(tmp_path):
