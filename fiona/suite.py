@@ -82,8 +82,7 @@ class Daemon:
 
 
 #: the nice value of the daemons whose work nobody waits on: on a busy machine the receiver
-#: (a sender waits for every status), the MPPS listener and the web pages get the CPU first;
-#: on the test machine the indexer beside the receiver cost a fifth of the ingest rate
+#: (a sender waits for every status), the MPPS listener and the web pages get the CPU first
 BACKGROUND = 10
 
 #: in data-flow order

@@ -1,9 +1,9 @@
 """What happens to one received object: validate, file durably, journal, wake the indexer.
 
-Success is answered only after the file and its receipt, from which its journal line is
-recovered after a crash, are on disk (`receipts`). Identifiers become
-paths only after `tree.valid_uid`; anything that fails goes to `quarantine/receive/` with a
-reason and the sender gets a failure status. Pixel data is never decoded here.
+Success is answered only after the file and its receipt (from which its journal line is
+recovered after a crash: `receipts`) are on disk. Identifiers become paths only after
+`tree.valid_uid`; anything that fails goes to `quarantine/receive/` with a reason and the
+sender gets a failure status. Pixel data is never decoded here.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ class StoreHandler:
         return self.tree.arrived / arrival_name(caller, called, ip, study)
 
     def _file(self, req: StoreRequest, study: str, event: FileEvent,
-              content: list[Buffer]) -> None:
+              content: list[Buffer], again: bool = False) -> None:
         """File durably under the final name unless it exists, and journal it; an existing
         file with other content goes to quarantine beside it, never over it."""
         try:
@@ -249,9 +249,11 @@ class StoreHandler:
         except FileExistsError:
             pass
         except FileNotFoundError:  # the folder was removed (cleanup) since we made it
+            if again:
+                raise
             self._folders.pop(study, None)
             event = replace(event, study_dir=self._folder(study))
-            return self._file(req, study, event, content)
+            return self._file(req, study, event, content, again=True)
         final = event.study_dir / event.name
         old_ts, old_data = dataset_part(final)
         if old_ts == req.transfer_syntax and old_data == req.dataset:
