@@ -164,7 +164,11 @@ class Receipts:
     # --- the flusher ---------------------------------------------------------------------------
     def _flush_loop(self) -> None:
         while not self._closed.wait(FLUSH_SECONDS):
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:  # the receipts stay, and are tried again
+                log.error("cannot sync the receiver's journal (%s); the receipts under %s "
+                          "keep what it holds until it can", exc, self.folder)
 
     def flush(self) -> None:
         """Sync the journal, then remove the receipts whose lines it held."""
@@ -172,7 +176,12 @@ class Receipts:
             done, self._pending = self._pending, []
         if not done:
             return
-        self.journal.sync()
+        try:
+            self.journal.sync()
+        except OSError:
+            with self._lock:
+                self._pending[:0] = done
+            raise
         for name in done:
             try:
                 os.unlink(name, dir_fd=self._dir_fd)
@@ -181,7 +190,7 @@ class Receipts:
 
     def close(self) -> None:
         self._closed.set()
-        self._flusher.join(5)
+        self._flusher.join()  # it may be in a sync: the descriptors must outlive it
         self.flush()
         self._spares.close()
         os.close(self._dir_fd)
@@ -270,7 +279,12 @@ class _Spares:
 
     def _prepare(self) -> None:
         while not self._closed.is_set():
-            fd = self._make()
+            try:
+                fd = self._make()
+            except OSError as exc:  # `take` makes them in line, and reports what fails
+                log.warning("cannot prepare files under %s ahead (%s); making each when "
+                            "it is needed", self.folder, exc)
+                return
             if fd is None:  # the file system stopped offering O_TMPFILE
                 return
             while True:
