@@ -185,7 +185,7 @@ class Handler(Protocol):
         """The association ended (`how`: released, aborted, error text)."""
 
 
-def _parse_command(data: bytes) -> dict[int, bytes]:
+def parse_command(data: bytes) -> dict[int, bytes]:
     """A command set (always implicit VR little endian, group 0000) as {element: value}."""
     out = {}
     pos, end = 0, len(data)
@@ -202,7 +202,7 @@ def _parse_command(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def _us(cmd: dict[int, bytes], elem: int, name: str) -> int:
+def command_us(cmd: dict[int, bytes], elem: int, name: str) -> int:
     """A required US element of a command set; ProtocolError if absent or not 2 bytes."""
     value = cmd.get(elem)
     if value is None or len(value) != 2:
@@ -216,7 +216,7 @@ def _ui(value: bytes) -> str:
     return printable(value.rstrip(b"\x00 "))
 
 
-def _encode_command(elements: list[tuple[int, str | int]]) -> bytes:
+def encode_command(elements: list[tuple[int, str | int]]) -> bytes:
     """Encode a response command set with its group length (UI strings, US integers)."""
     body = bytearray()
     for elem, value in elements:
@@ -526,9 +526,9 @@ class AssociationHandler:
                         raise ProtocolError(f"DIMSE command set exceeds {MAX_COMMAND} bytes")
                     command += fragment
                     if control & 0x02:
-                        cmd = _parse_command(bytes(command))
+                        cmd = parse_command(bytes(command))
                         command.clear()
-                        if _us(cmd, 0x0800, "CommandDataSetType") == NO_DATASET:
+                        if command_us(cmd, 0x0800, "CommandDataSetType") == NO_DATASET:
                             self._dispatch(cmd, context, b"")
                             cmd = None
                 else:
@@ -544,8 +544,8 @@ class AssociationHandler:
 
     def _dispatch(self, cmd: dict[int, bytes], context_id: int, data: bytes | bytearray
                   ) -> None:
-        field_ = _us(cmd, 0x0100, "CommandField")
-        message_id = _us(cmd, 0x0110, "MessageID")
+        field_ = command_us(cmd, 0x0100, "CommandField")
+        message_id = command_us(cmd, 0x0110, "MessageID")
         abstract, transfer_syntax = self.contexts[context_id]
         assert self.assoc is not None
         if field_ == C_ECHO_RQ:
@@ -576,7 +576,7 @@ class AssociationHandler:
     def _respond(self, context_id: int, elements: list[tuple[int, str | int]]) -> None:
         """Send a response command, in as many P-DATA-TF PDUs as the peer's maximum PDU length
         asks for (each carries one presentation data value: 6 bytes of header, then data)."""
-        command = _encode_command(elements)
+        command = encode_command(elements)
         room = max(self.peer_max_pdu - 6, 1) if self.peer_max_pdu else len(command)
         for start in range(0, len(command), room):
             piece = command[start:start + room]

@@ -7,17 +7,20 @@ plumbing itself is `fiona.dicom_client`.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ...backoff import Schedule, attempts
 from ...clock import SYSTEM_CLOCK, Clock
 from ...dicom_client import Timeouts, answers, associate, quiesce, release, status_text
+from ...receive.ul import ProtocolError
 from ...tree import valid_uid
+from ..storescu import Lost, Rejected, StoreAssociation
 from .base import (
     Destination,
     DestinationError,
@@ -30,6 +33,7 @@ from .base import (
 )
 
 log = logging.getLogger("fiona.send.destinations")
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,8 +95,8 @@ MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd IDs 1..2
 _PLAIN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit VR LE, Implicit VR LE
 
 
-class _Lost(Exception):
-    """The association broke while sending: reconnect and resend from the file in flight."""
+class _Unsendable(Exception):
+    """This file cannot go over this association (the text says why); the others can."""
 
 
 @dataclass
@@ -257,22 +261,22 @@ class DicomDestination(Destination):
                     continue
                 if assoc is None or not need <= keys:
                     if assoc is not None:
-                        release(assoc)
+                        assoc.release()
                         assoc = None
                     keys = keys | need if len(keys | need) <= MAX_CONTEXTS else need
-                    assoc = self._associate(self.aetitle, self.port, _contexts(keys))
+                    assoc = self._store_association(_contexts(keys))
                     progressed = False
                     if assoc is None:  # accepted, but none of the contexts
                         if keys == need:
                             refused |= need
                         keys = set()  # then offered alone
                         continue
-                    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    accepted = {(cx.abstract_syntax, cx.transfer_syntax)
                                 for cx in assoc.accepted_contexts}
                 try:
                     refusal = self._store(assoc, item, accepted)
-                except _Lost as exc:
-                    release(assoc)
+                except Lost as exc:
+                    assoc.abort()
                     assoc = None
                     losses = 0 if progressed else losses + 1
                     log.warning("%s: association lost (%s); resending %s", self.name, exc,
@@ -293,71 +297,73 @@ class DicomDestination(Destination):
                 item = None
         finally:
             if assoc is not None:
-                release(assoc)
+                assoc.release()
 
-    def _store(self, assoc, item: _Item, accepted: set[tuple[str, str]]) -> str | None:
-        """None when stored, else the reason; raises _Lost when the association broke. A file
-        in a transfer syntax the peer accepted goes as it is on disk (pynetdicom streams it
-        after the file meta, nothing decoded); otherwise it is read, decompressed if need be,
-        and encoded in an accepted syntax."""
-        from pydicom import dcmread
+    def _store(self, assoc: StoreAssociation, item: _Item, accepted: set[tuple[str, str]]
+               ) -> str | None:
+        """None when stored, else the reason; raises Lost when the association broke. A file
+        in a transfer syntax the peer accepted goes as it is on disk (its data set after the
+        file meta, nothing decoded); otherwise it is read, decompressed if need be, and
+        encoded in an accepted syntax."""
+        data: bytes | memoryview
+        if (item.sop_class, item.ts) in accepted:
+            ts, data = item.ts, _dataset_bytes(item.path)
+        else:
+            try:
+                ts, data = _transcoded(item, accepted)
+            except _Unsendable as exc:
+                return str(exc)
+        status, comment = assoc.send_c_store(item.sop_class, item.sop_uid, ts, data)
+        return _store_failure(status, {"ErrorComment": comment})
 
-        payload: Any = item.path
-        if (item.sop_class, item.ts) not in accepted:
-            try:
-                payload = dcmread(item.path)
-            except Exception as exc:  # unreadable after all: this file only
-                return f"cannot read {item.path.name}: {exc}"
-        if not item.plain and (item.sop_class, item.ts) not in accepted:
-            if not any((item.sop_class, ts) in accepted for ts in _PLAIN):
-                return (f"the destination accepts neither {_name(item.ts)} nor uncompressed "
-                        f"data for {_name(item.sop_class)}")
-            if not _name_is_compressed(item.ts):
-                return f"the destination does not accept {_name(item.ts)}"
-            try:
-                payload.decompress(generate_instance_uid=False)
-            except Exception as exc:
-                return (f"the destination does not accept {_name(item.ts)} and the file "
-                        f"cannot be decompressed here: {exc}")
-        if not quiesce(assoc):
-            raise _Lost("association closed by the peer")
-        try:
-            status = assoc.send_c_store(payload)
-        except RuntimeError as exc:  # association no longer established
-            raise _Lost(str(exc)) from None
-        except (ValueError, AttributeError) as exc:  # no usable context, cannot encode
-            return f"cannot send: {exc}"
-        except OSError as exc:
-            raise _Lost(str(exc)) from None
-        if "Status" not in status:
-            raise _Lost("no C-STORE response (peer aborted or timed out)")
-        return _store_failure(int(status.Status), status)
+    def _store_association(self, contexts: list) -> StoreAssociation | None:
+        """An association for C-STORE (`fiona.send.storescu`), None when the peer accepted
+        no context; raises like `_associate`."""
+        return self._connect(self.aetitle, self.port, lambda: StoreAssociation.request(
+            CALLING_AE, self.host, self.port, self.aetitle, contexts, self._timeouts()))
+
+    def _timeouts(self) -> Timeouts:
+        return Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
+                        self.network_timeout)
 
     def _associate(self, aetitle: str, port: int, contexts: list, ext_neg: list | None = None,
                    handlers: list | None = None):
-        """An established association, None when the peer accepted no context; raises
-        DestinationUnavailable / DestinationError. `ext_neg` (e.g. SCP/SCU role selection for
-        C-GET) and extra event `handlers` go to the association request."""
-        timeouts = Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
-                            self.network_timeout)
-        last = "no attempt"
-        for _attempt in attempts(self._schedule(), self.connect_attempts, self.clock):
-            assoc = associate(CALLING_AE, self.host, port, aetitle, contexts, timeouts, ext_neg,
-                              handlers)
+        """An established pynetdicom association (queries), None when the peer accepted no
+        context; raises DestinationUnavailable / DestinationError. `ext_neg` (e.g. SCP/SCU
+        role selection for C-GET) and extra event `handlers` go to the association request."""
+
+        def attempt():
+            assoc = associate(CALLING_AE, self.host, port, aetitle, contexts, self._timeouts(),
+                              ext_neg, handlers)
             if assoc.is_established:
                 return assoc
             rsp = assoc.acceptor.primitive
             if assoc.is_rejected and rsp is not None:
-                why = f"{rsp.result_str}, {rsp.source_str}: {rsp.reason_str}"
-                if rsp.result == 0x02:  # rejected-transient, e.g. too many associations
-                    last = f"association rejected ({why})"
+                raise Rejected(rsp.result, f"{rsp.result_str}, {rsp.source_str}: "
+                                           f"{rsp.reason_str}")
+            if rsp is not None and getattr(rsp, "result", None) == 0x00:
+                return None  # accepted, but no presentation context
+            raise OSError("cannot connect or no answer")
+
+        return self._connect(aetitle, port, attempt)
+
+    def _connect(self, aetitle: str, port: int, attempt: Callable[[], T | None]) -> T | None:
+        """`attempt()` until it associates, with pauses (`backoff_seconds`) between tries;
+        a transient rejection or no answer is tried again, a permanent rejection raises
+        DestinationError, and DestinationUnavailable after `connect_attempts`."""
+        last = "no attempt"
+        for _attempt in attempts(self._schedule(), self.connect_attempts, self.clock):
+            try:
+                return attempt()
+            except Rejected as exc:
+                if exc.result == 0x02:  # rejected-transient, e.g. too many associations
+                    last = f"association rejected ({exc})"
                     continue
                 raise DestinationError(
                     f"destination {self.name!r}: {aetitle}@{self.host}:{port} rejected the "
-                    f"association from {CALLING_AE}: {why}")
-            if rsp is not None and getattr(rsp, "result", None) == 0x00:
-                return None  # accepted, but no presentation context
-            last = "cannot connect or no answer"
+                    f"association from {CALLING_AE}: {exc}") from None
+            except (OSError, ProtocolError):
+                last = "cannot connect or no answer"
         raise DestinationUnavailable(
             f"destination {self.name!r}: {aetitle}@{self.host}:{port} is unreachable "
             f"({last}, {self.connect_attempts} attempts)")
@@ -467,6 +473,49 @@ def _inspect(path: Path) -> tuple[_Item | None, str]:
     if not all(values):
         return None, f"{path.name}: file meta lacks the SOP class, instance or transfer syntax"
     return _Item(path, values[0], values[1], values[2]), ""
+
+
+def _dataset_bytes(path: Path) -> memoryview:
+    """The data set of a Part-10 file as it is on disk (after its file meta group)."""
+    raw = path.read_bytes()
+    if raw[128:136] == b"DICM\x02\x00\x00\x00" and raw[136:138] == b"UL":
+        return memoryview(raw)[144 + struct.unpack_from("<I", raw, 140)[0]:]
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as fh:  # no group length first: walk the file meta
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        return memoryview(raw)[fh.tell():]
+
+
+def _transcoded(item: _Item, accepted: set[tuple[str, str]]) -> tuple[str, bytes]:
+    """(transfer syntax, data set) of a file the peer does not take as it is: decompressed
+    and encoded in an uncompressed syntax it accepted; _Unsendable says why not."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    usable = [ts for ts in _PLAIN if (item.sop_class, ts) in accepted]
+    if not usable:
+        raise _Unsendable(f"the destination accepts neither {_name(item.ts)} nor uncompressed "
+                          f"data for {_name(item.sop_class)}")
+    if not item.plain and not _name_is_compressed(item.ts):
+        raise _Unsendable(f"the destination does not accept {_name(item.ts)}")
+    try:
+        ds = dcmread(item.path)
+    except Exception as exc:  # unreadable after all: this file only
+        raise _Unsendable(f"cannot read {item.path.name}: {exc}") from None
+    if not item.plain:
+        try:
+            ds.decompress(generate_instance_uid=False)
+        except Exception as exc:
+            raise _Unsendable(f"the destination does not accept {_name(item.ts)} and the "
+                              f"file cannot be decompressed here: {exc}") from None
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = usable[0] == _PLAIN[1]
+    write_dataset(fp, ds)
+    return usable[0], fp.getvalue()
 
 
 def _context_keys(item: _Item) -> list[tuple[str, str | None]]:
