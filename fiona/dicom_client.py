@@ -1,6 +1,8 @@
-"""The client (SCU) side of FIONA's DICOM associations, one definition for every client: the
-`dicom` destination and the Review page's PACS (`fiona.send.destinations.dicom`,
-`fiona.review.pacs`), `fiona inventory`, `fiona pull-from-scanner` and `fiona retrieve`.
+"""The client (SCU) side of FIONA's DICOM associations through pynetdicom, one definition for
+every client: the `dicom` destination's queries and echo and the Review page's PACS
+(`fiona.send.destinations.dicom`, `fiona.review.pacs`), `fiona inventory`, `fiona
+pull-from-scanner` and `fiona retrieve`. (The destination's C-STOREs go through FIONA's own
+requestor, `fiona.send.storescu`.)
 
 Every association asks for no Nagle on its socket (requests are small and answered one by one),
 keeps identifiers out of pynetdicom's debug log, pauses the reactor before each request
