@@ -620,19 +620,30 @@ def _negotiation(rq_pdu: bytes, max_pdu: int) -> _Outcome:
     ac.result = 0x00
     ac.result_source = 0x01
     ac.presentation_context_definition_results_list = results
+    ac.user_information = user_information(max_pdu)
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    return _Outcome(str(prim.application_context_name),
+                    bool(prim.presentation_context_definition_list), peer_max_pdu(prim),
+                    contexts, pdu.encode())
+
+
+def user_information(max_pdu: int) -> list:
+    """FIONA's user information items of an association request or answer: the largest PDU
+    it takes, its implementation class and version."""
     max_len = MaximumLengthNotification()
     max_len.maximum_length_received = max_pdu
     impl = ImplementationClassUIDNotification()
     impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = IMPLEMENTATION_VERSION
-    ac.user_information = [max_len, impl, version]
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(ac)
-    return _Outcome(
-        str(prim.application_context_name), bool(prim.presentation_context_definition_list),
-        next((int(item.maximum_length_received or 0) for item in prim.user_information
-              if isinstance(item, MaximumLengthNotification)), 0), contexts, pdu.encode())
+    return [max_len, impl, version]
+
+
+def peer_max_pdu(prim: A_ASSOCIATE) -> int:
+    """The largest PDU the other side takes (0: unlimited, PS3.8 D.1)."""
+    return next((int(item.maximum_length_received or 0) for item in prim.user_information
+                 if isinstance(item, MaximumLengthNotification)), 0)
 
 
 def _negotiate_context(rq: PresentationContext, accepted: dict[int, tuple[str, str]]

@@ -21,12 +21,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
 from ..dicom_client import Timeouts
@@ -34,8 +29,6 @@ from ..receive.ul import (
     APPLICATION_CONTEXT,
     C_STORE_RQ,
     C_STORE_RSP,
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION,
     PDU_ABORT,
     PDU_ASSOCIATE_AC,
     PDU_ASSOCIATE_RJ,
@@ -46,6 +39,8 @@ from ..receive.ul import (
     command_us,
     encode_command,
     parse_command,
+    peer_max_pdu,
+    user_information,
 )
 
 #: the largest PDU we take from the peer (its answers are command sets of ~100 bytes)
@@ -127,9 +122,7 @@ class StoreAssociation:
                     for cx in prim.presentation_context_definition_results_list
                     if cx.result == 0x00 and cx.context_id is not None
                     and cx.context_id in proposed and cx.transfer_syntax]
-        peer_max = next((int(item.maximum_length_received or 0) for item in prim.user_information
-                         if isinstance(item, MaximumLengthNotification)), 0)
-        assoc = cls(sock, accepted, peer_max, timeouts)
+        assoc = cls(sock, accepted, peer_max_pdu(prim), timeouts)
         if not accepted:
             assoc.release()
             return None
@@ -268,13 +261,7 @@ def _associate_rq(calling: str, called: str, contexts: list[PresentationContext]
     rq.calling_ae_title = calling
     rq.called_ae_title = called
     rq.presentation_context_definition_list = contexts
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = MAX_PDU_RECEIVED
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION
-    rq.user_information = [max_len, impl, version]
+    rq.user_information = user_information(MAX_PDU_RECEIVED)
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return bytes(pdu.encode())

@@ -306,13 +306,15 @@ class DicomDestination(Destination):
         file meta, nothing decoded); otherwise it is read, decompressed if need be, and
         encoded in an accepted syntax."""
         data: bytes | memoryview
-        if (item.sop_class, item.ts) in accepted:
-            ts, data = item.ts, _dataset_bytes(item.path)
-        else:
-            try:
+        try:
+            if (item.sop_class, item.ts) in accepted:
+                ts, data = item.ts, _dataset_bytes(item.path)
+            else:
                 ts, data = _transcoded(item, accepted)
-            except _Unsendable as exc:
-                return str(exc)
+        except _Unsendable as exc:
+            return str(exc)
+        except OSError as exc:  # gone or unreadable since it was queued: this file only
+            return f"cannot read {item.path.name}: {exc.strerror or exc}"
         status, comment = assoc.send_c_store(item.sop_class, item.sop_uid, ts, data)
         return _store_failure(status, {"ErrorComment": comment})
 
