@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -423,18 +425,29 @@ def test_requests_made_before_revisions_keep_their_state(cp, emu):
     assert cp.request_again(done, requested="2024-05-01 11:00:00").pending
 
 
-def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
-    """A REDCap Incoming project made for an older FIONA: a clear error naming the fields."""
+@contextmanager
+def legacy_redcap(tmp_path, dictionary: str, dropped: Callable[[str], bool]
+                  ) -> Iterator[tuple[RedcapEmulator, RedcapControlPlane]]:
+    """A REDCap made for an older FIONA: `dictionary` without the lines `dropped` picks,
+    the control plane on it (no PROJ project)."""
     old = tmp_path / "dictionaries"
     shutil.copytree(DICTIONARIES_DIR, old)
-    text = (old / "Incoming.csv").read_text().splitlines(keepends=True)
-    (old / "Incoming.csv").write_text("".join(line for line in text if "_revision," not in line))
+    text = (old / dictionary).read_text().splitlines(keepends=True)
+    (old / dictionary).write_text("".join(line for line in text if not dropped(line)))
+    tokens = {k: v for k, v in TOKENS.items() if k != "PROJ"}
     legacy = RedcapEmulator(dictionaries_dir=old)
-    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
+    legacy.add_from_manifest(tokens)
     legacy.start()
     try:
-        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
-                                timeout=5)
+        yield legacy, RedcapControlPlane(legacy.url, tokens, timeout=5)
+    finally:
+        legacy.stop()
+
+
+def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
+    """A REDCap Incoming project made for an older FIONA: a clear error naming the fields."""
+    with legacy_redcap(tmp_path, "Incoming.csv", lambda line: "_revision," in line) as (
+            legacy, cp):
         with pytest.raises(ControlPlaneError, match="transfer_revision, transfer_done_revision"):
             cp.test_connection()
         with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
@@ -450,8 +463,6 @@ def test_an_incoming_project_without_revision_fields_is_named(emu, tmp_path):
                                      "transfer_project_name": "PROJ"}])
         with pytest.raises(ControlPlaneError, match="lacks the fields transfer_revision"):
             cp.pending_requests()
-    finally:
-        legacy.stop()
 
 
 def test_requests_of_one_study_is_one_export_naming_the_record(cp, emu):
@@ -588,43 +599,21 @@ def test_polling_exports_are_incremental(cp, emu, clock):
 
 def test_an_incoming_project_without_node_fields_is_named(tmp_path):
     """An Incoming project from before regions: the error names the node fields to add."""
-    old = tmp_path / "dictionaries"
-    shutil.copytree(DICTIONARIES_DIR, old)
-    text = (old / "Incoming.csv").read_text().splitlines(keepends=True)
-    (old / "Incoming.csv").write_text("".join(x for x in text if not x.startswith("study_node")
-                                              and not x.startswith("study_split")))
-    legacy = RedcapEmulator(dictionaries_dir=old)
-    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
-    legacy.start()
-    try:
-        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
-                                timeout=5)
+    with legacy_redcap(tmp_path, "Incoming.csv",
+                       lambda line: line.startswith(("study_node", "study_split"))) as (_, cp):
         with pytest.raises(ControlPlaneError, match="lacks the fields study_node, "
                                                     "study_split_nodes.*Incoming.csv"):
             cp.register_study(a_study("1.1"))
-    finally:
-        legacy.stop()
 
 
 def test_a_projects_project_without_the_profile_field_is_named(tmp_path):
     """DataTransferProjects from before per-project profiles: its projects read as profile
     "default"; saving one names the field to add instead of REDCap's import error."""
-    old = tmp_path / "dictionaries"
-    shutil.copytree(DICTIONARIES_DIR, old)
-    text = (old / "DataTransferProjects.csv").read_text().splitlines(keepends=True)
-    (old / "DataTransferProjects.csv").write_text(
-        "".join(x for x in text if not x.startswith("project_deid_profile")))
-    legacy = RedcapEmulator(dictionaries_dir=old)
-    legacy.add_from_manifest({k: v for k, v in TOKENS.items() if k != "PROJ"})
-    legacy.start()
-    try:
-        cp = RedcapControlPlane(legacy.url, {k: v for k, v in TOKENS.items() if k != "PROJ"},
-                                timeout=5)
+    with legacy_redcap(tmp_path, "DataTransferProjects.csv",
+                       lambda line: line.startswith("project_deid_profile")) as (_, cp):
         cp.import_rows("DataTransferProjects", [{"record_id": "OLD", "project_events": "x"}])
         assert cp.project("OLD").deid_profile == "default"
         with pytest.raises(ControlPlaneError, match="lacks the field project_deid_profile.*"
                                                     "DataTransferProjects.csv"):
             cp.save_project(Project("NEW", deid_profile="pathology"))
         assert [p.name for p in cp.projects()] == ["OLD"]
-    finally:
-        legacy.stop()
