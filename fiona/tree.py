@@ -206,13 +206,17 @@ def symlink(target: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
-def touch(path: Path) -> None:
-    """Create `path` empty or bump its modification time (the arrival clock)."""
+def touch(path: Path, at: float | None = None) -> None:
+    """Create `path` empty or set its modification time (the arrival clock) to `at`, else
+    now."""
+    times = None if at is None else (at, at)
     try:
-        os.utime(path)
+        os.utime(path, times)
     except FileNotFoundError:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
         os.close(fd)
+        if times is not None:
+            os.utime(path, times)
 
 
 def arrival_name(caller: str, called: str, ip: str, study: str, series: str = "") -> str:

@@ -54,6 +54,20 @@ def test_one_study_makes_links_series_jsons_and_arrival_files(site, tmp_path):
     assert site.indexer.reader.caught_up()
 
 
+def test_a_backlog_does_not_lengthen_the_quiet_period(site, tmp_path):
+    """The series arrival file is dated when its last image was received, not when the
+    indexer got to it: an indexer an hour behind must not keep the study from arriving."""
+    made = make_study(tmp_path / "s", n_series=1, images_per_series=2, seed=4)
+    site.receive(made["files"])
+    archived = sorted(site.tree.study_archive(made["study"]).iterdir())
+    hour_ago = archived[0].stat().st_mtime - 3600
+    for path in archived:
+        os.utime(path, (hour_ago, hour_ago))
+    site.indexer.drain()                    # not site.index(): that stamps the fake clock
+    touch = site.tree.arrived / f"STORESCU FIONA 127.0.0.1 {made['study']} {made['series'][0]}"
+    assert touch.stat().st_mtime == hour_ago
+
+
 def test_series_json_written_once_per_batch(site, tmp_path):
     made = make_study(tmp_path / "s", n_series=1, images_per_series=4, seed=2)
     site.receive(made["files"])

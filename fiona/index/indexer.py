@@ -3,13 +3,16 @@
 It consumes the receiver's journal from its durable position: on start it replays whatever
 arrived while it was down, then it sleeps on the wake-up pipe (or a short timeout) and reads
 again. For each file it links the instance into raw/, participants/ and srs/, touches the
-series arrival file and merges the image into its series JSON; JSONs are written and the
-journal position committed once per batch, so a burst of images costs one write per series.
+series arrival file (dated when the file was received, so an indexer working off a backlog does
+not lengthen the study's quiet period) and merges the image into its series JSON; JSONs are
+written and the journal position committed once per batch, so a burst of images costs one
+write per series.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -99,9 +102,9 @@ class Indexer:
         if str(ds.get("Modality", "")) == "SR":
             maker = safe_name(ds.get("Manufacturer"), default="_")
             symlink(path, ensure_dir(self.tree.srs / maker / study) / sop)
-        if announce:
+        if announce:  # when the file was received, not now: a backlog is not a new arrival
             touch(self.tree.arrived / arrival_name(event.caller, event.called, event.ip, study,
-                                                     series))
+                                                     series), at=os.stat(path).st_mtime)
 
         image = image_record(ds, event.caller, event.called, event.ip)
         labels = classify_image(self.rules, image, ds)
