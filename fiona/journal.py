@@ -331,5 +331,9 @@ class WakeupListener:
             chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace").splitlines()
 
+    def poked(self) -> bool:
+        """True when a wake-up is waiting (it stays there for `wait`)."""
+        return bool(select.select([self._fd], [], [], 0)[0])
+
     def close(self) -> None:
         os.close(self._fd)

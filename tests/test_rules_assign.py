@@ -237,6 +237,27 @@ def test_routing_does_not_take_a_study_from_its_participant(site, caplog):
     assert "P0777" not in caplog.text and "P0001" not in caplog.text
 
 
+# --- what arrival will ask for ------------------------------------------------------------------
+def test_expected_names_the_requests_arrival_makes_and_writes_nothing(site):
+    """The forwarder de-identifies a study in its quiet period for what `expected` names: it
+    must be exactly what the arrival then asks for, by the same rules, without writing."""
+    site.control.save_project(Project("ROUTED", naming=r"^SUBJ[0-9]+$", events=["scan"]))
+    site.control.save_routing_rule(RoutingRule("trial", "ROUTED", "scan", calling_ae="TRIALSCU",
+                                               patient_id_regex="SUBJ[0-9]+"))
+    a = site.assigner()
+    assert a.upload_coupling(f"{ACCESSION},PROJ,P0001,baseline\n").accepted == 1
+    s = study(site, "1.2.3", accession=ACCESSION, calling="TRIALSCU")
+    incoming = arrival(s, patient_id="SUBJ042")
+    expected = a.expected(incoming)
+    assert expected == [("PROJ", "P0001", "baseline"), ("ROUTED", "SUBJ042", "scan")]
+    assert site.control.requests("1.2.3") == [] and site.control.participants("PROJ") == []
+    made = a.on_arrival(incoming, amendment=False)
+    assert [(r.project, r.participant, r.event) for r in made] == expected
+    site.control.save_project(Project("ROUTED", naming=r"^SUBJ[0-9]+$", events=["scan"],
+                                      active=False))   # closed: its rule makes no request
+    assert a.expected(incoming) == [("PROJ", "P0001", "baseline")]
+
+
 # --- auto-ID -----------------------------------------------------------------------------------
 def test_autoid_same_patient_same_id(site):
     site.control.save_project(Project("AUTO", naming=r"^AU[0-9]{5}$", events=["visit1"],

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,23 @@ class TouchFile:
     def parse(cls, path: Path) -> TouchFile:
         """A touch file (`fiona.tree.arrival_name`) with its modification time."""
         return cls(path, arrival_study(path.name), path.stat().st_mtime)
+
+
+def touch_files(tree: Tree, invalid: Callable[[InvalidValue], None] = lambda exc: None,
+                ) -> dict[str, list[TouchFile]]:
+    """The studies in `.arrived/` with their touch files; a file whose name is not one goes
+    to `invalid`."""
+    by_study: dict[str, list[TouchFile]] = {}
+    for entry in os.scandir(tree.arrived):
+        try:
+            touch = TouchFile.parse(Path(entry.path))
+        except FileNotFoundError:
+            continue
+        except InvalidValue as exc:
+            invalid(exc)
+            continue
+        by_study.setdefault(touch.study, []).append(touch)
+    return by_study
 
 
 def study_from_series(tree: Tree, study_uid: str) -> Arrival | None:
@@ -119,17 +137,8 @@ class ArrivalDetector:
         self.arrivals = 0
 
     def touch_files(self) -> dict[str, list[TouchFile]]:
-        by_study: dict[str, list[TouchFile]] = {}
-        for entry in os.scandir(self.tree.arrived):
-            try:
-                touch = TouchFile.parse(Path(entry.path))
-            except FileNotFoundError:
-                continue
-            except InvalidValue as exc:
-                log.error("%s; remove it from %s", exc, self.tree.arrived)
-                continue
-            by_study.setdefault(touch.study, []).append(touch)
-        return by_study
+        return touch_files(self.tree, lambda exc: log.error("%s; remove it from %s", exc,
+                                                            self.tree.arrived))
 
     def due(self) -> tuple[list[tuple[str, list[TouchFile]]], float]:
         """Studies quiet long enough, and the seconds until the next one will be."""

@@ -29,6 +29,7 @@ from .base import (
     ControlPlaneError,
     CouplingRow,
     Project,
+    RoutingRule,
     Study,
     TransferRequest,
     now_iso,
@@ -193,6 +194,26 @@ class Assigner:
         made += self._autoid(arrival)
         return made
 
+    def expected(self, arrival: Arrival) -> list[tuple[str, str, str]]:
+        """The (project, participant, event) of each request `on_arrival` would make or ask
+        for again now, by the same rules, writing nothing: an earlier request (a late
+        series), a coupling-list row, a routing rule. Auto-ID is left out: it may have to
+        create a participant ID. The forwarder de-identifies these ahead of the arrival."""
+        study = arrival.study
+        wanted = [(r.project, r.participant, r.event) for r in self.control.requests(study.uid)]
+        wanted += [(row.project, row.participant, row.event)
+                   for row in self.control.coupling_rows() if self._matches(row, study)]
+        wanted += [(rule.project, pseudonym, rule.event)
+                   for rule, pseudonym in self._routes(arrival)]
+        expected = []
+        for project, participant, event in dict.fromkeys(wanted):
+            try:
+                self.checked(project, participant, event)
+            except ControlPlaneError:
+                continue
+            expected.append((project, participant, event))
+        return expected
+
     def _follow_up(self, study_uid: str) -> list[TransferRequest]:
         """A late series: requests already sent are asked for again (same project,
         participant and event, hence the same de-identified study), unless the project has
@@ -335,8 +356,17 @@ class Assigner:
 
     # --- routing rules --------------------------------------------------------------------------
     def _routing(self, arrival: Arrival) -> list[TransferRequest]:
-        study = arrival.study
         made = []
+        for rule, pseudonym in self._routes(arrival):
+            made += self._try(arrival.study, rule.project, pseudonym, rule.event, "routing",
+                              arrival.identifiers)
+        return made
+
+    def _routes(self, arrival: Arrival) -> list[tuple[RoutingRule, str]]:
+        """The active routing rules that match the study, each with the participant ID it
+        takes from the study (its PatientID, else its PatientName)."""
+        study = arrival.study
+        routes = []
         for rule in self.control.routing_rules():
             if not rule.active:
                 continue
@@ -348,12 +378,9 @@ class Assigner:
                          re.fullmatch(rule.patient_id_regex, arrival.patient_id))
             by_name = bool(rule.patient_name_regex and
                            re.fullmatch(rule.patient_name_regex, arrival.patient_name))
-            if not (by_id or by_name):
-                continue
-            pseudonym = arrival.patient_id if by_id else arrival.patient_name
-            made += self._try(study, rule.project, pseudonym, rule.event, "routing",
-                              arrival.identifiers)
-        return made
+            if by_id or by_name:
+                routes.append((rule, arrival.patient_id if by_id else arrival.patient_name))
+        return routes
 
     # --- auto-ID --------------------------------------------------------------------------------
     def _autoid(self, arrival: Arrival) -> list[TransferRequest]:

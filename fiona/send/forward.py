@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -56,11 +57,14 @@ from ..journal import WakeupListener
 from ..suite import FORWARDER
 from ..tree import Tree, ensure_dir
 from .destinations import Destination, DestinationError, DestinationUnavailable, open_destination
-from .pool import DeidPool, Job, Stopped
+from .pool import DeidPool, Done, Job, Stopped
+from .prepare import Preparer, outputs, study_sources
 
 log = logging.getLogger(FORWARDER.logger)
 
 POLL_SECONDS = 10.0
+#: how often an idle forwarder looks for studies in their quiet period to prepare
+PREPARE_POLL_SECONDS = 0.5
 #: changed requests are asked for from this long before the last look (clocks may differ)
 POLL_OVERLAP = timedelta(minutes=10)
 BACKOFF_SECONDS = (5, 15, 60, 300)
@@ -93,6 +97,8 @@ class Outcome:
     files: int = 0
     dropped: int = 0
     masked: int = 0
+    #: files de-identified ahead, in the study's quiet period
+    prepared: int = 0
     series: dict[str, int] = field(default_factory=dict)   # mapped series UID -> files
     mapped_study: str = ""
     #: seconds from the start of the request: first file out, every file sent, verified
@@ -117,6 +123,8 @@ class Forwarder:
         self._since: str | None = None
         #: de-identification processes (default one per core; 1: in this process)
         self.pool = DeidPool(workers)
+        #: de-identifies studies in their quiet period, ahead of their requests
+        self.preparer = Preparer(self.tree, control, self.key, self.pool, clock)
 
     # --- one request --------------------------------------------------------------------------
     def process(self, req: TransferRequest) -> None:
@@ -149,11 +157,11 @@ class Forwarder:
         req.mapped_uid = outcome.mapped_study
         self._finish(req, started, masked=outcome.masked > 0)
         log.info("study %s -> %s/%s/%s: %d files in %d series sent and verified as %s "
-                 "(%d dropped, %d masked); de-identified and sent in %.2f s (first file out "
-                 "after %.2f s), verified in %.2f s", req.study_uid, req.project,
-                 req.participant, req.event, outcome.files, len(outcome.series),
-                 outcome.mapped_study, outcome.dropped, outcome.masked, outcome.sent,
-                 outcome.first_out, outcome.verified - outcome.sent)
+                 "(%d dropped, %d masked, %d de-identified ahead); de-identified and sent in "
+                 "%.2f s (first file out after %.2f s), verified in %.2f s", req.study_uid,
+                 req.project, req.participant, req.event, outcome.files, len(outcome.series),
+                 outcome.mapped_study, outcome.dropped, outcome.masked, outcome.prepared,
+                 outcome.sent, outcome.first_out, outcome.verified - outcome.sent)
 
     def process_claimed(self, req: TransferRequest) -> None:
         """`process` a request of the batch `due` claimed if this forwarder still holds it
@@ -212,6 +220,7 @@ class Forwarder:
             return self._stream(req, project, study_dir, work, destination)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            self.preparer.discard(req.study_uid, req.project)
 
     def _stream(self, req: TransferRequest, project: Project, study_dir: Path, work: Path,
                 destination: Destination) -> Outcome:
@@ -226,10 +235,11 @@ class Forwarder:
                                    f"project and resend") from None
         rules = ProjectRules.of(project, labels)
         outcome = Outcome(mapped_study=Pipeline(settings, rules).mapped_uid(req.study_uid))
-        sources = [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
-                   for link in sorted(series_dir.iterdir())]
+        sources = study_sources(study_dir)
         started = self.clock.monotonic()
-        files = self._outputs(req, Job.of(settings, rules, work), sources, outcome, started)
+        ready = self.preparer.ready(req, settings, rules, sources)
+        files = self._outputs(req, Job.of(settings, rules, work), sources, ready, outcome,
+                              started)
         try:
             result = destination.send_stream(files)
         except (DestinationUnavailable, PermanentFailure):
@@ -255,12 +265,13 @@ class Forwarder:
         outcome.verified = self.clock.monotonic() - started
         return outcome
 
-    def _outputs(self, req: TransferRequest, job: Job, sources: list[Path], outcome: Outcome,
+    def _outputs(self, req: TransferRequest, job: Job, sources: list[Path],
+                 ready: dict[Path, Done], outcome: Outcome,
                  started: float) -> Generator[Path, None, None]:
-        """The de-identified files of `sources` in order, counted into `outcome`; a file
-        stopped by the gate (handed to the quarantine) or by its masking raises
-        PermanentFailure, so the sender takes nothing more."""
-        for done in self.pool.outputs(job, sources):
+        """The de-identified files of `sources` in order (those in `ready` prepared ahead),
+        counted into `outcome`; a file stopped by the gate (handed to the quarantine) or by
+        its masking raises PermanentFailure, so the sender takes nothing more."""
+        for done in outputs(self.pool, job, sources, ready):
             if isinstance(done, Stopped):
                 error = done.error()
                 if isinstance(error, GateError):
@@ -274,6 +285,7 @@ class Forwarder:
                 outcome.dropped += 1
                 continue
             outcome.masked += done.masked
+            outcome.prepared += done.source in ready
             outcome.files += 1
             outcome.series[done.series_uid] = outcome.series.get(done.series_uid, 0) + 1
             if outcome.files == 1:
@@ -302,8 +314,10 @@ class Forwarder:
     def run(self, stop: threading.Event) -> None:
         listener = WakeupListener(FORWARDER.pipe_path(self.site))
         self.pool.start()
+        self.preparer.clear()
         try:
             while not stop.is_set():
+                receiving = self.preparer.in_progress()  # before the requests are read
                 try:
                     work = self.due()
                 except (Unavailable, ControlPlaneError) as exc:
@@ -317,10 +331,32 @@ class Forwarder:
                     except (Unavailable, ControlPlaneError) as exc:
                         log.warning("request for study %s not written back: %s",
                                     req.study_uid, exc)
-                listener.wait(POLL_SECONDS if not work else 0.1)
+                self.preparer.forget(receiving, {r.study_uid for r in self._pending.values()})
+                if work:
+                    listener.wait(0.1)
+                else:
+                    self._idle(stop, listener)
         finally:
             listener.close()
             self.pool.close()
+
+    def _idle(self, stop: threading.Event, listener: WakeupListener) -> None:
+        """Until woken, or POLL_SECONDS: prepare the studies in their quiet period. The
+        times here are real, as the pipe's wait is."""
+        deadline = time.monotonic() + POLL_SECONDS
+        while not stop.is_set():
+            try:
+                busy = self.preparer.step(self.preparer.in_progress(),
+                                          lambda: stop.is_set() or listener.poked())
+            except Exception:  # preparing is an optimisation: the request does it all again
+                log.exception("preparing a study ahead of its arrival failed")
+                busy = False
+            left = deadline - time.monotonic()
+            if listener.poked():
+                listener.wait(0)
+                return
+            if left <= 0 or (not busy and listener.wait(min(left, PREPARE_POLL_SECONDS))):
+                return
 
 
 def run(config: Config, site_name: str | None, verbose: bool = False) -> int:

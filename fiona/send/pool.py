@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -186,7 +186,7 @@ class DeidPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def outputs(self, job: Job, sources: list[Path]) -> Iterator[Outcome]:
+    def outputs(self, job: Job, sources: list[Path]) -> Generator[Outcome, None, None]:
         """Each of `sources` de-identified, in order, up to and including the first that is
         stopped. Closing the iterator early cancels what is queued and waits for what is
         running, so nothing is written into `job.work` after it returns. A study of one

@@ -1,0 +1,228 @@
+"""De-identification ahead of a study's arrival, in its quiet period (issue 10).
+
+A study counts as arrived only after STUDY_QUIET_SECONDS without a new image; until then the
+forwarder would sit idle. When the arrival of a study now being received is going to make a
+request (a coupling-list row or a routing rule names it, or it is a late series of a study
+already requested: `Assigner.expected`, the arrival's own rules, run without writing), the
+forwarder de-identifies the study's files in that time, through the same pool and pipeline a
+request uses (the gate included), into a folder of its own. When the request comes, each file
+whose source, settings and series rules are still what they were is taken from there and
+only the others are de-identified then (`outputs`, in the request's order): what is sent is
+byte for byte what the request alone would have made, and the request decides everything.
+A prediction that does not come true costs CPU time, nothing else.
+
+What is prepared is de-identified output that passed the gate, never an unredacted copy. It
+is removed once its request is done, when the study's touch files are gone and no request
+took it, and when the forwarder starts (a forwarder killed mid-way leaves its folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..arrive.detector import study_from_series, touch_files
+from ..clock import Clock
+from ..control.assign import Assigner
+from ..control.base import ControlPlane, ControlPlaneError, TransferRequest
+from ..control.keyed import Keyed
+from ..deid.engine import Settings
+from ..deid.pipeline import ProjectRules, settings_for
+from ..index.indexer import caught_up as index_caught_up
+from ..suite import FORWARDER
+from ..tree import Tree, ensure_dir
+from .pool import DeidPool, Done, Job, Outcome, Stopped
+
+log = logging.getLogger(FORWARDER.logger)
+
+#: a study is prepared once it has been quiet this long (and is indexed): the burst of a
+#: sender is over, so preparing does not take the cores from the receiver and the indexer
+PREPARE_AFTER_SECONDS = 1.0
+
+#: what a prepared output depends on besides its request's settings: the source file
+#: (inode, size, modification time) and its series' rules (features, exclusions, labels)
+FileKey = tuple[tuple[int, int, int], tuple]
+
+
+def study_sources(study_dir: Path) -> list[Path]:
+    """A study's files in raw/, in the order they are de-identified and sent: series folders,
+    then files, by name."""
+    return [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
+            for link in sorted(series_dir.iterdir())]
+
+
+def _file_key(source: Path, rules: ProjectRules) -> FileKey:
+    st = os.stat(source)
+    series = source.parent.name  # raw/<Study>/<Series>/<SOP>: the original SeriesInstanceUID
+    return ((st.st_ino, st.st_size, st.st_mtime_ns),
+            (rules.features, rules.pixel_exclusions, tuple(rules.labels.get(series, ()))))
+
+
+@dataclass
+class Prepared:
+    """One study de-identified ahead for one (project, participant, event)."""
+
+    study: str
+    project: str
+    settings: Settings
+    work: Path
+    #: the project's rules with the study's series labels as last read
+    rules: ProjectRules = field(default_factory=ProjectRules)
+    #: source -> (what the output depends on, the outcome); never a Stopped one
+    done: dict[Path, tuple[FileKey, Done]] = field(default_factory=dict)
+    #: the study's newest touch time when it was last prepared (or stopped by the gate)
+    stamp: float = 0.0
+
+
+class Preparer:
+    """The forwarder's work for studies in their quiet period; runs in its thread, between
+    requests, on its pool."""
+
+    def __init__(self, tree: Tree, control: ControlPlane, key: bytes, pool: DeidPool,
+                 clock: Clock):
+        self.tree = tree
+        self.control = control
+        self.key = key
+        self.pool = pool
+        self.clock = clock
+        self.assigner = Assigner(control, Keyed(key), clock)
+        self.folder = tree.site / "work"
+        self._prepared: dict[tuple[str, str], Prepared] = {}
+        #: study -> touch time at which no request was expected (asked again when it changes)
+        self._unexpected: dict[str, float] = {}
+
+    def clear(self) -> None:
+        """Remove what a forwarder before this one left (its requests are done again)."""
+        if self.folder.is_dir():
+            for leftover in self.folder.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def in_progress(self) -> dict[str, float]:
+        """Studies in `.arrived/` with their newest touch time. Taken before the forwarder
+        reads its requests: a study gone from here by then has made its request already."""
+        return {study: max(t.mtime for t in files)
+                for study, files in touch_files(self.tree).items()}
+
+    # --- for a request ---------------------------------------------------------------------------
+    def ready(self, req: TransferRequest, settings: Settings, rules: ProjectRules,
+              sources: list[Path]) -> dict[Path, Done]:
+        """The prepared outcomes of `sources` that are valid for this request."""
+        prepared = self._prepared.get((req.study_uid, req.project))
+        if prepared is None or prepared.settings != settings:
+            return {}
+        valid = {}
+        for source in sources:
+            entry = prepared.done.get(source)
+            try:
+                if entry is not None and entry[0] == _file_key(source, rules):
+                    valid[source] = entry[1]
+            except OSError:
+                continue
+        return valid
+
+    def discard(self, study: str, project: str) -> None:
+        """A request of `study` in `project` is done (or failed): its prepared files go."""
+        prepared = self._prepared.pop((study, project), None)
+        if prepared is not None:
+            shutil.rmtree(prepared.work, ignore_errors=True)
+
+    def forget(self, in_progress: Mapping[str, float], pending: set[str]) -> None:
+        """Drop what no request will take: studies no longer in `.arrived/` (seen before the
+        requests were read) without a pending request."""
+        for study, project in list(self._prepared):
+            if study not in in_progress and study not in pending:
+                self.discard(study, project)
+        for study in list(self._unexpected):
+            if study not in in_progress:
+                del self._unexpected[study]
+
+    # --- in the quiet period ---------------------------------------------------------------------
+    def step(self, in_progress: Mapping[str, float], interrupt: Callable[[], bool]) -> bool:
+        """Prepare the files of one quiet study not prepared yet, until done or `interrupt()`
+        (a request is waiting, or the daemon stops); False when there was nothing to do."""
+        now = self.clock.time()
+        for study, stamp in sorted(in_progress.items(), key=lambda item: item[1]):
+            if now - stamp < PREPARE_AFTER_SECONDS or self._unexpected.get(study) == stamp:
+                continue
+            if any(p.study == study and p.stamp == stamp for p in self._prepared.values()):
+                continue
+            if not index_caught_up(self.tree):
+                return False
+            prepared = self._prepared_for(study, stamp)
+            if prepared is None:
+                self._unexpected[study] = stamp
+                continue
+            self._prepare(prepared, stamp, interrupt)
+            return True
+        return False
+
+    def _prepared_for(self, study: str, stamp: float) -> Prepared | None:
+        """The study's entry for the first request its arrival is expected to make (a new one
+        when the assignment changed), None when none is expected."""
+        arrival = study_from_series(self.tree, study)
+        if arrival is None:
+            return None
+        try:
+            expected = self.assigner.expected(arrival)
+            if not expected:
+                return None
+            project_name, participant, event = expected[0]
+            project = self.control.project(project_name)
+            settings = settings_for(project, participant, event, self.key, self.tree.datadir)
+        except (ControlPlaneError, ValueError) as exc:
+            log.info("study %s not prepared ahead of its arrival: %s", study, exc)
+            return None
+        prepared = self._prepared.get((study, project_name))
+        if prepared is not None and prepared.settings != settings:
+            self.discard(study, project_name)
+            prepared = None
+        if prepared is None:
+            work = ensure_dir(self.folder / f"prepared-{uuid.uuid4().hex[:12]}")
+            prepared = Prepared(study, project_name, settings, work)
+            self._prepared[(study, project_name)] = prepared
+        prepared.rules = ProjectRules.of(project, {s.uid: s.classify_types
+                                                   for s in arrival.study.series})
+        return prepared
+
+    def _prepare(self, prepared: Prepared, stamp: float, interrupt: Callable[[], bool]) -> None:
+        rules = prepared.rules
+        todo = []
+        for source in study_sources(self.tree.raw / prepared.study):
+            entry = prepared.done.get(source)
+            if entry is None or entry[0] != _file_key(source, rules):
+                todo.append(source)
+        outputs = self.pool.outputs(Job.of(prepared.settings, rules, prepared.work), todo)
+        try:
+            for done in outputs:
+                if isinstance(done, Stopped):
+                    break  # the request will meet it again, and stop there
+                prepared.done[done.source] = (_file_key(done.source, rules), done)
+                if interrupt():
+                    return
+        finally:
+            outputs.close()
+        prepared.stamp = stamp
+        log.info("study %s: %d files de-identified ahead of its arrival for %s",
+                 prepared.study, len(prepared.done), prepared.project)
+
+
+def outputs(pool: DeidPool, job: Job, sources: list[Path],
+            ready: Mapping[Path, Done]) -> Generator[Outcome, None, None]:
+    """Each of `sources` de-identified, in order: from `ready` where it holds the file, else
+    from the pool (which works ahead on those only); the stream ends after a Stopped, as the
+    pool's does."""
+    rest = pool.outputs(job, [s for s in sources if s not in ready])
+    try:
+        for source in sources:
+            done = ready.get(source)
+            outcome = done if done is not None else next(rest)
+            yield outcome
+            if isinstance(outcome, Stopped):
+                return
+    finally:
+        rest.close()
