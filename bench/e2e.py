@@ -4,11 +4,13 @@ research PACS, compared with the time DCMTK needs to send the study to FIONA.
 
 One command, loopback only:
 
-    python bench/e2e.py [--images 1000] [--series 4] [--quiet 3] [--workers N]
+    python bench/e2e.py [--images 1000] [--series 4] [--quiet 3] [--associations 4]
+                        [--workers N]
 
 It starts Orthanc (the research PACS) and `fiona up` on a scratch data folder with a project
 and a coupling row for the study, then sends one study of `--images` 256x256 MR images in
-`--series` series with DCMTK `storescu` (one association, TCP_NODELAY=1). While the study goes
+`--series` series with DCMTK `storescu` (one association, TCP_NODELAY=1); the forwarder sends
+to Orthanc over `--associations` parallel associations. While the study goes
 through, it polls the control plane and Orthanc every 50 ms and samples each daemon's resident
 memory (the forwarder's de-identification workers too). It prints:
 
@@ -19,8 +21,10 @@ memory (the forwarder's de-identification workers too). It prints:
   transfer request exists), de-identify (request -> first image in Orthanc), send (first ->
   last image in Orthanc) and verify (last image in Orthanc -> request complete); with the
   pooled forwarder, de-identifying and sending overlap, so "de-identify" is only the time
-  until the first image leaves;
-- the forwarder's own line for the request (de-identify, send and verify times as it logs them);
+  until the first image leaves; the forwarder de-identifies a coupled study in its quiet
+  period already (`fiona.send.prepare`), so most files are ready when the request comes;
+- the forwarder's own line for the request (how many files were de-identified ahead; the
+  de-identify-and-send and verify times as it logs them);
 - each daemon's peak RSS;
 - the goal (issue 10): (last-in -> in-PACS - quiet) <= 1.5 x send time;
 - the de-identification rate of the forwarder's pool (`fiona.send.pool`) against one process
@@ -77,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="rows and columns of each image")
     p.add_argument("--workers", type=int, default=0,
                    help="de-identification processes for the rate figure (default: cores)")
+    p.add_argument("--associations", type=int, default=4, choices=range(1, 5),
+                   help="parallel associations from the forwarder to Orthanc (the destination "
+                        "setting `associations`; default 4, the most it allows; FIONA's own "
+                        "default is 2)")
     p.add_argument("--no-deid-rate", action="store_true", help="skip the pool rate figure")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data)")
@@ -130,7 +138,8 @@ class Run:
         self.config = init(self.root / "data", port=self.port, ip="127.0.0.1", extra={
             "STUDY_QUIET_SECONDS": self.args.quiet,
             "DESTINATIONS": {"research": {"type": "dicom", "aetitle": self.pacs.aet,
-                                          "host": "127.0.0.1", "port": self.pacs.dicom_port}},
+                                          "host": "127.0.0.1", "port": self.pacs.dicom_port,
+                                          "associations": self.args.associations}},
             "WEB": {"host": "127.0.0.1", "port": free_port()}})
         self.tree = Tree(self.root / "data")
         self.fiona("project", "add", "PROJ", "--naming", "^P[0-9]{4}$", "--events", "baseline")
@@ -158,7 +167,7 @@ class Run:
         for extra in study["files"][self.args.images:]:
             extra.unlink()
         figures: dict = {"images": self.args.images, "series": self.args.series,
-                         "quiet_s": self.args.quiet}
+                         "quiet_s": self.args.quiet, "associations": self.args.associations}
         if not self.args.no_deid_rate:
             figures.update(deid_rate(self.root / "study", self.args.workers))
         try:
@@ -306,7 +315,7 @@ def deid_rate(corpus: Path, workers: int, repeat: int = 3) -> dict:
 
 def report(f: dict) -> str:
     lines = [f"study: {f['images']} images in {f['series']} series, quiet period "
-             f"{f['quiet_s']} s",
+             f"{f['quiet_s']} s, {f['associations']} association(s) from FIONA to Orthanc",
              f"send (DCMTK storescu -> FIONA): {f['send_s']:.2f} s",
              f"last image in -> whole study verified in Orthanc: {f['last_in_to_pacs_s']:.2f} s "
              f"= {f['ratio']:.2f} x send; without the quiet period "
