@@ -7,7 +7,9 @@ destination:
   what the request alone makes;
 - what was prepared for one assignment is never sent for another;
 - a file the gate stops is met again by the request, which stops there and sends nothing after;
-- a prepared study that no request takes is removed, and so is what a killed forwarder left.
+- a prepared study that no request takes is removed, and so is what a killed forwarder left;
+- a file that cannot be de-identified ahead is left to the request, and not tried again (the
+  log names the kind of error only).
 """
 
 from __future__ import annotations
@@ -189,3 +191,18 @@ def test_prepared_files_no_request_takes_are_removed(site, tmp_path):
     (leftover / "x.dcm").write_bytes(b"de-identified")
     forwarder(site).preparer.clear()                 # what a starting forwarder does
     assert not leftover.exists()
+
+
+def test_a_file_that_cannot_be_prepared_is_left_to_the_request_and_not_tried_again(
+        site, tmp_path, caplog):
+    made = make_study(tmp_path / "s", n_series=1, images_per_series=3, seed=7)
+    site.arrive(made["files"])
+    series = site.tree.series_dir(made["study"], made["series"][0])
+    (series / "0000-not-dicom").write_bytes(b"Doe^Jane " * 40)   # sorts first
+    fwd = forwarder(site)
+    site.clock.advance(PREPARE_AFTER_SECONDS)
+    with caplog.at_level(logging.INFO, logger="fiona"):
+        assert prepare(fwd)
+        assert not prepare(fwd)                      # not again until the study changes
+    assert "de-identifying ahead of its arrival stopped (Unreadable)" in caplog.text
+    assert "Doe" not in caplog.text

@@ -348,9 +348,11 @@ class Forwarder:
             try:
                 busy = self.preparer.step(self.preparer.in_progress(),
                                           lambda: stop.is_set() or listener.poked())
-            except Exception:  # preparing is an optimisation: the request does it all again
-                log.exception("preparing a study ahead of its arrival failed")
-                busy = False
+            except Exception as exc:  # only an optimisation: the request does it all again
+                log.warning("preparing studies ahead of their arrival failed (%s); trying "
+                            "again in %g s", type(exc).__name__, POLL_SECONDS)
+                listener.wait(max(0.0, deadline - time.monotonic()))
+                return
             left = deadline - time.monotonic()
             if listener.poked():
                 listener.wait(0)

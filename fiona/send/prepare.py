@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ..arrive.detector import study_from_series, touch_files
 from ..clock import Clock
-from ..control.assign import Assigner
-from ..control.base import ControlPlane, ControlPlaneError, TransferRequest
+from ..control.assign import Arrival, Assigner
+from ..control.base import ControlPlane, ControlPlaneError, Project, TransferRequest
 from ..control.keyed import Keyed
 from ..deid.engine import Settings
 from ..deid.pipeline import ProjectRules, settings_for
@@ -43,6 +43,11 @@ log = logging.getLogger(FORWARDER.logger)
 #: a study is prepared once it has been quiet this long (and is indexed): the burst of a
 #: sender is over, so preparing does not take the cores from the receiver and the indexer
 PREPARE_AFTER_SECONDS = 1.0
+
+#: what a study's arrival is expected to request is asked of the control plane again after this
+#: long at the most: a sender trickling images in changes the study every few seconds, and each
+#: question is several calls (to REDCap, say)
+ASK_EVERY_SECONDS = 30.0
 
 #: what a prepared output depends on besides its request's settings: the source file
 #: (inode, size, modification time) and its series' rules (features, exclusions, labels)
@@ -61,6 +66,16 @@ def _file_key(source: Path, rules: ProjectRules) -> FileKey:
     series = source.parent.name  # raw/<Study>/<Series>/<SOP>: the original SeriesInstanceUID
     return ((st.st_ino, st.st_size, st.st_mtime_ns),
             (rules.features, rules.pixel_exclusions, tuple(rules.labels.get(series, ()))))
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """The request a study's arrival is expected to make (`project` None: none), as asked at
+    `asked` (the clock's monotonic time)."""
+
+    asked: float
+    project: Project | None = None
+    settings: Settings | None = None
 
 
 @dataclass
@@ -93,8 +108,8 @@ class Preparer:
         self.assigner = Assigner(control, Keyed(key), clock)
         self.folder = tree.site / "work"
         self._prepared: dict[tuple[str, str], Prepared] = {}
-        #: study -> touch time at which no request was expected (asked again when it changes)
-        self._unexpected: dict[str, float] = {}
+        #: study -> what its arrival is expected to request, as last asked
+        self._expected: dict[str, Expectation] = {}
 
     def clear(self) -> None:
         """Remove what a forwarder before this one left (its requests are done again)."""
@@ -137,9 +152,9 @@ class Preparer:
         for study, project in list(self._prepared):
             if study not in in_progress and study not in pending:
                 self.discard(study, project)
-        for study in list(self._unexpected):
+        for study in list(self._expected):
             if study not in in_progress:
-                del self._unexpected[study]
+                del self._expected[study]
 
     # --- in the quiet period ---------------------------------------------------------------------
     def step(self, in_progress: Mapping[str, float], interrupt: Callable[[], bool]) -> bool:
@@ -147,47 +162,64 @@ class Preparer:
         (a request is waiting, or the daemon stops); False when there was nothing to do."""
         now = self.clock.time()
         for study, stamp in sorted(in_progress.items(), key=lambda item: item[1]):
-            if now - stamp < PREPARE_AFTER_SECONDS or self._unexpected.get(study) == stamp:
+            if now - stamp < PREPARE_AFTER_SECONDS:
                 continue
             if any(p.study == study and p.stamp == stamp for p in self._prepared.values()):
                 continue
+            known = self._expected.get(study)
+            if known is not None and known.project is None and self._fresh(known):
+                continue
             if not index_caught_up(self.tree):
                 return False
-            prepared = self._prepared_for(study, stamp)
+            prepared = self._prepared_for(study)
             if prepared is None:
-                self._unexpected[study] = stamp
                 continue
             self._prepare(prepared, stamp, interrupt)
             return True
         return False
 
-    def _prepared_for(self, study: str, stamp: float) -> Prepared | None:
+    def _fresh(self, expectation: Expectation) -> bool:
+        return self.clock.monotonic() - expectation.asked < ASK_EVERY_SECONDS
+
+    def _prepared_for(self, study: str) -> Prepared | None:
         """The study's entry for the first request its arrival is expected to make (a new one
-        when the assignment changed), None when none is expected."""
+        when the assignment changed), with its series rules as the indexer has them now; None
+        when no request is expected."""
         arrival = study_from_series(self.tree, study)
         if arrival is None:
             return None
+        expectation = self._expected.get(study)
+        if expectation is None or not self._fresh(expectation):
+            expectation = self._expected[study] = self._expect(study, arrival)
+        project, settings = expectation.project, expectation.settings
+        if project is None or settings is None:
+            return None
+        prepared = self._prepared.get((study, project.name))
+        if prepared is not None and prepared.settings != settings:
+            self.discard(study, project.name)
+            prepared = None
+        if prepared is None:
+            work = ensure_dir(self.folder / f"prepared-{uuid.uuid4().hex[:12]}")
+            prepared = Prepared(study, project.name, settings, work)
+            self._prepared[(study, project.name)] = prepared
+        prepared.rules = ProjectRules.of(project, {s.uid: s.classify_types
+                                                   for s in arrival.study.series})
+        return prepared
+
+    def _expect(self, study: str, arrival: Arrival) -> Expectation:
+        """Ask the control plane what the arrival will request (the first of them)."""
+        asked = self.clock.monotonic()
         try:
             expected = self.assigner.expected(arrival)
             if not expected:
-                return None
+                return Expectation(asked)
             project_name, participant, event = expected[0]
             project = self.control.project(project_name)
             settings = settings_for(project, participant, event, self.key, self.tree.datadir)
         except (ControlPlaneError, ValueError) as exc:
             log.info("study %s not prepared ahead of its arrival: %s", study, exc)
-            return None
-        prepared = self._prepared.get((study, project_name))
-        if prepared is not None and prepared.settings != settings:
-            self.discard(study, project_name)
-            prepared = None
-        if prepared is None:
-            work = ensure_dir(self.folder / f"prepared-{uuid.uuid4().hex[:12]}")
-            prepared = Prepared(study, project_name, settings, work)
-            self._prepared[(study, project_name)] = prepared
-        prepared.rules = ProjectRules.of(project, {s.uid: s.classify_types
-                                                   for s in arrival.study.series})
-        return prepared
+            return Expectation(asked)
+        return Expectation(asked, project, settings)
 
     def _prepare(self, prepared: Prepared, stamp: float, interrupt: Callable[[], bool]) -> None:
         rules = prepared.rules
@@ -204,6 +236,10 @@ class Preparer:
                 prepared.done[done.source] = (_file_key(done.source, rules), done)
                 if interrupt():
                     return
+        except Exception as exc:  # the request meets it again and reports it; its type only
+            log.warning("study %s: de-identifying ahead of its arrival stopped (%s); its "
+                        "request will de-identify the rest", prepared.study,
+                        type(exc).__name__)
         finally:
             outputs.close()
         prepared.stamp = stamp
