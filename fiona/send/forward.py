@@ -9,7 +9,9 @@ files already de-identified go out over the destination's parallel associations
 (`Destination.send_stream`). A file that fails the verification gate (or its masking) stops the
 whole request there: nothing after it is sent, and the request fails with the reason. Nothing is
 marked sent before the destination holds every file; a forwarder killed mid-request leaves it
-pending and does it again, into the same de-identified study.
+pending and does it again, into the same de-identified study. While it has no request, the
+forwarder de-identifies the studies in their quiet period whose arrival is going to make one
+(`fiona.send.prepare`), so that the request finds most files done.
 
 A request is pending while its revision is above the revision the forwarder last did
 (`TransferRequest.pending`); the forwarder completes exactly the revision it read, so a resend

@@ -12,8 +12,9 @@ byte for byte what the request alone would have made, and the request decides ev
 A prediction that does not come true costs CPU time, nothing else.
 
 What is prepared is de-identified output that passed the gate, never an unredacted copy. It
-is removed once its request is done, when the study's touch files are gone and no request
-took it, and when the forwarder starts (a forwarder killed mid-way leaves its folder).
+is removed once a request for the study in its project has been tried (sent, failed, or put
+off while the destination is down), when the study's touch files are gone and no request is
+pending for it, and when the forwarder starts (a forwarder killed mid-way leaves its folder).
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ class Preparer:
     def in_progress(self) -> dict[str, float]:
         """Studies in `.arrived/` with their newest touch time. Taken before the forwarder
         reads its requests: a study gone from here by then has made its request already."""
-        return {study: max(t.mtime for t in files)
-                for study, files in touch_files(self.tree).items()}
+        try:
+            by_study = touch_files(self.tree)
+        except OSError:  # the arrival detector reports an unreadable .arrived/
+            return {}
+        return {study: max(t.mtime for t in files) for study, files in by_study.items()}
 
     # --- for a request ---------------------------------------------------------------------------
     def ready(self, req: TransferRequest, settings: Settings, rules: ProjectRules,
@@ -141,7 +145,7 @@ class Preparer:
         return valid
 
     def discard(self, study: str, project: str) -> None:
-        """A request of `study` in `project` is done (or failed): its prepared files go."""
+        """A request of `study` in `project` has been tried: its prepared files go."""
         prepared = self._prepared.pop((study, project), None)
         if prepared is not None:
             shutil.rmtree(prepared.work, ignore_errors=True)
