@@ -154,6 +154,41 @@ def test_forwarder_killed_mid_send_resumes_into_the_same_study(tmp_path, orthanc
     assert sum(orthanc.series_counts(req.mapped_uid).values()) == 300
 
 
+def test_forwarder_killed_after_preparing_a_study_sends_it_once_when_it_arrives(
+        tmp_path, orthanc):
+    """The forwarder de-identifies a coupled study while it waits for its arrival (the arrival
+    daemon is held back, so the study waits as long as that takes) and sends nothing; killed
+    with SIGKILL then and restarted, it removes what it had prepared and prepares again; when
+    the study arrives, its request sends it exactly once."""
+    gw = gateway_for(tmp_path, orthanc)
+    gw.stop("detect-study-arrival")
+    study = make_study(tmp_path / "s", n_series=2, images_per_series=30, accession="PREP1")
+    couple(gw, tmp_path, "PREP1", "P0005", "baseline")
+    assert gw.storescu(tmp_path / "s").returncode == 0
+    log = gw.tree.logs / "anonymizeAndSend.log"
+    ahead = "60 files de-identified ahead of its arrival"
+
+    def prepared(times: int) -> bool:
+        return log.exists() and log.read_text().count(ahead) >= times
+    wait_for(lambda: prepared(1), 180, "the study to be de-identified ahead")
+    work = gw.tree.site / "work"
+    [folder] = list(work.glob("prepared-*"))
+    assert len(list(folder.glob("*.dcm"))) == 60
+    forwarder = gw.procs.pop("anonymize-and-send")
+    forwarder.send_signal(signal.SIGKILL)
+    forwarder.wait()
+    gw.start("anonymize-and-send")
+    wait_for(lambda: prepared(2), 180, "the restarted forwarder to prepare it again")
+    assert not folder.exists() and len(list(work.glob("prepared-*"))) == 1
+    assert orthanc.count() == 0 and requests(gw, study["study"]) == []
+    gw.start("detect-study-arrival")
+    req = completed(gw, study["study"])
+    assert len(orthanc.studies()) == 1
+    assert sorted(orthanc.series_counts(req.mapped_uid).values()) == [30, 30]
+    assert "60 de-identified ahead" in log.read_text()
+    assert not list(work.iterdir())
+
+
 def test_a_study_gone_from_disk_fails_with_that_message(tmp_path, orthanc):
     gw = gateway_for(tmp_path, orthanc)
     gw.stop("anonymize-and-send")
