@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import stat
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomgen import make_study
 from fiona import dicom_client
@@ -285,6 +287,40 @@ def test_dicom_failure_status_is_reported_per_file(tmp_path):
         assert all("status 0xA700" in reason and "Out of Resources" in reason
                    for _, reason in result.failed)
         assert pacs.count() == 3
+
+
+@pytest.mark.parametrize("configured, limit", [(2, 1), (4, 2)])
+def test_dicom_peer_taking_fewer_associations_gets_every_file_over_those(
+        tmp_path, configured, limit):
+    """A PACS that takes at most `limit` associations from FIONA rejects the others
+    (transient, "local limit exceeded"): the send goes on over the ones it took, every file
+    once, instead of failing as unreachable. pynetdicom is the peer; its first C-STORE waits
+    until it has rejected an association, so the rejection happens mid-send."""
+    rejected, stored = threading.Event(), []
+
+    def on_store(event):
+        if not stored:
+            rejected.wait(30)
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE("PACS")
+    ae.maximum_associations = limit
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_REJECTED, lambda event: rejected.set())])
+    try:
+        study = make_study(tmp_path / "in", n_series=2, images_per_series=15, rows=8, cols=8)
+        d = DicomDestination("research", {"aetitle": "PACS", "host": "127.0.0.1",
+                                          "port": server.socket.getsockname()[1],
+                                          "associations": configured})
+        d.clock = FakeClock()                       # retries would pass at once
+        result = d.send(study["files"])
+    finally:
+        server.shutdown()
+    assert rejected.is_set()
+    assert (result.sent, result.failed) == (30, [])
+    assert sorted(stored) == sorted(dcmread(f).SOPInstanceUID for f in study["files"])
 
 
 def test_dicom_rejected_association_is_permanent(tmp_path):

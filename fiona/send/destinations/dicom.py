@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +112,75 @@ class _Item:
         return self.ts in _PLAIN
 
 
+class _Feed:
+    """The files of one send, shared by its `workers` associations, each taking the next file
+    when it is free.
+
+    A peer may take fewer associations than configured (a PACS limits them per calling AE): a
+    worker whose first association fails at the first try while others are open or still
+    opening hands its file back (`give_back`) and leaves the rest to them, instead of failing
+    the whole send; the last one tries as often as a lone association would. A worker with an
+    open association that finds no file left waits while others have not opened theirs yet
+    (one may give its file back), so a file given back is always taken again."""
+
+    def __init__(self, files: Iterable[Path], workers: int):
+        self._source = iter(files)
+        self._cond = threading.Condition()
+        self._returned: deque[Path] = deque()
+        self._opening = workers   # workers that have not opened an association yet
+        self._open = 0            # workers that have
+        self.stop = threading.Event()
+        #: what the iterator raised (nothing it yields after that is sent)
+        self.failed: list[BaseException] = []
+
+    def take(self, opening: bool) -> Path | None:
+        """The next file, None when there is none or the send stops; `opening`: the caller has
+        not opened an association yet (then None also means it is done)."""
+        with self._cond:
+            while not self.stop.is_set():
+                try:
+                    path = self._returned.popleft() if self._returned else next(self._source,
+                                                                                None)
+                except BaseException as exc:
+                    self.failed.append(exc)
+                    self.stop.set()
+                    self._cond.notify_all()
+                    break
+                if path is not None:
+                    return path
+                if opening or not self._opening:
+                    break
+                self._cond.wait()
+            if opening:
+                self._opening -= 1
+                self._cond.notify_all()
+            return None
+
+    def opened(self) -> None:
+        """The caller's first association is open."""
+        with self._cond:
+            self._opening -= 1
+            self._open += 1
+            self._cond.notify_all()
+
+    def give_back(self, path: Path) -> bool:
+        """Hand `path` to the other workers, with an association open or opening, and leave;
+        False when the caller is the last one (it keeps the file and tries harder)."""
+        with self._cond:
+            if not self._open and self._opening < 2:
+                return False
+            self._returned.append(path)
+            self._opening -= 1
+            self._cond.notify_all()
+            return True
+
+    def halt(self) -> None:
+        """Stop every association after the file it is sending."""
+        with self._cond:
+            self.stop.set()
+            self._cond.notify_all()
+
+
 @register
 class DicomDestination(Destination):
     """A DICOM peer (the research PACS): C-STORE out, C-FIND to verify, C-ECHO to test.
@@ -173,25 +243,10 @@ class DicomDestination(Destination):
         forwarder's de-identification pool and the network overlap). An exception raised by
         the iterator stops every association after the file it is sending and is raised
         here: nothing the iterator yields after that is sent."""
-        source = iter(files)
-        take_lock, count_lock = threading.Lock(), threading.Lock()
-        stop = threading.Event()
-        failed_source: list[BaseException] = []
+        feed = _Feed(files, self.associations)
+        count_lock = threading.Lock()
         errors: list[BaseException] = []
         done = 0
-
-        def take() -> Path | None:
-            with take_lock:
-                if stop.is_set():
-                    return None
-                try:
-                    return next(source)
-                except StopIteration:
-                    return None
-                except BaseException as exc:
-                    failed_source.append(exc)
-                    stop.set()
-                    return None
 
         def handled(n: int = 1) -> None:
             nonlocal done
@@ -204,10 +259,10 @@ class DicomDestination(Destination):
         def work() -> SendResult:
             part = SendResult()
             try:
-                self._sender(take, part, handled, stop)
+                self._sender(feed, part, handled)
             except BaseException as exc:
                 errors.append(exc)
-                stop.set()
+                feed.halt()
             return part
 
         if self.associations == 1:
@@ -217,8 +272,8 @@ class DicomDestination(Destination):
                                     thread_name_prefix=f"send-{self.name}") as pool:
                 parts = [f.result() for f in [pool.submit(work)
                                               for _ in range(self.associations)]]
-        if failed_source:
-            raise failed_source[0]
+        if feed.failed:
+            raise feed.failed[0]
         if errors:  # a permanent error (e.g. rejected association) outranks unavailability
             raise next((e for e in errors if not isinstance(e, DestinationUnavailable)),
                        errors[0])
@@ -228,22 +283,24 @@ class DicomDestination(Destination):
             result.failed.extend(part.failed)
         return result
 
-    def _sender(self, take: Callable[[], Path | None], part: SendResult,
-                handled: Callable[[int], None], stop: threading.Event) -> None:
-        """One association's loop: take a file, store it, until `take` has no more. The
+    def _sender(self, feed: _Feed, part: SendResult, handled: Callable[[int], None]) -> None:
+        """One association's loop: take a file, store it, until `feed` has no more. The
         association offers the contexts of the kinds seen so far and is reopened with more
         when a new kind comes (from scratch once MAX_CONTEXTS would be passed); a lost one is
-        reopened and the file in flight resent."""
+        reopened and the file in flight resent. When the first association cannot be opened
+        at the first try while others are open or opening (a peer that takes fewer), its file
+        goes back to the feed and this loop ends."""
         assoc = None
         keys: set[tuple[str, str | None]] = set()
         accepted: set[tuple[str, str]] = set()
         refused: set[tuple[str, str | None]] = set()  # offered alone, no context accepted
         item: _Item | None = None
-        losses, progressed = 0, False
+        path: Path | None = None
+        losses, progressed, first = 0, False, True
         try:
             while True:
                 if item is None:
-                    path = None if stop.is_set() else take()
+                    path = feed.take(opening=first)
                     if path is None:
                         return
                     item, reason = _inspect(Path(path))
@@ -264,7 +321,20 @@ class DicomDestination(Destination):
                         assoc.release()
                         assoc = None
                     keys = keys | need if len(keys | need) <= MAX_CONTEXTS else need
-                    assoc = self._store_association(_contexts(keys))
+                    if first and self.associations > 1:
+                        try:  # one try: the peer may be full with the others
+                            assoc = self._store_association(_contexts(keys), tries=1)
+                        except DestinationUnavailable:
+                            if path is not None and feed.give_back(path):
+                                log.info("%s: the peer takes no more associations now; "
+                                         "sending over the others", self.name)
+                                return
+                            assoc = self._store_association(_contexts(keys))
+                    else:
+                        assoc = self._store_association(_contexts(keys))
+                    if first:
+                        feed.opened()
+                        first = False
                     progressed = False
                     if assoc is None:  # accepted, but none of the contexts
                         if keys == need:
@@ -318,11 +388,13 @@ class DicomDestination(Destination):
         status, comment = assoc.send_c_store(item.sop_class, item.sop_uid, ts, data)
         return _store_failure(status, {"ErrorComment": comment})
 
-    def _store_association(self, contexts: list) -> StoreAssociation | None:
+    def _store_association(self, contexts: list, tries: int | None = None
+                           ) -> StoreAssociation | None:
         """An association for C-STORE (`fiona.send.storescu`), None when the peer accepted
-        no context; raises like `_associate`."""
+        no context; raises like `_associate` (after `tries` attempts, default
+        `connect_attempts`)."""
         return self._connect(self.aetitle, self.port, lambda: StoreAssociation.request(
-            CALLING_AE, self.host, self.port, self.aetitle, contexts, self._timeouts()))
+            CALLING_AE, self.host, self.port, self.aetitle, contexts, self._timeouts()), tries)
 
     def _timeouts(self) -> Timeouts:
         return Timeouts(self.connection_timeout, self.acse_timeout, self.dimse_timeout,
@@ -349,12 +421,14 @@ class DicomDestination(Destination):
 
         return self._connect(aetitle, port, attempt)
 
-    def _connect(self, aetitle: str, port: int, attempt: Callable[[], T | None]) -> T | None:
+    def _connect(self, aetitle: str, port: int, attempt: Callable[[], T | None],
+                 tries: int | None = None) -> T | None:
         """`attempt()` until it associates, with pauses (`backoff_seconds`) between tries;
         a transient rejection or no answer is tried again, a permanent rejection raises
-        DestinationError, and DestinationUnavailable after `connect_attempts`."""
+        DestinationError, and DestinationUnavailable after `tries` (`connect_attempts`)."""
         last = "no attempt"
-        for _attempt in attempts(self._schedule(), self.connect_attempts, self.clock):
+        tries = tries or self.connect_attempts
+        for _attempt in attempts(self._schedule(), tries, self.clock):
             try:
                 return attempt()
             except Rejected as exc:
@@ -368,7 +442,7 @@ class DicomDestination(Destination):
                 last = "cannot connect or no answer"
         raise DestinationUnavailable(
             f"destination {self.name!r}: {aetitle}@{self.host}:{port} is unreachable "
-            f"({last}, {self.connect_attempts} attempts)")
+            f"({last}, {tries} attempts)")
 
     # --- verify ------------------------------------------------------------------------------
     def count_instances(self, study_uid: str) -> dict[str, int]:
