@@ -83,8 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="de-identification processes for the rate figure (default: cores)")
     p.add_argument("--associations", type=int, default=4, choices=range(1, 5),
                    help="parallel associations from the forwarder to Orthanc (the destination "
-                        "setting `associations`; default 4, the most it allows; FIONA's own "
-                        "default is 2)")
+                        "setting `associations`, 1-4; default 4, as FIONA's)")
     p.add_argument("--no-deid-rate", action="store_true", help="skip the pool rate figure")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data)")

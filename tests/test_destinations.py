@@ -150,7 +150,7 @@ def test_registry_and_open_destination(tmp_path):
     assert isinstance(folder, FolderDestination) and folder.root == tmp_path / "research"
     pacs = open_destination("pacs", config)
     assert isinstance(pacs, DicomDestination)
-    assert (pacs.query_aetitle, pacs.query_port, pacs.associations) == ("PACS", 4242, 2)
+    assert (pacs.query_aetitle, pacs.query_port, pacs.associations) == ("PACS", 4242, 4)
     with pytest.raises(DestinationError, match="unknown destination 'nope'.*pacs, research"):
         open_destination("nope", config)
     for bad in ({"aetitle": "", "host": "h", "port": 1}, {"aetitle": "A", "host": "h"},

@@ -49,7 +49,7 @@ class DicomSettings(DestinationSettings):
     port: int = setting(4242)
     query_aetitle: str | None = setting("RESEARCHPACS", None)
     query_port: int | None = setting(4242, None)
-    associations: int = setting(2, 2)
+    associations: int = setting(4, 4)
     review_sample: int = setting(5, 5)
     review_max_age_hours: float = setting(24, 24)
 
@@ -186,8 +186,9 @@ class DicomDestination(Destination):
     """A DICOM peer (the research PACS): C-STORE out, C-FIND to verify, C-ECHO to test.
 
     Settings: `aetitle`, `host`, `port`, optionally `query_aetitle`/`query_port` (default: the
-    store ones) and `associations` (1..4 parallel associations, default 2, each taking the next
-    file when it is free, see `send_stream`). The calling AE title is "FIONA". Each association
+    store ones) and `associations` (1..4 parallel associations, default 4, each taking the next
+    file when it is free, see `send_stream`; a peer that takes fewer gets the files over those
+    it takes). The calling AE title is "FIONA". Each association
     proposes the files' own transfer syntaxes: one presentation context per (SOP class,
     compressed or other transfer syntax) plus one per SOP class with Explicit and Implicit VR
     Little Endian, at most 128 per association (a new kind reopens it with one more). A file in
