@@ -232,6 +232,9 @@ class Preparer:
             entry = prepared.done.get(source)
             if entry is None or entry[0] != _file_key(source, rules):
                 todo.append(source)
+        if not todo:  # done before an interruption came
+            prepared.stamp = stamp
+            return
         outputs = self.pool.outputs(Job.of(prepared.settings, rules, prepared.work), todo)
         try:
             for done in outputs:
