@@ -92,6 +92,44 @@ def wait_until(ready, timeout: float, what: str, proc: subprocess.Popen | None =
         time.sleep(interval)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and of its descendants alive now."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def wait_idle(proc: subprocess.Popen, what: str, timeout: float = 60.0, window: float = 0.5,
+              busy: float = 0.05) -> None:
+    """Return once `proc` and its descendants used less than `busy` of one core over `window`
+    seconds. A target still starting (FIONA's web server and de-identification pool import
+    for a second or two after its receiver listens) would otherwise take the cores from the
+    timed send, and the send would measure the start-up instead."""
+    deadline = time.monotonic() + timeout
+    before = tree_cpu_seconds(proc.pid)
+    while True:
+        time.sleep(window)
+        now = tree_cpu_seconds(proc.pid)
+        if now - before < busy * window:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: still busy after {timeout:.0f} s")
+        before = now
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 45.0) -> None:
     """SIGTERM, then SIGKILL to its process group (start it with start_new_session=True, so
     its children go too and nothing else does)."""

@@ -58,6 +58,7 @@ from bench.common import (  # noqa: E402 (repo root)
     progress,
     run_in_scratch,
     stop_process,
+    wait_idle,
     wait_until,
 )
 from bench.soak_faults import DAEMONS  # noqa: E402
@@ -155,6 +156,7 @@ class Run:
                 env=self.env, start_new_session=True)
         wait_until(lambda: port_open(self.port) and all(self.pids().values()), 120,
                    "fiona up", self.up, interval=0.2)
+        wait_idle(self.up, "fiona up")  # the send is timed against a gateway that is up
 
     def run(self) -> dict:
         per_series = -(-self.args.images // self.args.series)

@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402 (repo root)
     progress,
     run_in_scratch,
     stop_process,
+    wait_idle,
     wait_until,
 )
 
@@ -248,6 +249,8 @@ def run_once(cls: type[Target], root: Path, parts: list[list[Path]], images: int
     target = cls(workdir)
     try:
         target.start()
+        assert target.proc is not None
+        wait_idle(target.proc, target.name)
         # nothing left to write back (the corpus, an earlier target's files) when the clock
         # starts: it would slow the fsyncs of whichever target comes next
         os.sync()
