@@ -328,6 +328,12 @@ class Tree:
         return self.exports / "tmp"
 
     @property
+    def work(self) -> Path:
+        """The forwarder's de-identified files: one folder per request in hand and per study
+        prepared ahead of its arrival (`fiona.send.prepare`); emptied when it starts."""
+        return self.site / "work"
+
+    @property
     def run(self) -> Path:
         """Named pipes and pid files; inside the tree so no other local user can hijack them."""
         return self.site / "run"

@@ -171,7 +171,7 @@ def test_forwarder_killed_after_preparing_a_study_sends_it_once_when_it_arrives(
         return log.exists() and "60 files de-identified ahead of its arrival" in \
             log.read_text()[since:]
     wait_for(prepared, 180, "the study to be de-identified ahead")
-    work = gw.tree.site / "work"
+    work = gw.tree.work
     [folder] = list(work.glob("prepared-*"))
     assert len(list(folder.glob("*.dcm"))) == 60
     forwarder = gw.procs.pop("anonymize-and-send")

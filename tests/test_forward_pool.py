@@ -146,7 +146,7 @@ def test_a_file_failing_the_gate_stops_the_request_and_nothing_after_it_is_sent(
     assert sum(in_pacs.values()) <= 14                      # only files before the leaky one
     last_series = pipeline.mapped_uid(files[-1].parent.name)
     assert last_series not in in_pacs
-    assert not list((site.forwarder.tree.site / "work").iterdir())
+    assert not list(site.forwarder.tree.work.iterdir())
 
 
 def descendants(pid: int) -> set[int]:

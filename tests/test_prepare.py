@@ -54,7 +54,7 @@ def prepare(fwd: Forwarder) -> bool:
 
 
 def prepared(fwd: Forwarder) -> list[Path]:
-    return sorted((fwd.tree.site / "work").glob("prepared-*/*.dcm"))
+    return sorted(fwd.tree.work.glob("prepared-*/*.dcm"))
 
 
 def send_due(fwd: Forwarder) -> None:
@@ -93,7 +93,7 @@ def test_a_coupled_study_is_prepared_in_its_quiet_period_and_sent_from_there(
     assert req.complete and req.participant == "P0001"
     assert "15 files in 3 series sent and verified" in caplog.text
     assert "10 de-identified ahead" in caplog.text
-    assert not any((fwd.tree.site / "work").iterdir())      # the prepared files are gone
+    assert not any(fwd.tree.work.iterdir())      # the prepared files are gone
     sent = delivered(tmp_path)
     assert len(sent) == 15
 
@@ -167,7 +167,7 @@ def test_a_file_the_gate_stops_stops_its_request_however_much_was_prepared(site,
     assert "verification gate" in req.error_message and "Hansen" not in req.error_message
     assert len(delivered(tmp_path)) <= ahead         # nothing after the leaky file
     assert list((fwd.tree.quarantine / "deidentify").glob("*/reason.json"))
-    assert not any((fwd.tree.site / "work").iterdir())
+    assert not any(fwd.tree.work.iterdir())
 
 
 def test_prepared_files_no_request_takes_are_removed(site, tmp_path):
@@ -184,9 +184,9 @@ def test_prepared_files_no_request_takes_are_removed(site, tmp_path):
     assert site.control.requests(made["study"]) == []
     assert not any(site.tree.arrived.iterdir())
     fwd.preparer.forget(fwd.preparer.in_progress(), pending=set())   # the loop's next turn
-    assert not prepared(fwd) and not any((fwd.tree.site / "work").iterdir())
+    assert not prepared(fwd) and not any(fwd.tree.work.iterdir())
 
-    leftover = fwd.tree.site / "work" / "prepared-0123456789ab"      # a killed forwarder's
+    leftover = fwd.tree.work / "prepared-0123456789ab"      # a killed forwarder's
     leftover.mkdir()
     (leftover / "x.dcm").write_bytes(b"de-identified")
     forwarder(site).preparer.clear()                 # what a starting forwarder does

@@ -217,7 +217,7 @@ class Forwarder:
             destination = open_destination(destination_name(self.config, project), self.config)
         except DestinationError as exc:
             raise PermanentFailure(ERROR_SEND, f"send: {exc}") from None
-        work = ensure_dir(self.tree.site / "work" / f"{req.project}-{uuid.uuid4().hex[:12]}")
+        work = ensure_dir(self.tree.work / f"{req.project}-{uuid.uuid4().hex[:12]}")
         try:
             return self._stream(req, project, study_dir, work, destination)
         finally:

@@ -107,7 +107,7 @@ class Preparer:
         self.pool = pool
         self.clock = clock
         self.assigner = Assigner(control, Keyed(key), clock)
-        self.folder = tree.site / "work"
+        self.folder = tree.work
         self._prepared: dict[tuple[str, str], Prepared] = {}
         #: study -> what its arrival is expected to request, as last asked
         self._expected: dict[str, Expectation] = {}
