@@ -9,7 +9,8 @@ destination:
 - a file the gate stops is met again by the request, which stops there and sends nothing after;
 - a prepared study that no request takes is removed, and so is what a killed forwarder left;
 - a file that cannot be de-identified ahead is left to the request, and not tried again (the
-  log names the kind of error only).
+  log names the kind of error only);
+- a backlog of quiet studies is asked about a few at a time, each once until it changes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydicom.uid import generate_uid
 from dicomgen import make_study
 from fiona.control.base import Project, TransferRequest, now_iso
 from fiona.send.forward import Forwarder
-from fiona.send.prepare import PREPARE_AFTER_SECONDS
+from fiona.send.prepare import ASK_EVERY_SECONDS, ASKS_PER_STEP, PREPARE_AFTER_SECONDS
 from inprocess import LocalSite
 
 QUIET = 16.0
@@ -206,3 +207,30 @@ def test_a_file_that_cannot_be_prepared_is_left_to_the_request_and_not_tried_aga
         assert not prepare(fwd)                      # not again until the study changes
     assert "de-identifying ahead of its arrival stopped (Unreadable)" in caplog.text
     assert "Doe" not in caplog.text
+
+
+def test_the_control_plane_is_asked_about_a_backlog_a_few_studies_at_a_time_and_once(
+        site, tmp_path, monkeypatch):
+    """Six quiet studies nobody coupled (the arrival daemon is down, say): each is asked about
+    once, ASKS_PER_STEP per look, and again only when it has changed and ASK_EVERY_SECONDS
+    have passed, so a backlog does not become a stream of calls to REDCap."""
+    for i in range(6):
+        made = make_study(tmp_path / f"s{i}", n_series=1, images_per_series=1, seed=10 + i,
+                          accession=f"OTHER{i}")
+        site.arrive(made["files"])
+    asked = []
+    real = site.control.coupling_rows
+    monkeypatch.setattr(site.control, "coupling_rows", lambda: asked.append(1) or real())
+    fwd = forwarder(site)
+    site.clock.advance(PREPARE_AFTER_SECONDS)
+    assert not prepare(fwd) and len(asked) == ASKS_PER_STEP
+    assert not prepare(fwd) and len(asked) == 6
+    assert not prepare(fwd) and len(asked) == 6
+    late = make_study(tmp_path / "late", n_series=1, images_per_series=1, seed=20,
+                      study_uid=made["study"], accession="OTHER5")
+    site.arrive(late["files"])                       # the last study changes
+    site.clock.advance(PREPARE_AFTER_SECONDS)
+    assert not prepare(fwd) and len(asked) == 6      # asked too recently
+    site.clock.advance(ASK_EVERY_SECONDS)
+    assert not prepare(fwd) and len(asked) == 7      # that one, again
+    assert not prepared(fwd)

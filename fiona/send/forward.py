@@ -126,7 +126,8 @@ class Forwarder:
         #: de-identification processes (default one per core; 1: in this process)
         self.pool = DeidPool(workers)
         #: de-identifies studies in their quiet period, ahead of their requests
-        self.preparer = Preparer(self.tree, control, self.key, self.pool, clock)
+        self.preparer = Preparer(self.tree, control, self.key, self.pool, clock,
+                                 config.study_quiet_seconds)
 
     # --- one request --------------------------------------------------------------------------
     def process(self, req: TransferRequest) -> None:

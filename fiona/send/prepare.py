@@ -45,10 +45,13 @@ log = logging.getLogger(FORWARDER.logger)
 #: sender is over, so preparing does not take the cores from the receiver and the indexer
 PREPARE_AFTER_SECONDS = 1.0
 
-#: what a study's arrival is expected to request is asked of the control plane again after this
-#: long at the most: a sender trickling images in changes the study every few seconds, and each
-#: question is several calls (to REDCap, say)
+#: what a study's arrival is expected to request is asked of the control plane again, when
+#: the study has changed, after this long at the most: a sender trickling images in changes the
+#: study every few seconds, and each question is several calls (to REDCap, say)
 ASK_EVERY_SECONDS = 30.0
+#: questions to the control plane per look: a backlog in `.arrived/` (the arrival daemon down)
+#: is asked about a few studies at a time, and the forwarder stays quick to take a request
+ASKS_PER_STEP = 4
 
 #: what a prepared output depends on besides its request's settings: the source file
 #: (inode, size, modification time) and its series' rules (features, exclusions, labels)
@@ -72,9 +75,10 @@ def _file_key(source: Path, rules: ProjectRules) -> FileKey:
 @dataclass(frozen=True)
 class Expectation:
     """The request a study's arrival is expected to make (`project` None: none), as asked at
-    `asked` (the clock's monotonic time)."""
+    `asked` (the clock's monotonic time) when the study's newest touch time was `stamp`."""
 
     asked: float
+    stamp: float
     project: Project | None = None
     settings: Settings | None = None
 
@@ -100,8 +104,9 @@ class Preparer:
     requests, on its pool."""
 
     def __init__(self, tree: Tree, control: ControlPlane, key: bytes, pool: DeidPool,
-                 clock: Clock):
+                 clock: Clock, quiet_seconds: float):
         self.tree = tree
+        self.quiet = quiet_seconds
         self.control = control
         self.key = key
         self.pool = pool
@@ -163,40 +168,51 @@ class Preparer:
     # --- in the quiet period ---------------------------------------------------------------------
     def step(self, in_progress: Mapping[str, float], interrupt: Callable[[], bool]) -> bool:
         """Prepare the files of one quiet study not prepared yet, until done or `interrupt()`
-        (a request is waiting, or the daemon stops); False when there was nothing to do."""
+        (a request is waiting, or the daemon stops); False when there was nothing to do.
+        Studies whose arrival is still to come go first, the one that arrives first first;
+        then those past their quiet period (the arrival daemon is behind, or down)."""
         now = self.clock.time()
-        for study, stamp in sorted(in_progress.items(), key=lambda item: item[1]):
+        asks = 0
+        for study, stamp in sorted(in_progress.items(), key=lambda item: (
+                item[1] + self.quiet <= now, item[1])):
             if now - stamp < PREPARE_AFTER_SECONDS:
                 continue
             if any(p.study == study and p.stamp == stamp for p in self._prepared.values()):
                 continue
             known = self._expected.get(study)
-            if known is not None and known.project is None and self._fresh(known):
+            if known is None or (known.stamp != stamp and self._stale(known)):
+                if asks == ASKS_PER_STEP or not index_caught_up(self.tree):
+                    return False
+                asks += 1
+                known = self._ask(study, stamp)
+            if known.project is None or known.settings is None:
                 continue
-            if not index_caught_up(self.tree):
-                return False
-            prepared = self._prepared_for(study)
+            prepared = self._prepared_for(study, known.project, known.settings)
             if prepared is None:
                 continue
             self._prepare(prepared, stamp, interrupt)
             return True
         return False
 
-    def _fresh(self, expectation: Expectation) -> bool:
-        return self.clock.monotonic() - expectation.asked < ASK_EVERY_SECONDS
+    def _stale(self, expectation: Expectation) -> bool:
+        return self.clock.monotonic() - expectation.asked >= ASK_EVERY_SECONDS
 
-    def _prepared_for(self, study: str) -> Prepared | None:
-        """The study's entry for the first request its arrival is expected to make (a new one
-        when the assignment changed), with its series rules as the indexer has them now; None
-        when no request is expected."""
+    def _ask(self, study: str, stamp: float) -> Expectation:
+        """What the study's arrival is expected to request, asked now and remembered."""
+        arrival = study_from_series(self.tree, study)
+        expectation = (self._expect(study, stamp, arrival) if arrival is not None
+                       else Expectation(self.clock.monotonic(), stamp))
+        self._expected[study] = expectation
+        return expectation
+
+    def _prepared_for(self, study: str, project: Project, settings: Settings
+                      ) -> Prepared | None:
+        """The study's entry for `settings` (a new one when the assignment changed), with its
+        series rules as the indexer has them now; None when it has no series yet."""
+        if not index_caught_up(self.tree):
+            return None
         arrival = study_from_series(self.tree, study)
         if arrival is None:
-            return None
-        expectation = self._expected.get(study)
-        if expectation is None or not self._fresh(expectation):
-            expectation = self._expected[study] = self._expect(study, arrival)
-        project, settings = expectation.project, expectation.settings
-        if project is None or settings is None:
             return None
         prepared = self._prepared.get((study, project.name))
         if prepared is not None and prepared.settings != settings:
@@ -210,20 +226,20 @@ class Preparer:
                                                    for s in arrival.study.series})
         return prepared
 
-    def _expect(self, study: str, arrival: Arrival) -> Expectation:
+    def _expect(self, study: str, stamp: float, arrival: Arrival) -> Expectation:
         """Ask the control plane what the arrival will request (the first of them)."""
         asked = self.clock.monotonic()
         try:
             expected = self.assigner.expected(arrival)
             if not expected:
-                return Expectation(asked)
+                return Expectation(asked, stamp)
             project_name, participant, event = expected[0]
             project = self.control.project(project_name)
             settings = settings_for(project, participant, event, self.key, self.tree.datadir)
         except (ControlPlaneError, ValueError) as exc:
             log.info("study %s not prepared ahead of its arrival: %s", study, exc)
-            return Expectation(asked)
-        return Expectation(asked, project, settings)
+            return Expectation(asked, stamp)
+        return Expectation(asked, stamp, project, settings)
 
     def _prepare(self, prepared: Prepared, stamp: float, interrupt: Callable[[], bool]) -> None:
         rules = prepared.rules
