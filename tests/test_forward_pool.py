@@ -1,6 +1,7 @@
 """The forwarder's de-identification pool (issue 10): faster, and it loses nothing.
 
 - the pool writes the same bytes as the single process, file for file, in the same order;
+- one process hands over each file as it is done (a caller that stops waits for one file);
 - a file failing the verification gate stops the whole request: it fails with the reason, the
   study goes to the quarantine and nothing after that file reaches the PACS (Orthanc);
 - a forwarder killed (SIGKILL) in the middle of the pool leaves no worker behind and the request
@@ -98,6 +99,23 @@ def test_pool_writes_the_bytes_of_the_single_process(tmp_path):
             o.path.name for o in outcomes if o.path)
     assert sum(1 for name, _s, data in written[1] if not data) == 1   # the presentation state
     assert written[1] == written[2]
+
+
+def test_one_process_hands_over_each_file_as_it_is_done(tmp_path):
+    """With one process (a one-core machine) the sender takes each file as it is done, and a
+    caller that stops (a request waiting while a study is prepared ahead) waits for one file,
+    not for the whole study."""
+    made = raw_study(tmp_path / "raw", tmp_path / "src", 2, 10, seed=5)
+    files = sources(tmp_path / "raw", made["study"])
+    settings = settings_for(PROJECT, "P0001", "baseline", os.urandom(32), tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    with DeidPool(1) as pool:
+        outputs = pool.outputs(Job.of(settings, ProjectRules.of(PROJECT), work), files)
+        first = next(outputs)
+        assert isinstance(first, Done) and [p.name for p in work.iterdir()] == [first.path.name]
+        outputs.close()
+    assert len(list(work.iterdir())) == 1
 
 
 class Site:

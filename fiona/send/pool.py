@@ -190,9 +190,15 @@ class DeidPool:
         """Each of `sources` de-identified, in order, up to and including the first that is
         stopped. Closing the iterator early cancels what is queued and waits for what is
         running, so nothing is written into `job.work` after it returns. A study of one
-        chunk or less is done in this process (there is nothing to share out)."""
+        chunk or less is done in this process (there is nothing to share out), and so is
+        everything with `workers=1`, one file at a time (the sender takes each as it is done,
+        and a caller that stops early waits for one file at the most)."""
         if self.workers == 1 or len(sources) <= CHUNK:
-            yield from _chunk(job, sources)
+            for source in sources:
+                [outcome] = _chunk(job, [source])
+                yield outcome
+                if isinstance(outcome, Stopped):
+                    return
             return
         executor = self.start()._executor
         assert executor is not None
