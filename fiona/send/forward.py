@@ -138,6 +138,7 @@ class Forwarder:
             project = self.control.project(req.project)
             reason = project.approval_problem(self.clock.now().date())
             if reason:
+                self.preparer.discard(req.study_uid, req.project)  # it may be held for days
                 self._hold(req, reason)
                 return
             outcome = self._deidentify_and_send(req, project)

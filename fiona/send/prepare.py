@@ -12,9 +12,10 @@ byte for byte what the request alone would have made, and the request decides ev
 A prediction that does not come true costs CPU time, nothing else.
 
 What is prepared is de-identified output that passed the gate, never an unredacted copy. It
-is removed once a request for the study in its project has been tried (sent, failed, or put
-off while the destination is down), when the study's touch files are gone and no request is
-pending for it, and when the forwarder starts (a forwarder killed mid-way leaves its folder).
+is removed once a request for the study in its project has been tried (sent, failed, put off
+while the destination is down, or held while the project is closed), when the study's touch
+files are gone and no request is pending for it, and when the forwarder starts (a forwarder
+killed mid-way leaves its folder).
 """
 
 from __future__ import annotations
