@@ -37,16 +37,28 @@ def event(tree: Tree, sop: str, caller: str = "SCANNER") -> FileEvent:
     return FileEvent(caller, "FIONA", "127.0.0.1", tree.study_archive(STUDY), f"MR.{sop}")
 
 
+def stored(receipts: Receipts, study: str, e: FileEvent, content: list[bytes]) -> None:
+    """Store and journal, as the receiver does (the journal step after the sender's status)."""
+    journal = receipts.store(study, e, content)
+    assert journal is not None
+    journal()
+
+
 def test_store_files_journals_and_the_flush_removes_the_receipt(site):
     tree, _journal, receipts = site
     e = event(tree, "1.2.3.4")
-    receipts.store(STUDY, e, [b"x" * 100_000])
+    journal = receipts.store(STUDY, e, [b"x" * 100_000])
     archived = tree.study_archive(STUDY) / "MR.1.2.3.4"
     assert archived.read_bytes() == b"x" * 100_000
     assert stat.S_IMODE(archived.stat().st_mode) == 0o640
-    assert journal_lines(tree) == [e.line()]  # at once, for the indexer
     [receipt] = os.listdir(tree.receipts)
     assert os.path.samefile(tree.receipts / receipt, archived)
+    assert journal_lines(tree) == []          # the sender may have its status already ...
+    receipts.flush()
+    assert os.listdir(tree.receipts) == [receipt]  # ... the receipt holds it until then
+    assert journal is not None
+    journal()
+    assert journal_lines(tree) == [e.line()]  # at once, for the indexer
     receipts.flush()
     assert os.listdir(tree.receipts) == []
     assert archived.stat().st_nlink == 1
@@ -54,7 +66,7 @@ def test_store_files_journals_and_the_flush_removes_the_receipt(site):
 
 def test_store_never_overwrites_and_leaves_no_receipt(site):
     tree, _journal, receipts = site
-    receipts.store(STUDY, event(tree, "1.5"), [b"original"])
+    stored(receipts, STUDY, event(tree, "1.5"), [b"original"])
     with pytest.raises(FileExistsError):
         receipts.store(STUDY, event(tree, "1.5"), [b"replacement"])
     assert (tree.study_archive(STUDY) / "MR.1.5").read_bytes() == b"original"
@@ -69,7 +81,7 @@ def test_store_never_overwrites_and_leaves_no_receipt(site):
 def test_store_on_a_file_system_without_ordered_metadata(site):
     tree, _journal, receipts = site
     receipts.one_commit = False  # data synced before the link, both folders after it
-    receipts.store(STUDY, event(tree, "1.7"), [b"data"])
+    stored(receipts, STUDY, event(tree, "1.7"), [b"data"])
     assert (tree.study_archive(STUDY) / "MR.1.7").read_bytes() == b"data"
     assert len(os.listdir(tree.receipts)) == 1
 
@@ -79,7 +91,7 @@ def test_store_without_unnamed_files(site, monkeypatch):
     monkeypatch.setattr(receipts._spares, "_make", lambda: None)  # no O_TMPFILE
     while receipts._spares._queue.qsize():
         os.close(receipts._spares.take()[0])
-    receipts.store(STUDY, event(tree, "1.9"), [b"data"])
+    stored(receipts, STUDY, event(tree, "1.9"), [b"data"])
     with pytest.raises(FileExistsError):
         receipts.store(STUDY, event(tree, "1.9"), [b"other"])
     assert (tree.study_archive(STUDY) / "MR.1.9").read_bytes() == b"data"
@@ -92,7 +104,7 @@ def test_concurrent_stores(site):
 
     def run(t):
         for i in range(25):
-            receipts.store(STUDY, event(tree, f"1.{t}.{i}"), [f"{t}:{i}".encode()])
+            stored(receipts, STUDY, event(tree, f"1.{t}.{i}"), [f"{t}:{i}".encode()])
 
     assert in_threads(run) == []
     assert len(os.listdir(tree.study_archive(STUDY))) == 200
@@ -108,7 +120,7 @@ def test_a_name_too_long_for_a_receipt_syncs_the_journal_instead(site):
     tree.study_archive(study).mkdir()
     e = FileEvent("_x01" * 16, "_x02" * 16, "127.0.0.1", tree.study_archive(study),
                   "MR." + "1." * 31 + "1")
-    receipts.store(study, e, [b"data"])
+    assert receipts.store(study, e, [b"data"]) is None   # journaled and synced already
     assert os.listdir(tree.receipts) == []
     assert journal_lines(tree) == [e.line()]
 

@@ -32,7 +32,9 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..journal import FileEvent, JournalWriter
@@ -111,10 +113,14 @@ class Receipts:
                                          daemon=True)
         self._flusher.start()
 
-    def store(self, study: str, event: FileEvent, content: list[bytes | bytearray]) -> None:
-        """Write the archived file `event` names and its receipt durably, then journal the
-        event. Raises FileExistsError if the file exists (nothing written), FileNotFoundError
-        if its folder does not, OSError (ENOSPC, ...) from writing; the receipt is gone then."""
+    def store(self, study: str, event: FileEvent, content: list[bytes | bytearray]
+              ) -> Callable[[], None] | None:
+        """Write the archived file `event` names and its receipt durably. Returns the step
+        left, journaling the event, for the caller to run, also after it has told the sender
+        "stored" (until then the receipt keeps the object recoverable: `recover`); None when
+        the event is journaled already (a name too long for a receipt). Raises
+        FileExistsError if the file exists (nothing written), FileNotFoundError if its folder
+        does not, OSError (ENOSPC, ...) from writing; the receipt is gone then."""
         with self._lock:
             self._count += 1
             n = self._count
@@ -153,13 +159,18 @@ class Receipts:
             raise
         finally:
             os.close(fd)
-        self.journal.append(event.line())
         if receipt.sender is None:
+            self.journal.append(event.line())
             self.journal.sync()
             os.unlink(name, dir_fd=self._dir_fd)
-            return
+            return None
+        return partial(self._journal, name, event.line())
+
+    def _journal(self, receipt: str, line: str) -> None:
+        """Journal a stored object; its receipt goes once the flusher has synced the line."""
+        self.journal.append(line)
         with self._lock:
-            self._pending.append(name)
+            self._pending.append(receipt)
 
     # --- the flusher ---------------------------------------------------------------------------
     def _flush_loop(self) -> None:

@@ -15,8 +15,9 @@ import shutil
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from pydicom.dataset import FileMetaDataset
@@ -198,16 +199,36 @@ class StoreHandler:
         event = FileEvent(_line_value(assoc.calling_ae), _line_value(assoc.called_ae),
                           assoc.peer_ip, self._folder(study), f"{modality_prefix(sop_class)}.{sop}")
         try:
-            self._file(req, study, event, content)
+            journal = self._file(req, study, event, content)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("disk full while storing %s of study %s: free space under %s",
                           sop, study, self.tree.datadir)
                 return OUT_OF_RESOURCES
             raise
-        touch(self._arrival(event.caller, event.called, event.ip, study))
-        self.wakeup.notify(event.line())
+        announce = partial(self._announce, journal, event, study)
+        if req.after is None:
+            announce()
+        else:
+            req.after.append(announce)
         return SUCCESS
+
+    def _announce(self, journal: Callable[[], None] | None, event: FileEvent,
+                  study: str) -> None:
+        """Journal a stored object, touch its study's arrival file and wake the indexer. The
+        receiver's associations run this after the sender has its status (the object is
+        durable by then, and its receipt keeps it recoverable until it is journaled), so the
+        sender sends its next object meanwhile."""
+        try:
+            if journal is not None:
+                journal()
+            touch(self._arrival(event.caller, event.called, event.ip, study))
+        except OSError as exc:
+            log.error("study %s: %s is stored but its journal line or arrival file could not "
+                      "be written (%s); restart the receiver once the cause is fixed: it "
+                      "journals what its receipts hold", study, event.name, exc)
+            return
+        self.wakeup.notify(event.line())
 
     # --- steps -------------------------------------------------------------------------------
     def _disk_full(self, size: int) -> bool:
@@ -241,9 +262,10 @@ class StoreHandler:
         return self.tree.arrived / arrival_name(caller, called, ip, study)
 
     def _file(self, req: StoreRequest, study: str, event: FileEvent,
-              content: list[Buffer], again: bool = False) -> None:
-        """File durably under the final name unless it exists, and journal it; an existing
-        file with other content goes to quarantine beside it, never over it."""
+              content: list[Buffer], again: bool = False) -> Callable[[], None] | None:
+        """File durably under the final name unless it exists; returns the step that journals
+        it, if one is left (`Receipts.store`). An identical duplicate is journaled again here;
+        an existing file with other content goes to quarantine beside it, never over it."""
         try:
             return self.receipts.store(study, event, content)
         except FileExistsError:
@@ -261,13 +283,14 @@ class StoreHandler:
             # crash before its sender was told "stored" (that is why it sends again)
             self.journal.append(event.line())
             self.journal.sync()
-            return
+            return None
         quarantine.hold(
             self.tree, "receive", "UID conflict: this SOPInstanceUID is already stored with "
             "different content", {event.name: b"".join(content)},
             self._context(req) | {"existing": str(final)},
             "compare both objects; if the new one should replace the old, move it into the "
             "archive by hand and re-run the indexer")
+        return None
 
     def _context(self, req: StoreRequest) -> dict:
         a = req.association

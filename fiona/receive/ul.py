@@ -175,6 +175,9 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax: str
     dataset: bytes | bytearray
+    #: work the handler leaves for after the status has gone to the sender (bookkeeping the
+    #: object's durability does not depend on); None: the caller wants it all done on return
+    after: list[Callable[[], None]] | None = None
 
 
 class Handler(Protocol):
@@ -558,7 +561,7 @@ class AssociationHandler:
         sop_class = _ui(cmd.get(0x0002, b""))
         sop_instance = _ui(cmd.get(0x1000, b""))
         request = StoreRequest(self.assoc, message_id, sop_class, sop_instance, transfer_syntax,
-                               data)
+                               data, after=[])
         try:
             status = self.handler.on_store(request)
         except Exception:  # a handler bug must not take the receiver down with it
@@ -572,6 +575,12 @@ class AssociationHandler:
         self._respond(context_id, [(0x0002, sop_class), (0x0100, C_STORE_RSP),
                                    (0x0120, message_id), (0x0800, NO_DATASET), (0x0900, status),
                                    (0x1000, sop_instance)])
+        for step in request.after or ():  # while the sender already sends the next object
+            try:
+                step()
+            except Exception:
+                log.exception("work after storing %s from %s failed", sop_instance,
+                              self.assoc.peer_ip)
 
     def _respond(self, context_id: int, elements: list[tuple[int, str | int]]) -> None:
         """Send a response command, in as many P-DATA-TF PDUs as the peer's maximum PDU length
