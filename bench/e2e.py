@@ -58,6 +58,7 @@ from bench.common import (  # noqa: E402 (repo root)
     progress,
     run_in_scratch,
     stop_process,
+    tree_cpu_seconds,
     wait_idle,
     wait_until,
 )
@@ -176,7 +177,8 @@ class Run:
             control = open_control_plane(load(str(self.config)))
             with PeakRss(self.pids, interval=0.1) as rss:
                 forwarder = self.pids()["forwarder"]
-                cpu0 = cpu_seconds(forwarder)
+                assert forwarder is not None  # set_up waited for every daemon
+                cpu0 = tree_cpu_seconds(forwarder)
                 progress("sending with one storescu association (TCP_NODELAY=1) ...")
                 t0 = time.monotonic()
                 sent = subprocess.run([STORESCU, "+sd", "-aec", "FIONA", "127.0.0.1",
@@ -188,7 +190,7 @@ class Run:
                     raise RuntimeError(f"storescu failed ({sent.returncode}): "
                                        f"{sent.stderr[-2000:]}")
                 marks = self.watch(control, study["study"], last_in)
-                figures["forwarder_cpu_s"] = round(cpu_seconds(forwarder) - cpu0, 2)
+                figures["forwarder_cpu_s"] = round(tree_cpu_seconds(forwarder) - cpu0, 2)
             figures["peak_rss_mb"] = {k: round(v, 1) for k, v in sorted(rss.peak.items())}
         except BaseException:
             print(f"--- last lines of up.log:\n{log_tail(self.root / 'up.log')}",
@@ -256,26 +258,6 @@ class Run:
         return found
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time used so far by process `pid` (default: this one) and its descendants alive
-    now (the forwarder's pool workers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    todo, seen = [pid or os.getpid()], set()
-    while todo:
-        proc = todo.pop()
-        try:
-            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-        except (OSError, IndexError, ValueError):
-            pass
-        for child in children(proc):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return total
-
-
 def deid_rate(corpus: Path, workers: int, repeat: int = 3) -> dict:
     """Files/s of the forwarder's de-identification (`fiona.send.pool`: the pipeline with its
     gate, outputs written), one process vs the pool (goal 4): the best of `repeat` interleaved
@@ -300,10 +282,11 @@ def deid_rate(corpus: Path, workers: int, repeat: int = 3) -> dict:
                 out = Path(tmp) / f"{size}-{i}"
                 out.mkdir()
                 with DeidPool(size) as pool:
-                    cpu0, t0 = cpu_seconds(), time.perf_counter()
+                    cpu0, t0 = tree_cpu_seconds(os.getpid()), time.perf_counter()
                     done = sum(1 for o in pool.outputs(Job.of(settings, ProjectRules(), out),
                                                        files) if isinstance(o, Done) and o.path)
-                    seconds, used = time.perf_counter() - t0, cpu_seconds() - cpu0
+                    seconds, used = (time.perf_counter() - t0,
+                                     tree_cpu_seconds(os.getpid()) - cpu0)
                 if done != len(files):
                     raise RuntimeError(f"de-identified {done} of {len(files)} files")
                 best[size] = max(best[size], done / seconds)
