@@ -173,7 +173,7 @@ class Preparer:
         Studies whose arrival is still to come go first, the one that arrives first first;
         then those past their quiet period (the arrival daemon is behind, or down)."""
         now = self.clock.time()
-        asks = 0
+        asks, indexed = 0, False
         for study, stamp in sorted(in_progress.items(), key=lambda item: (
                 item[1] + self.quiet <= now, item[1])):
             if now - stamp < PREPARE_AFTER_SECONDS:
@@ -181,40 +181,33 @@ class Preparer:
             if any(p.study == study and p.stamp == stamp for p in self._prepared.values()):
                 continue
             known = self._expected.get(study)
-            if known is None or (known.stamp != stamp and self._stale(known)):
-                if asks == ASKS_PER_STEP or not index_caught_up(self.tree):
-                    return False
+            ask = known is None or (known.stamp != stamp and self._stale(known))
+            if not ask and (known is None or known.project is None):
+                continue
+            if ask and asks == ASKS_PER_STEP:
+                return False
+            if not indexed and not index_caught_up(self.tree):
+                return False
+            indexed = True
+            arrival = study_from_series(self.tree, study)
+            if ask:
                 asks += 1
-                known = self._ask(study, stamp)
-            if known.project is None or known.settings is None:
+                known = self._expected[study] = self._expect(study, stamp, arrival)
+            if arrival is None or known is None or known.project is None \
+                    or known.settings is None:
                 continue
-            prepared = self._prepared_for(study, known.project, known.settings)
-            if prepared is None:
-                continue
-            self._prepare(prepared, stamp, interrupt)
+            self._prepare(self._prepared_for(study, known.project, known.settings, arrival),
+                          stamp, interrupt)
             return True
         return False
 
     def _stale(self, expectation: Expectation) -> bool:
         return self.clock.monotonic() - expectation.asked >= ASK_EVERY_SECONDS
 
-    def _ask(self, study: str, stamp: float) -> Expectation:
-        """What the study's arrival is expected to request, asked now and remembered."""
-        arrival = study_from_series(self.tree, study)
-        expectation = (self._expect(study, stamp, arrival) if arrival is not None
-                       else Expectation(self.clock.monotonic(), stamp))
-        self._expected[study] = expectation
-        return expectation
-
-    def _prepared_for(self, study: str, project: Project, settings: Settings
-                      ) -> Prepared | None:
+    def _prepared_for(self, study: str, project: Project, settings: Settings,
+                      arrival: Arrival) -> Prepared:
         """The study's entry for `settings` (a new one when the assignment changed), with its
-        series rules as the indexer has them now; None when it has no series yet."""
-        if not index_caught_up(self.tree):
-            return None
-        arrival = study_from_series(self.tree, study)
-        if arrival is None:
-            return None
+        series rules as the indexer has them now (`arrival`)."""
         prepared = self._prepared.get((study, project.name))
         if prepared is not None and prepared.settings != settings:
             self.discard(study, project.name)
@@ -227,9 +220,12 @@ class Preparer:
                                                    for s in arrival.study.series})
         return prepared
 
-    def _expect(self, study: str, stamp: float, arrival: Arrival) -> Expectation:
-        """Ask the control plane what the arrival will request (the first of them)."""
+    def _expect(self, study: str, stamp: float, arrival: Arrival | None) -> Expectation:
+        """Ask the control plane what the arrival will request (the first of them); nothing
+        when the study has no series indexed."""
         asked = self.clock.monotonic()
+        if arrival is None:
+            return Expectation(asked, stamp)
         try:
             expected = self.assigner.expected(arrival)
             if not expected:
