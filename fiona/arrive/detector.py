@@ -5,8 +5,8 @@ A study has arrived when none of its `.arrived/` touch files changed for STUDY_Q
 touch file when its image was received, so the quiet period counts from the last image in,
 however far the indexer runs behind. Then the study and its series are registered in the
 control plane, the automatic assignment rules run, the arrival workflows run, and the touch
-files seen are removed. A series that arrives later touches the
-files again and makes an *amendment* of the same study, never a second study.
+files seen are removed. A series that arrives later touches the files again and makes an
+*amendment* of the same study, never a second study.
 
 The touch files on disk are the truth: inotify (watchdog) only wakes the loop early, a rescan
 at start picks up whatever arrived while the daemon was down, and a touch file is removed only

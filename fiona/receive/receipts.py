@@ -8,9 +8,10 @@ test machine's disk ~0.25 ms of the receiver's ~1.6 ms per image (bench/ingest.p
 Here the object is written once, into `archive/.receipts/` under a name that carries its
 journal line and its size, hard-linked into its study folder, and fsynced. On ext4 and XFS the
 fsync of a file commits every link to it, so the archived file and its receipt become durable
-in the one commit. The journal line is appended after that without a sync (the indexer reads
-it from the page cache at once); a flusher fdatasyncs the journal about once a second and then
-removes the receipts that sync covers. After a crash `recover` appends the lines of the
+in the one commit. The journal line is appended after that without a sync (by the step `store`
+returns, which the receiver runs once the sender has its status; the indexer reads the line
+from the page cache at once); a flusher fdatasyncs the journal about once a second and then
+removes the receipts whose lines that sync covers. After a crash `recover` appends the lines of the
 receipts left over (the indexer is idempotent, so a line it already has costs only time) and
 removes archived files shorter than their receipt says: torn copies of objects whose fsync never
 returned, so their sender was never told "stored" and sends them again. (On these file systems a
