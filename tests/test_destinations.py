@@ -314,7 +314,10 @@ def test_dicom_peer_taking_fewer_associations_gets_every_file_over_those(
         d = DicomDestination("research", {"aetitle": "PACS", "host": "127.0.0.1",
                                           "port": server.socket.getsockname()[1],
                                           "associations": configured})
-        d.clock = FakeClock()                       # retries would pass at once
+        # pynetdicom counts the association threads still alive, so two arriving together can
+        # both be rejected, and a rejected one counts until its thread ends: the last worker
+        # then retries with real (short) pauses, as it would with a real PACS.
+        d.backoff_seconds, d.connect_attempts = 0.05, 8
         result = d.send(study["files"])
     finally:
         server.shutdown()
