@@ -504,6 +504,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: the standard library's 5 overflows when many clients connect at once (the kernel then
+    #: resets some); a REDCap behind Apache or nginx queues hundreds
+    request_queue_size = 128
     emulator: RedcapEmulator
 
 

@@ -322,6 +322,14 @@ def test_coupling_row_entered_in_redcap_after_the_study(tmp_path, redcap):
     start_all(gw)
     assert gw.storescu(tmp_path / "s").returncode == 0
     wait_study(gw, study["study"], 1)
+
+    def polls() -> list[dict]:
+        return [r for r in redcap.emulator.requests if r["project"] == "CouplingList"
+                and r["content"] == "record" and r.get("action", "export") == "export"]
+
+    # the arrival read the whole list, and so does the daemon's first sweep after it (for rows
+    # entered while it was down): the row must come after both, or they find it
+    wait_for(lambda: len(polls()) >= 2, 60, "the arrival daemon's first sweep of the list")
     row = {"record_id": "1", "cl_accessionnumber": "RC1", "cl_projectname": "PROJ",
            "cl_subjectid": "P0042", "cl_eventname": "followup", "cl_studyinstanceuid": "",
            "cl_date": ""}
@@ -333,6 +341,4 @@ def test_coupling_row_entered_in_redcap_after_the_study(tmp_path, redcap):
     wait_for(lambda: requests_of(gw, study["study"]), 60, "the request from the REDCap row")
     [req] = requests_of(gw, study["study"])
     assert (req.participant, req.event, req.source) == ("P0042", "followup", "coupling")
-    polls = [r for r in redcap.emulator.requests if r["project"] == "CouplingList"
-             and r["content"] == "record" and r.get("action", "export") == "export"]
-    assert any("dateRangeBegin" in r["params"] for r in polls)
+    assert any("dateRangeBegin" in r["params"] for r in polls())

@@ -150,12 +150,13 @@ def test_what_was_prepared_under_other_project_options_is_never_sent(site, tmp_p
 def test_a_file_the_gate_stops_stops_its_request_however_much_was_prepared(site, tmp_path):
     made = make_study(tmp_path / "s", n_series=2, images_per_series=5, patient_name="Hansen^Ingrid",
                       seed=4)
-    files = sorted(made["files"])
-    leaky = files[3]
+    # a file of the series sent second (raw/ orders series by UID), so some come before it
+    leaky = next(f for f in sorted(made["files"])
+                 if pydicom.dcmread(f).SeriesInstanceUID == max(made["series"]))
     ds = pydicom.dcmread(leaky)
     ds.SequenceName = "Ingrid Hansen"                # kept by the profile: a leak
     ds.save_as(leaky, enforce_file_format=True)
-    site.arrive(files)
+    site.arrive(made["files"])
     fwd = forwarder(site)
     site.clock.advance(PREPARE_AFTER_SECONDS)
     assert prepare(fwd)
