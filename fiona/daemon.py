@@ -212,8 +212,6 @@ def running(site: Site, command: str, verbose: bool = False) -> Iterator[threadi
     entry = daemon(command)
     if entry.nice:
         os.nice(entry.nice)
-    if entry.idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     Tree(site.datadir).make()
     log_to(entry.log_path(site), verbose)
     pid = PidFile(site, entry).acquire()

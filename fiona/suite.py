@@ -43,9 +43,6 @@ class Daemon:
     requires: tuple[str, ...] = ()  #: the Config attributes that must be set for it to run
     #: (MPPS: "mpps_port"); `fiona up` and the heartbeat leave it alone otherwise
     nice: int = 0  #: added to its nice value at start (BACKGROUND for work nobody waits on)
-    #: runs under SCHED_IDLE: on CPU time no other task wants, and off the core at once when
-    #: one wakes (for work that may lag behind a burst and catch up after it)
-    idle: bool = False
 
     def wanted(self, config: Config) -> bool:
         """Whether this installation runs it (every `requires` setting is set)."""
@@ -94,7 +91,7 @@ DAEMONS: tuple[Daemon, ...] = (
            ready=LISTENING),
     Daemon("process-single-file", "processSingleFile3.py", "processSingleFile", True,
            "fiona.indexer", "fiona-process-single-file", pipe="processSingleFilePipe",
-           quiet_limit=3600.0, nice=BACKGROUND, idle=True),
+           quiet_limit=3600.0, nice=BACKGROUND),
     Daemon("detect-study-arrival", "detectStudyArrival.sh", "detectStudyArrival", True,
            "fiona.arrival", "fiona-detect-study-arrival", nice=BACKGROUND),
     Daemon("anonymize-and-send", "anonymizeAndSend.py", "anonymizeAndSend", True,
