@@ -154,7 +154,8 @@ def fsync_dir(path: Path) -> None:
 
 
 #: file systems whose metadata journal commits in order, so that an fsync of any file also
-#: makes every earlier rename or link on that file system durable
+#: makes every earlier rename or link on that file system durable (ext4 only with its
+#: journal: `has_journal`)
 ORDERED_METADATA_FS = {"ext4", "xfs"}
 
 
@@ -177,14 +178,35 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
+def has_journal(path: Path, sys_root: Path = Path("/sys"),
+                proc_root: Path = Path("/proc")) -> bool:
+    """Whether the ext4 file system holding `path` keeps a journal. One made or converted
+    without (`mkfs.ext4 -O ^has_journal`, common on VM images) syncs a file without the
+    directory entries that name it, so a crash can leave an acknowledged object nameless.
+    A journal's kernel thread shows in /proc/fs/jbd2 as `<block device>-<inode>`; the device
+    is found from the file's st_dev through /sys/dev/block. False when that cannot be told
+    (an external journal device, no /sys): the slower path is always safe."""
+    dev = os.stat(path).st_dev
+    try:
+        device = os.path.realpath(sys_root / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}")
+        journals = os.listdir(proc_root / "fs" / "jbd2")
+    except OSError:
+        return False
+    name = os.path.basename(device)
+    return any(entry.startswith(name + "-") for entry in journals)
+
+
 def metadata_journaled_together(a: Path, b: Path) -> bool:
     """True when an fsync of a file under `b` also makes links made under `a` durable:
-    both on one ext4 or XFS file system."""
+    both on one XFS file system, or on one ext4 file system with its journal."""
     try:
         same = os.stat(a).st_dev == os.stat(b).st_dev
     except OSError:
         return False
-    return same and filesystem_type(a) in ORDERED_METADATA_FS
+    if not same:
+        return False
+    fstype = filesystem_type(a)
+    return fstype in ORDERED_METADATA_FS and (fstype != "ext4" or has_journal(a))
 
 
 def symlink(target: Path, link: Path) -> None:

@@ -16,6 +16,7 @@ from fiona.tree import (
     atomic_write,
     ensure_dir,
     filesystem_type,
+    has_journal,
     modality_prefix,
     safe_name,
     symlink,
@@ -243,3 +244,35 @@ def test_modality_prefix(sop, mod):
 def test_filesystem_type_of_repo():
     fstype = filesystem_type(Path(__file__).resolve().parent)
     assert isinstance(fstype, str) and fstype
+
+
+def _block_devices(tmp_path: Path, journals: list[str]) -> tuple[Path, Path]:
+    """A /sys and a /proc in which the device holding tmp_path is `vdb1`, and /proc/fs/jbd2
+    lists `journals`."""
+    dev = os.stat(tmp_path).st_dev
+    sys_root, proc_root = tmp_path / "sys", tmp_path / "proc"
+    (sys_root / "devices" / "vdb" / "vdb1").mkdir(parents=True)
+    (sys_root / "dev" / "block").mkdir(parents=True)
+    (sys_root / "dev" / "block" / f"{os.major(dev)}:{os.minor(dev)}").symlink_to(
+        sys_root / "devices" / "vdb" / "vdb1")
+    (proc_root / "fs" / "jbd2").mkdir(parents=True)
+    for name in journals:
+        (proc_root / "fs" / "jbd2" / name).mkdir()
+    return sys_root, proc_root
+
+
+@pytest.mark.parametrize("journals, journaled", [
+    (["vdb1-8"], True),
+    (["vda-8", "vdb10-8"], False),   # other devices' journals only
+    ([], False),                     # made without a journal (mkfs.ext4 -O ^has_journal)
+])
+def test_has_journal_finds_the_journal_of_the_device_holding_the_path(
+        tmp_path, journals, journaled):
+    """An ext4 without a journal syncs a file but not the directory entries that name it; the
+    receipts then sync the folders too (test_receipts covers that order)."""
+    sys_root, proc_root = _block_devices(tmp_path, journals)
+    assert has_journal(tmp_path, sys_root, proc_root) is journaled
+
+
+def test_has_journal_is_false_when_it_cannot_tell(tmp_path):
+    assert not has_journal(tmp_path, tmp_path / "no-sys", tmp_path / "no-proc")

@@ -6,17 +6,19 @@ fdatasyncing the journal, costs two commits of the file system's journal per obj
 test machine's disk ~0.25 ms of the receiver's ~1.6 ms per image (bench/ingest.py).
 
 Here the object is written once, into `archive/.receipts/` under a name that carries its
-journal line and its size, hard-linked into its study folder, and fsynced. On ext4 and XFS the
-fsync of a file commits every link to it, so the archived file and its receipt become durable
-in the one commit. The journal line is appended after that without a sync (by the step `store`
-returns, which the receiver runs once the sender has its status; the indexer reads the line
-from the page cache at once); a flusher fdatasyncs the journal about once a second and then
-removes the receipts whose lines that sync covers. After a crash `recover` appends the lines of the
-receipts left over (the indexer is idempotent, so a line it already has costs only time) and
-removes archived files shorter than their receipt says: torn copies of objects whose fsync never
-returned, so their sender was never told "stored" and sends them again. (On these file systems a
-file's on-disk size grows only once its data is written, so a short file is a torn one.) On
-other file systems the data is fsynced before the link, and both folders after it.
+journal line and its size, hard-linked into its study folder, and fsynced. On XFS and on ext4
+with its journal the fsync of a file commits every link to it, so the archived file and its
+receipt become durable in the one commit (an ext4 made without a journal syncs the file alone:
+`fiona.tree.has_journal`). The journal line is appended after that without a sync (by the
+step `store` returns, which the receiver runs once the sender has its status; the indexer
+reads the line from the page cache at once); a flusher fdatasyncs the journal about once a
+second and then removes the receipts whose lines that sync covers. After a crash `recover`
+appends the lines of the receipts left over (the indexer is idempotent, so a line it already
+has costs only time) and removes archived files shorter than their receipt says: torn copies
+of objects whose fsync never returned, so their sender was never told "stored" and sends them
+again. (On these file systems a file's on-disk size grows only once its data is written, so a
+short file is a torn one.) On other file systems the data is fsynced before the link, and
+both folders after it.
 
 A receipt name is `<writer>-<n>,<size>,<Study>,<MOD>.<SOP>,<caller>,<called>,<ip>` (the fields
 of the journal line are comma-free). Where AE titles full of escapes would make it longer than
@@ -101,7 +103,7 @@ class Receipts:
         self.journal = journal
         self.folder = ensure_dir(tree.receipts)
         self._dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        #: on ext4 and XFS one fsync of the file commits its data and both of its links
+        #: on XFS and journaled ext4 one fsync of the file commits its data and both links
         self.one_commit = metadata_journaled_together(tree.archive, self.folder)
         # pid and start time: unique even if a later process gets this pid again
         self.writer = f"{os.getpid()}.{time.time_ns() // 1000}"
