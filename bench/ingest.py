@@ -12,8 +12,11 @@ receive files/s is the headline.
 
 Every receiver starts fresh with empty storage for every run; targets are interleaved and
 their order rotates per repetition, so a noisy neighbour hurts all of them alike. Only the
-median per target is compared. Note that FIONA fsyncs every file (and its journal line) before
-it answers, while storescp and Orthanc do not. Temporary data goes under $TMPDIR (default /tmp).
+median per target is compared. Note that FIONA makes every file (and its journal line)
+durable before it answers, while storescp and Orthanc do not; how many syncs that takes
+depends on the disk, and the bench prints which way applies (one per image on XFS or an ext4
+with its journal, three on an ext4 without one). Temporary data goes under $TMPDIR (default
+/tmp).
 
 Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3] [--parallel 8]
 """
@@ -51,6 +54,7 @@ from bench.common import (  # noqa: E402 (repo root)
     wait_idle,
     wait_until,
 )
+from fiona.tree import filesystem_type, metadata_journaled_together  # noqa: E402
 
 #: DCMTK's sender; the `storescu` on PATH may be a pynetdicom shim
 STORESCU = "/usr/bin/storescu"
@@ -338,6 +342,11 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     files = make_corpus(root, args.images, N_SERIES)
     size = sum(f.stat().st_size for f in files)
     progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
+    one_commit = metadata_journaled_together(root, root)
+    progress(f"FIONA's disk here ({filesystem_type(root) or 'unknown'}"
+             f"{'' if one_commit else ', no journal that commits new names with a file'}): "
+             + ("one fsync per image commits the file and both its links" if one_commit else
+                "each image's file, then its study folder and the receipts folder are synced"))
     ways = {"1 association": split(files, 1),
             f"{args.parallel} parallel associations": split(files, args.parallel)}
     results = {how: Results() for how in ways}
@@ -349,7 +358,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
                 seconds, extra = run_once(cls, root, parts, args.images, args.keep,
                                           f"[run {rep + 1}/{args.repeat}, {len(parts)}x]")
                 results[how].add(cls.name, seconds, extra)
-    return {"images": args.images, "cpus": os.cpu_count(),
+    return {"images": args.images, "cpus": os.cpu_count(), "one_commit": one_commit,
             **{how: report(results[how], args.images, how) for how in ways}}
 
 if __name__ == "__main__":
