@@ -1,4 +1,5 @@
-"""fiona.receive.receipts: an object and its receipt durable in one commit, the journal synced
+"""fiona.receive.receipts: an object and its receipt durable (in one commit where the disk
+commits links with a file, else with its folders synced), the journal synced
 behind them, and what a crash leaves recovered (simulated by writing what a crash leaves)."""
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ def journal_lines(tree: Tree) -> list[str]:
     return [line for line, _pos in JournalReader(tree.journal, RECEIVED, "test").read()]
 
 
-@pytest.fixture
-def site(tmp_path):
+@pytest.fixture(params=[True, False], ids=["one commit", "folders synced"])
+def site(tmp_path, request):
+    """Both ways of making an object durable, whichever this machine's disk needs (an ext4
+    without a journal takes the second: `fiona.tree.has_journal`)."""
     tree = Tree(tmp_path / "data").make()
     journal = JournalWriter(tree.journal, RECEIVED, durable=False)
     receipts = Receipts(tree, journal)
+    receipts.one_commit = request.param
     folder = tree.study_archive(STUDY)
     folder.mkdir()
     yield tree, journal, receipts
@@ -78,12 +82,32 @@ def test_store_never_overwrites_and_leaves_no_receipt(site):
     assert os.listdir(tree.receipts) == []
 
 
-def test_store_on_a_file_system_without_ordered_metadata(site):
+def test_without_one_commit_the_data_is_synced_before_its_name_and_both_folders_after(
+        site, monkeypatch):
+    """The order an ext4 without a journal needs: a name on disk never points at data that is
+    not, and both names are on disk before the status."""
     tree, _journal, receipts = site
-    receipts.one_commit = False  # data synced before the link, both folders after it
+    receipts.one_commit = False
+    calls: list[tuple[str, str]] = []
+    fsync, link = os.fsync, os.link
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_link(src, dst, **kwargs) -> None:
+        calls.append(("link", str(dst)))
+        link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "link", recording_link)
     stored(receipts, STUDY, event(tree, "1.7"), [b"data"])
-    assert (tree.study_archive(STUDY) / "MR.1.7").read_bytes() == b"data"
-    assert len(os.listdir(tree.receipts)) == 1
+    archived = str(tree.study_archive(STUDY) / "MR.1.7")
+    ops = [(op, target) for op, target in calls if op == "fsync" or target == archived]
+    assert ops[0][0] == "fsync" and ops[0][1].startswith(str(tree.receipts))   # the file
+    assert ops[1] == ("link", archived)
+    assert sorted(ops[2:]) == [("fsync", str(tree.receipts)),
+                               ("fsync", str(tree.study_archive(STUDY)))]
 
 
 def test_store_without_unnamed_files(site, monkeypatch):
