@@ -106,10 +106,9 @@ class Receipts:
         #: on XFS and journaled ext4 one fsync of the file commits its data and both links
         self.one_commit = metadata_journaled_together(tree.archive, self.folder)
         if not self.one_commit:
-            log.info("%s: this file system does not commit new names with a file (not XFS, "
-                     "or an ext4 without a journal), so each object's folders are synced too; "
-                     "a data disk with XFS or a journaled ext4 takes objects faster",
-                     tree.archive)
+            log.info("the archive's file system does not commit new names with a file (not "
+                     "XFS, or an ext4 without a journal), so each object's folders are synced "
+                     "too; a data disk with XFS or a journaled ext4 takes objects faster")
         # pid and start time: unique even if a later process gets this pid again
         self.writer = f"{os.getpid()}.{time.time_ns() // 1000}"
         self._count = 0
