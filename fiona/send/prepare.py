@@ -113,15 +113,14 @@ class Preparer:
         self.pool = pool
         self.clock = clock
         self.assigner = Assigner(control, Keyed(key), clock)
-        self.folder = tree.work
         self._prepared: dict[tuple[str, str], Prepared] = {}
         #: study -> what its arrival is expected to request, as last asked
         self._expected: dict[str, Expectation] = {}
 
     def clear(self) -> None:
         """Remove what a forwarder before this one left (its requests are done again)."""
-        if self.folder.is_dir():
-            for leftover in self.folder.iterdir():
+        if self.tree.work.is_dir():
+            for leftover in self.tree.work.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def in_progress(self) -> dict[str, float]:
@@ -213,7 +212,7 @@ class Preparer:
             self.discard(study, project.name)
             prepared = None
         if prepared is None:
-            work = ensure_dir(self.folder / f"prepared-{uuid.uuid4().hex[:12]}")
+            work = ensure_dir(self.tree.work / f"prepared-{uuid.uuid4().hex[:12]}")
             prepared = Prepared(study, project.name, settings, work)
             self._prepared[(study, project.name)] = prepared
         prepared.rules = ProjectRules.of(project, {s.uid: s.classify_types
