@@ -23,6 +23,10 @@ DIR_MODE = 0o750
 #: archive/<ARCHIVE_PREFIX><StudyInstanceUID>: one folder per study, as the original named it
 ARCHIVE_PREFIX = "scp_"
 FILE_MODE = 0o640
+TEMPORARY_PREFIX = ".tmp."
+"""Names of files and links still being written: each is renamed into place when done, and a
+writer killed first leaves its temporary behind, so no reader may take one for what its folder
+holds."""
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -102,7 +106,7 @@ def atomic_write(path: Path, data: bytes, durable: bool = True, mode: int = FILE
     With `durable`, the data is fsynced before the rename and the folder after it, so once this
     returns the file survives a power cut; readers never see a partial file either way.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")  # created 0600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY_PREFIX)  # created 0600
     try:
         os.fchmod(fd, mode)
         write_all(fd, data)
@@ -219,13 +223,28 @@ def symlink(target: Path, link: Path) -> None:
         pass
     except OSError:
         pass
-    tmp = link.parent / f".tmp.{link.name}.{os.getpid()}"
+    tmp = link.parent / f"{TEMPORARY_PREFIX}{link.name}.{os.getpid()}"
     try:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
     os.symlink(rel, tmp)
     os.replace(tmp, link)
+
+
+def series_links(series_dir: Path) -> list[Path]:
+    """A raw/ series folder's instance links, by name. A link the indexer had not yet renamed
+    into place when it was killed is left out: taken too, its image would be sent, counted and
+    exported twice."""
+    return sorted(series_dir / name for name in os.listdir(series_dir)
+                  if not name.startswith(TEMPORARY_PREFIX))
+
+
+def instance_links(study_dir: Path) -> list[Path]:
+    """A raw/ study folder's instance links in the order they are de-identified, sent and
+    exported: series folders, then links, by name."""
+    return [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
+            for link in series_links(series_dir)]
 
 
 def touch(path: Path, at: float | None = None) -> None:

@@ -33,7 +33,7 @@ from fiona.scanner.steps import (
     Step,
     Steps,
 )
-from fiona.tree import Tree, ensure_dir, symlink, touch
+from fiona.tree import Tree, ensure_dir, series_links, symlink, touch
 from helpers import Gateway, free_port
 from redcap_emulator import RedcapEmulator
 
@@ -310,6 +310,12 @@ def test_stale_links_go_and_nothing_else(site):
     fresh = ensure_dir(tree.raw / uid(9) / (uid(9) + ".1"))   # the indexer's next series
     clock = FakeClock(datetime.now() + timedelta(hours=2))
     os.utime(fresh, (clock.time(), clock.time()))
+    # links a killed indexer left under their temporary names: one long ago, one just now
+    series = tree.series_dir(kept, kept + ".1")
+    target = os.readlink(sorted(series.iterdir())[-1])
+    (series / ".tmp.1.2.3.4242").symlink_to(target)
+    (series / ".tmp.1.2.4.4243").symlink_to(target)
+    os.utime(series / ".tmp.1.2.4.4243", (clock.time(), clock.time()), follow_symlinks=False)
 
     dry = StaleLinks(tree, clock).run(dry_run=True)
     assert tree.study_raw(orphan).is_dir()           # a dry run removes nothing
@@ -320,7 +326,9 @@ def test_stale_links_go_and_nothing_else(site):
     assert all(os.path.exists(p) for p in tree.participants.glob("*/*"))
     assert len(list(tree.participants.glob("*/*"))) == 2
     assert not (tree.series_dir(kept, kept + ".1") / one.name.split(".", 1)[1]).is_symlink()
-    assert len(os.listdir(tree.series_dir(kept, kept + ".1"))) == 2
+    assert sorted(os.listdir(series)) == [".tmp.1.2.4.4243"] + sorted(
+        p.name for p in series_links(series))     # the old leftover went, the fresh one stays
+    assert len(series_links(series)) == 2
     assert tree.series_json(kept, kept + ".1").exists()
     assert tree.study_raw(arriving).is_dir()          # still arriving: left alone
     assert fresh.is_dir()                             # within the grace period
@@ -332,7 +340,7 @@ def test_cli_clear_stale_links(site):
     lay_out(gw.tree, uid(1))
     (gw.tree.study_raw(uid(1)) / (uid(1) + ".1") / "1.2.3").symlink_to("../../nowhere")
     res = gw.run("clear-stale-links")
-    assert "removed 1 dangling link(s)" in res.stdout
+    assert "removed 1 dangling or leftover link(s)" in res.stdout
 
 
 # --- MPPS steps and scan outcomes -----------------------------------------------------------------

@@ -8,6 +8,7 @@ destination:
 - what was prepared for one assignment is never sent for another;
 - a file the gate stops is met again by the request, which stops there and sends nothing after;
 - a prepared study that no request takes is removed, and so is what a killed forwarder left;
+- a link a killed indexer left under its temporary name is not taken for another image;
 - a file that cannot be de-identified ahead is left to the request, and not tried again (the
   log names the kind of error only);
 - a backlog of quiet studies is asked about a few at a time, each once until it changes.
@@ -16,6 +17,7 @@ destination:
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -193,6 +195,28 @@ def test_prepared_files_no_request_takes_are_removed(site, tmp_path):
     (leftover / "x.dcm").write_bytes(b"de-identified")
     forwarder(site).preparer.clear()                 # what a starting forwarder does
     assert not leftover.exists()
+
+
+def test_a_link_a_killed_indexer_left_half_made_is_neither_counted_nor_sent_twice(
+        site, tmp_path):
+    """The indexer links an image under a temporary name, then renames it into place; killed
+    in between it leaves that name behind, and the image is linked again when its journal
+    line is replayed. The leftover is not an image of its own."""
+    made = make_study(tmp_path / "s", n_series=1, images_per_series=3, seed=6)
+    first, *rest = made["files"]
+    site.arrive([first])
+    series = site.tree.series_dir(made["study"], made["series"][0])
+    [link] = list(series.iterdir())
+    (series / f".tmp.{link.name}.99999").symlink_to(os.readlink(link))
+    site.arrive(rest)
+    fwd = forwarder(site)
+    site.clock.advance(PREPARE_AFTER_SECONDS)
+    assert prepare(fwd) and len(prepared(fwd)) == 3
+    arrive_and_send(site, fwd)
+    assert [s.num_files for s in site.control.study(made["study"]).series] == [3]
+    [req] = site.control.requests(made["study"])
+    assert req.complete and not req.error_flags, req.error_message
+    assert len(delivered(tmp_path)) == 3
 
 
 def test_a_file_that_cannot_be_prepared_is_left_to_the_request_and_not_tried_again(

@@ -25,7 +25,7 @@ from ..deid.pipeline import (
     read,
     settings_for,
 )
-from ..tree import Tree, valid_uid
+from ..tree import Tree, instance_links, valid_uid
 from .retrieve import ExportError, Selected
 
 
@@ -61,7 +61,7 @@ def labels(pipeline: Pipeline) -> dict[str, list[str]]:
 
 def objects(tree: Tree, pipeline: Pipeline, sel: Selected) -> Iterator[Dataset]:
     """The study's objects de-identified and gated; dropped ones left out."""
-    for link in sorted(tree.study_raw(sel.original).glob("*/*")):
+    for link in instance_links(tree.study_raw(sel.original)):
         try:
             result = pipeline.process(read(link))
         except Unreadable:

@@ -39,7 +39,7 @@ from ..deid.pipeline import Pipeline, ProjectRules, settings_for
 from ..review.pacs import ReviewPacs
 from ..send.destinations import DestinationError, DestinationUnavailable
 from ..send.forward import destination_name
-from ..tree import InvalidValue, Tree, valid_uid
+from ..tree import InvalidValue, Tree, instance_links, valid_uid
 from . import patch
 from .names import place
 from .profile import Characteristics, ExportProfile
@@ -230,7 +230,7 @@ def original_characteristics(tree: Tree, original: str) -> Characteristics:
     if not original:
         return Characteristics()
     folder = tree.study_raw(valid_uid(original, "StudyInstanceUID"))
-    for path in sorted(folder.glob("*/*")) if folder.is_dir() else ():
+    for path in instance_links(folder) if folder.is_dir() else ():
         try:
             return Characteristics.of(pydicom.dcmread(path, stop_before_pixels=True))
         except Exception:  # an unreadable link: try the next one

@@ -11,12 +11,11 @@ diffusion entries are keyed by SOPInstanceUID.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tree import atomic_write
+from ..tree import atomic_write, series_links
 from .classify import RuleSet
 
 
@@ -74,7 +73,7 @@ class SeriesRecord:
         if not self.dirty:
             return
         try:
-            self.data["NumFiles"] = sum(1 for _ in os.scandir(self.folder))
+            self.data["NumFiles"] = len(series_links(self.folder))
         except FileNotFoundError:
             self.data["NumFiles"] = 0
         atomic_write(self.path, (json.dumps(self.data, indent=1, sort_keys=True) + "\n").encode())

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from .. import audit
 from ..config import Config, Site, load
-from ..tree import DIR_MODE, Tree, atomic_write, ensure_dir
+from ..tree import DIR_MODE, TEMPORARY_PREFIX, Tree, atomic_write, ensure_dir
 
 FORMAT = "fiona-backup-1"
 MANIFEST = "manifest.json"
@@ -145,7 +145,7 @@ def backup(config: Config, site: Site, dest: Path, actor: str) -> list[Entry]:
         for name in sorted(files):
             src = Path(root) / name
             rel = PurePosixPath("config") / src.relative_to(tree.config).as_posix()
-            if name.startswith(".tmp.") or rel == HEAD or src.is_symlink():
+            if name.startswith(TEMPORARY_PREFIX) or rel == HEAD or src.is_symlink():
                 continue
             add(rel, src)
     db = _backup_db(datadir / CONTROL_DB, dest / CONTROL_DB)

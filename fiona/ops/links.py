@@ -2,11 +2,12 @@
 
 raw/, participants/ and srs/ hold only links and series JSONs made from the archive; after a
 study is removed, or files are deleted by hand, some point at nothing. This job removes links
-whose target is gone, series JSONs whose series folder has no instance left, and the folders
-that are then empty. The archive is never touched. Folders and JSONs changed within the grace
-period are left alone, because the indexer makes a series folder a moment before its first
-link and writes the JSON after its links; a study that is still arriving (touch files in
-`.arrived/`) is skipped the same way.
+whose target is gone, links an indexer killed mid-way left under their temporary name, series
+JSONs whose series folder has no instance left, and the folders that are then empty. The
+archive is never touched. Folders, JSONs and temporary links changed within the grace period
+are left alone, because the indexer makes a series folder a moment before its first link and
+writes the JSON after its links; a study that is still arriving (touch files in `.arrived/`)
+is skipped the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..arrive.detector import TouchFile
 from ..clock import SYSTEM_CLOCK, Clock
-from ..tree import InvalidValue, Tree
+from ..tree import TEMPORARY_PREFIX, InvalidValue, Tree, series_links
 
 log = logging.getLogger("fiona.links")
 
@@ -98,7 +99,8 @@ class StaleLinks:
                 continue
             for name in files + subdirs:
                 path = here / name
-                if path.is_symlink() and self._dangling(path):
+                if path.is_symlink() and (self._dangling(path) or (
+                        name.startswith(TEMPORARY_PREFIX) and self._old(path))):
                     self._drop(path, dry_run, report.links)
             for name in files:
                 path = here / name
@@ -120,6 +122,6 @@ class StaleLinks:
 
     def _has_instances(self, series_dir: Path) -> bool:
         try:
-            return any((series_dir / n) not in self.gone for n in os.listdir(series_dir))
+            return any(link not in self.gone for link in series_links(series_dir))
         except (FileNotFoundError, NotADirectoryError):
             return False

@@ -43,6 +43,7 @@ from pathlib import Path
 from ..journal import FileEvent, JournalWriter
 from ..tree import (
     FILE_MODE,
+    TEMPORARY_PREFIX,
     InvalidValue,
     Tree,
     ensure_dir,
@@ -221,7 +222,7 @@ class Receipts:
         receiver process files anything)."""
         journaled, torn, stale = 0, 0, []
         for entry in os.scandir(self.folder):
-            if entry.name.startswith(".tmp.") and writer_pid is None:
+            if entry.name.startswith(TEMPORARY_PREFIX) and writer_pid is None:
                 os.unlink(entry.path)  # a spare never linked (file systems without O_TMPFILE)
                 continue
             try:
@@ -324,7 +325,7 @@ class _Spares:
         fd = self._make()
         if fd is not None:
             return fd, None
-        fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".tmp.")
+        fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=TEMPORARY_PREFIX)
         os.fchmod(fd, FILE_MODE)
         return fd, temporary
 

@@ -57,10 +57,10 @@ from ..deid.gate import GateError
 from ..deid.pipeline import Pipeline, ProjectRules, quarantine_gate_failure, settings_for
 from ..journal import WakeupListener
 from ..suite import FORWARDER
-from ..tree import Tree, ensure_dir
+from ..tree import Tree, ensure_dir, instance_links
 from .destinations import Destination, DestinationError, DestinationUnavailable, open_destination
 from .pool import DeidPool, Done, Job, Stopped
-from .prepare import Preparer, outputs, study_sources
+from .prepare import Preparer, outputs
 
 log = logging.getLogger(FORWARDER.logger)
 
@@ -239,7 +239,7 @@ class Forwarder:
                                    f"project and resend") from None
         rules = ProjectRules.of(project, labels)
         outcome = Outcome(mapped_study=Pipeline(settings, rules).mapped_uid(req.study_uid))
-        sources = study_sources(study_dir)
+        sources = instance_links(study_dir)
         started = self.clock.monotonic()
         ready = self.preparer.ready(req, settings, rules, sources)
         files = self._outputs(req, Job.of(settings, rules, work), sources, ready, outcome,

@@ -37,7 +37,7 @@ from ..deid.engine import Settings
 from ..deid.pipeline import ProjectRules, settings_for
 from ..index.indexer import caught_up as index_caught_up
 from ..suite import FORWARDER
-from ..tree import Tree, ensure_dir
+from ..tree import Tree, ensure_dir, instance_links
 from .pool import DeidPool, Done, Job, Outcome, Stopped
 
 log = logging.getLogger(FORWARDER.logger)
@@ -57,13 +57,6 @@ ASKS_PER_STEP = 4
 #: what a prepared output depends on besides its request's settings: the source file
 #: (inode, size, modification time) and its series' rules (features, exclusions, labels)
 FileKey = tuple[tuple[int, int, int], tuple]
-
-
-def study_sources(study_dir: Path) -> list[Path]:
-    """A study's files in raw/, in the order they are de-identified and sent: series folders,
-    then files, by name."""
-    return [link for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir())
-            for link in sorted(series_dir.iterdir())]
 
 
 def _file_key(source: Path, rules: ProjectRules) -> FileKey:
@@ -240,7 +233,7 @@ class Preparer:
     def _prepare(self, prepared: Prepared, stamp: float, interrupt: Callable[[], bool]) -> None:
         rules = prepared.rules
         todo = []
-        for source in study_sources(self.tree.raw / prepared.study):
+        for source in instance_links(self.tree.raw / prepared.study):
             entry = prepared.done.get(source)
             if entry is None or entry[0] != _file_key(source, rules):
                 todo.append(source)
