@@ -208,6 +208,45 @@ def test_control_plane_down_arrival_waits_and_is_retried_on_the_clock(tmp_path, 
         site.close()
 
 
+@pytest.mark.parametrize("call", ["autoid", "add_request"])
+def test_control_plane_lost_between_the_study_and_its_request_retries_the_rules(
+        tmp_path, caplog, call):
+    """REDCap goes down after the study is registered, while auto-ID looks up the patient
+    (or the request is written): the study waits like any other and gets its one request
+    once REDCap is back, instead of being done with and never sent."""
+    emulator, redcap = redcap_control_plane()
+    redcap.save_project(Project("AUTO", naming=r"^AU[0-9]{5}$", events=["visit1"],
+                                use_autoid=True, autoid_aetitle="FIONAAUTO"))
+    site = LocalSite.create(tmp_path, STUDY_QUIET_SECONDS=QUIET)
+    real = getattr(redcap, call)
+
+    def lost_on_first_call(*args, **kwargs):
+        setattr(redcap, call, real)
+        emulator.stop()
+        return real(*args, **kwargs)
+
+    setattr(redcap, call, lost_on_first_call)
+    try:
+        detector = ArrivalDetector(site.config, site.site, redcap, site.keyed, site.clock)
+        made = make_study(tmp_path / "s", n_series=1, images_per_series=2, seed=11)
+        site.arrive(made["files"], called="FIONAAUTO")
+        site.clock.advance(QUIET + 1)
+        with caplog.at_level(logging.WARNING, logger="fiona"):
+            assert detector.step() == RETRY_SECONDS[0]
+        assert "the control plane is unreachable" in caplog.text
+        assert "not applied" not in caplog.text
+        assert any(site.tree.arrived.iterdir())          # the study waits
+        emulator.restart()
+        site.clock.advance(RETRY_SECONDS[0])
+        detector.step()
+        [req] = redcap.requests(made["study"])
+        assert (req.project, req.source) == ("AUTO", "autoid")
+        assert not any(site.tree.arrived.iterdir())
+    finally:
+        emulator.stop()
+        site.close()
+
+
 def test_control_plane_refusal_waits_and_is_logged_without_identifiers(tmp_path, caplog):
     """A REDCap whose Incoming project validates the accession number as an integer refuses
     the study, quoting the value: the detector keeps running, retries, and logs the refusal

@@ -32,6 +32,7 @@ from .base import (
     RoutingRule,
     Study,
     TransferRequest,
+    Unavailable,
     now_iso,
 )
 from .keyed import Keyed
@@ -232,9 +233,13 @@ class Assigner:
 
     def _try(self, study: Study, project: str, participant: str, event: str, source: str,
              identifiers: tuple[str, ...] = ()) -> list[TransferRequest]:
-        """An automatic rule's request; a refusal is logged, never raised."""
+        """An automatic rule's request; a refusal is logged, never raised. An unreachable
+        control plane is raised: the caller tries the study's rules again later (swallowed,
+        the study would be done with and never get its request)."""
         try:
             req = self.request(study.uid, project, participant, event, source)
+        except Unavailable:
+            raise
         except ControlPlaneError as exc:
             self._log_refusal(study, source, project, exc, (participant, *identifiers))
             return []
@@ -311,6 +316,8 @@ class Assigner:
                     for study in studies:
                         if self._matches(row, study):
                             self.existing(study.uid, row.project, row.participant, row.event)
+                except Unavailable:
+                    raise
                 except ControlPlaneError as exc:
                     report.lines.append(LineReport(number, "refused", str(exc)))
                     continue
@@ -393,6 +400,8 @@ class Assigner:
             try:
                 self.check_open(proj)
                 participant = self._autoid_participant(proj, arrival.patient_id)
+            except Unavailable:
+                raise
             except ControlPlaneError as exc:
                 self._log_refusal(study, "autoid", proj.name, exc, arrival.identifiers)
                 continue
