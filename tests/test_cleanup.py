@@ -316,6 +316,8 @@ def test_stale_links_go_and_nothing_else(site):
     (series / ".tmp.1.2.3.4242").symlink_to(target)
     (series / ".tmp.1.2.4.4243").symlink_to(target)
     os.utime(series / ".tmp.1.2.4.4243", (clock.time(), clock.time()), follow_symlinks=False)
+    half_written = tree.study_raw(kept) / ".tmp.k2j4l1x9"        # a series JSON's
+    half_written.write_text("{")
 
     dry = StaleLinks(tree, clock).run(dry_run=True)
     assert tree.study_raw(orphan).is_dir()           # a dry run removes nothing
@@ -329,6 +331,7 @@ def test_stale_links_go_and_nothing_else(site):
     assert sorted(os.listdir(series)) == [".tmp.1.2.4.4243"] + sorted(
         p.name for p in series_links(series))     # the old leftover went, the fresh one stays
     assert len(series_links(series)) == 2
+    assert not half_written.exists()
     assert tree.series_json(kept, kept + ".1").exists()
     assert tree.study_raw(arriving).is_dir()          # still arriving: left alone
     assert fresh.is_dir()                             # within the grace period

@@ -2,12 +2,12 @@
 
 raw/, participants/ and srs/ hold only links and series JSONs made from the archive; after a
 study is removed, or files are deleted by hand, some point at nothing. This job removes links
-whose target is gone, links an indexer killed mid-way left under their temporary name, series
-JSONs whose series folder has no instance left, and the folders that are then empty. The
-archive is never touched. Folders, JSONs and temporary links changed within the grace period
-are left alone, because the indexer makes a series folder a moment before its first link and
-writes the JSON after its links; a study that is still arriving (touch files in `.arrived/`)
-is skipped the same way.
+whose target is gone, links and files an indexer killed mid-way left under their temporary
+names, series JSONs whose series folder has no instance left, and the folders that are then
+empty. The archive is never touched. Folders, JSONs and temporaries changed within the grace
+period are left alone, because the indexer makes a series folder a moment before its first
+link and writes the JSON after its links; a study that is still arriving (touch files in
+`.arrived/`) is skipped the same way.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class StaleLinks:
                 continue
             for name in files + subdirs:
                 path = here / name
-                if path.is_symlink() and (self._dangling(path) or (
-                        name.startswith(TEMPORARY_PREFIX) and self._old(path))):
+                if (name.startswith(TEMPORARY_PREFIX) and self._old(path)) or (
+                        path.is_symlink() and self._dangling(path)):
                     self._drop(path, dry_run, report.links)
             for name in files:
                 path = here / name
