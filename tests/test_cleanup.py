@@ -343,7 +343,7 @@ def test_cli_clear_stale_links(site):
     lay_out(gw.tree, uid(1))
     (gw.tree.study_raw(uid(1)) / (uid(1) + ".1") / "1.2.3").symlink_to("../../nowhere")
     res = gw.run("clear-stale-links")
-    assert "removed 1 dangling or leftover link(s)" in res.stdout
+    assert "removed 1 dangling link(s) or temporaries" in res.stdout
 
 
 # --- MPPS steps and scan outcomes -----------------------------------------------------------------

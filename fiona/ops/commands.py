@@ -39,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction, site_arg) -> None:
     p = sub.add_parser("clear-stale-links", help="remove links that point at nothing "
                        "(clearStaleLinks)",
                        description="Remove dangling links in raw/, participants/ and srs/ (and "
-                       "links a killed indexer left under a temporary name), "
+                       "temporaries a killed indexer left), "
                        "series JSONs without instances and the empty folders left; the archive "
                        "is never touched. Studies still arriving and anything changed within "
                        "the last hour are left alone.")
@@ -145,8 +145,9 @@ def _clear_stale_links(site, args: argparse.Namespace) -> int:
                         ("folder", report.folders)):
         for path in paths:
             print(f"{verb} {kind} {path}")
-    print(f"{verb} {len(report.links)} dangling or leftover link(s), {len(report.jsons)} "
-          f"series JSON(s) without files, {len(report.folders)} empty folder(s)")
+    print(f"{verb} {len(report.links)} dangling link(s) or temporaries, "
+          f"{len(report.jsons)} series JSON(s) without files, {len(report.folders)} empty "
+          f"folder(s)")
     return 0
 
 
