@@ -17,13 +17,21 @@ appends the lines of the receipts left over (the indexer is idempotent, so a lin
 has costs only time) and removes archived files shorter than their receipt says: torn copies
 of objects whose fsync never returned, so their sender was never told "stored" and sends them
 again. (On these file systems a file's on-disk size grows only once its data is written, so a
-short file is a torn one.) On other file systems the data is fsynced before the link, and
-both folders after it.
+short file is a torn one.)
+
+On other file systems (an ext4 made without a journal syncs a file and not the names that
+point at it: `fiona.tree.has_journal`) the data is fsynced first, then linked into the study
+folder, and the receipts folder is synced before the status: the receipt is the record that
+survives. The study folders are synced by the flusher, before the journal and before it
+removes a receipt, once per folder and flush rather than once per object (one flush of the
+disk's cache per object less: ~0.13 of ~0.68 ms here). A study folder's new name lost in a
+crash is made again by `recover` from the receipt, which is the same inode with the whole
+object.
 
 A receipt name is `<writer>-<n>,<size>,<Study>,<MOD>.<SOP>,<caller>,<called>,<ip>` (the fields
 of the journal line are comma-free). Where AE titles full of escapes would make it longer than
 a file name may be, the last three fields are left out and that object's journal line is
-synced before its status instead.
+synced before its status instead (on the other file systems, after its study folder).
 """
 
 from __future__ import annotations
@@ -115,6 +123,7 @@ class Receipts:
         self._count = 0
         self._lock = threading.Lock()
         self._pending: list[str] = []
+        self._unsynced: set[Path] = set()  # study folders with names not synced yet
         self._closed = threading.Event()
         self._spares = _Spares(self.folder, self._closed)
         self._flusher = threading.Thread(target=self._flush_loop, name="receipts-flush",
@@ -160,14 +169,17 @@ class Receipts:
             else:
                 os.fsync(fd)
                 os.link(name, f"{folder}/{event.name}", src_dir_fd=self._dir_fd)
-                fsync_dir(folder)
                 os.fsync(self._dir_fd)
+                with self._lock:
+                    self._unsynced.add(folder)
         except BaseException:
             os.unlink(name, dir_fd=self._dir_fd)
             raise
         finally:
             os.close(fd)
         if receipt.sender is None:
+            if not self.one_commit:
+                fsync_dir(folder)  # the journal line must not name a file that a crash loses
             self.journal.append(event.line())
             self.journal.sync()
             os.unlink(name, dir_fd=self._dir_fd)
@@ -190,16 +202,22 @@ class Receipts:
                           "keep what it holds until it can", exc, self.folder)
 
     def flush(self) -> None:
-        """Sync the journal, then remove the receipts whose lines it held."""
+        """Sync the study folders filed into and the journal, then remove the receipts whose
+        lines it held. (A receipt is pending only after its object was filed, so its folder
+        is among those synced here or in an earlier flush.)"""
         with self._lock:
             done, self._pending = self._pending, []
-        if not done:
+            folders, self._unsynced = self._unsynced, set()
+        if not done and not folders:
             return
         try:
-            self.journal.sync()
+            _sync_folders(folders, self.tree.archive)
+            if done:
+                self.journal.sync()
         except OSError:
             with self._lock:
                 self._pending[:0] = done
+                self._unsynced |= folders
             raise
         for name in done:
             try:
@@ -220,7 +238,8 @@ class Receipts:
 
         `writer_pid`: only that (dead) process's receipts; None: all (at start, before any
         receiver process files anything)."""
-        journaled, torn, stale = 0, 0, []
+        journaled, torn, relinked, stale = 0, 0, 0, []
+        folders: set[Path] = set()
         for entry in os.scandir(self.folder):
             if entry.name.startswith(TEMPORARY_PREFIX) and writer_pid is None:
                 os.unlink(entry.path)  # a spare never linked (file systems without O_TMPFILE)
@@ -235,11 +254,20 @@ class Receipts:
                           entry.path, exc)
                 continue
             stale.append(entry.name)
+            mine = entry.stat(follow_symlinks=False)
             try:
                 st = os.stat(archived)
             except FileNotFoundError:
-                continue  # never linked: never acknowledged
-            if not os.path.samestat(st, entry.stat(follow_symlinks=False)):
+                # never linked, or its name was lost with its folder's unsynced entries: the
+                # receipt holds the whole object, so it is filed again (an object never
+                # acknowledged costs only the time; its sender sends it again)
+                if receipt.sender is None or mine.st_size != receipt.size:
+                    continue  # never acknowledged
+                os.link(entry.path, ensure_dir(archived.parent) / archived.name)
+                folders.add(archived.parent)
+                relinked += 1
+                st = mine
+            if not os.path.samestat(st, mine):
                 continue  # another object was archived under that name first
             if st.st_size != receipt.size:
                 log.warning("removed %s: a torn copy (%d of %d bytes) left by a crash before "
@@ -253,12 +281,26 @@ class Receipts:
                 self.journal.append(event.line())
                 journaled += 1
         if stale:
+            _sync_folders(folders, self.tree.archive)
             self.journal.sync()
             for name in stale:
                 os.unlink(name, dir_fd=self._dir_fd)
-            log.info("receipts left by %s: %d objects journaled again, %d torn copies "
-                     "removed", f"receiver process {writer_pid}" if writer_pid else "a crash",
-                     journaled, torn)
+            log.info("receipts left by %s: %d objects journaled again (%d of them filed "
+                     "again), %d torn copies removed",
+                     f"receiver process {writer_pid}" if writer_pid else "a crash", journaled,
+                     relinked, torn)
+
+
+def _sync_folders(folders: set[Path], archive: Path) -> None:
+    """Make the new names in study folders durable, and the folders' own names in the
+    archive (a folder removed meanwhile, by cleanup, needs nothing)."""
+    for folder in folders:
+        try:
+            fsync_dir(folder)
+        except FileNotFoundError:
+            pass
+    if folders:
+        fsync_dir(archive)
 
 
 def _write_parts(fd: int, parts: list[bytes | bytearray], size: int) -> None:
