@@ -15,7 +15,7 @@ their order rotates per repetition, so a noisy neighbour hurts all of them alike
 median per target is compared. Note that FIONA makes every file (and its journal line)
 durable before it answers, while storescp and Orthanc do not; how many syncs that takes
 depends on the disk, and the bench prints which way applies (one per image on XFS or an ext4
-with its journal, three on an ext4 without one). Temporary data goes under $TMPDIR (default
+with its journal, two on an ext4 without one). Temporary data goes under $TMPDIR (default
 /tmp).
 
 Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3] [--parallel 8]
@@ -346,7 +346,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     progress(f"FIONA's disk here ({filesystem_type(root) or 'unknown'}"
              f"{'' if one_commit else ', no journal that commits new names with a file'}): "
              + ("one fsync per image commits the file and both its links" if one_commit else
-                "each image's file, then its study folder and the receipts folder are synced"))
+                "each image's file, then the receipts folder are synced, its study folder "
+                "once a second"))
     ways = {"1 association": split(files, 1),
             f"{args.parallel} parallel associations": split(files, args.parallel)}
     results = {how: Results() for how in ways}

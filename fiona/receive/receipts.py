@@ -263,7 +263,10 @@ class Receipts:
                 # acknowledged costs only the time; its sender sends it again)
                 if receipt.sender is None or mine.st_size != receipt.size:
                     continue  # never acknowledged
-                os.link(entry.path, ensure_dir(archived.parent) / archived.name)
+                try:
+                    os.link(entry.path, ensure_dir(archived.parent) / archived.name)
+                except FileExistsError:  # a live worker filed the object meanwhile
+                    continue
                 folders.add(archived.parent)
                 relinked += 1
                 st = mine
