@@ -1,6 +1,7 @@
 """fiona.receive.receipts: an object and its receipt durable (in one commit where the disk
-commits links with a file, else with its folders synced), the journal synced
-behind them, and what a crash leaves recovered (simulated by writing what a crash leaves)."""
+commits links with a file, else with the receipts folder synced before the status and the
+study folder by the flusher), the journal synced behind them, and what a crash leaves
+recovered (simulated by writing what a crash leaves)."""
 
 from __future__ import annotations
 
