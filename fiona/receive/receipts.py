@@ -19,14 +19,14 @@ of objects whose fsync never returned, so their sender was never told "stored" a
 again. (On these file systems a file's on-disk size grows only once its data is written, so a
 short file is a torn one.)
 
-On other file systems (an ext4 made without a journal syncs a file and not the names that
-point at it: `fiona.tree.has_journal`) the data is fsynced first, then linked into the study
-folder, and the receipts folder is synced before the status: the receipt is the record that
-survives. The study folders are synced by the flusher, before the journal and before it
-removes a receipt, once per folder and flush rather than once per object (one flush of the
-disk's cache per object less: `store` took 0.63-0.67 ms here instead of 0.84-0.90). A study folder's new name lost in a
-crash is made again by `recover` from the receipt, which is the same inode with the whole
-object.
+On other file systems (an ext4 made without a journal syncs a file and not the names that point
+at it: `fiona.tree.has_journal`) the data is fsynced first, then linked into the study folder,
+and the receipts folder is synced before the status: the receipt is the record that survives.
+The study folders are synced by the flusher, before the journal and before it removes a
+receipt, once per folder and flush rather than once per object (one flush of the disk's cache
+per object less: `store` took 0.63-0.67 ms here instead of 0.84-0.90). A study folder's new
+name lost in a crash is made again by `recover` from the receipt, which is the same inode with
+the whole object.
 
 A receipt name is `<writer>-<n>,<size>,<Study>,<MOD>.<SOP>,<caller>,<called>,<ip>` (the fields
 of the journal line are comma-free). Where AE titles full of escapes would make it longer than
