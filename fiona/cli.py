@@ -363,7 +363,7 @@ def _classify(config, args: argparse.Namespace) -> int:
     import pydicom
 
     from .index.classify import RuleSet, format_explanation
-    from .index.header import image_record
+    from .index.header import ImageRecord
     from .index.indexer import load_rules
 
     rules = RuleSet.load(args.rules) if args.rules else load_rules(config.site(args.site))
@@ -375,7 +375,7 @@ def _classify(config, args: argparse.Namespace) -> int:
             print(f"{path}: not readable as DICOM: {exc}", file=sys.stderr)
             status = 1
             continue
-        record = image_record(ds)
+        record = ImageRecord(ds)
         print(f"{path}:")
         print(format_explanation(rules.explain(record, ds)))
     return status

@@ -214,13 +214,23 @@ def metadata_journaled_together(a: Path, b: Path) -> bool:
 
 
 def symlink(target: Path, link: Path) -> None:
-    """Point `link` at `target` (relative), replacing a stale link atomically."""
+    """Point `link` at `target` (relative), making the link's folder if it is missing and
+    replacing a stale link atomically. A new link, the common case, costs one system call
+    (creating a symbolic link is atomic): the indexer makes one per image."""
     rel = os.path.relpath(target, link.parent)
+    for attempt in (1, 2):
+        try:
+            os.symlink(rel, link)
+            return
+        except FileNotFoundError:  # the folder is missing
+            if attempt == 2:
+                raise
+            ensure_dir(link.parent)
+        except FileExistsError:
+            break
     try:
         if os.readlink(link) == rel:
             return
-    except FileNotFoundError:
-        pass
     except OSError:
         pass
     tmp = link.parent / f"{TEMPORARY_PREFIX}{link.name}.{os.getpid()}"

@@ -197,9 +197,9 @@ def test_symlink_relative_replaces_stale_and_is_idempotent(tmp_path):
     a.write_text("1")
     b.write_text("2")
     link = tmp_path / "raw" / "s" / "sop"
-    link.parent.mkdir(parents=True)
-    symlink(a, link)
+    symlink(a, link)  # the missing folders are made, private
     assert os.readlink(link) == "../../archive/f1"
+    assert stat.S_IMODE(link.parent.stat().st_mode) == 0o750
     assert link.read_text() == "1"
     st = os.lstat(link)
     symlink(a, link)  # idempotent: the link is not even replaced

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 CsaHeader = dict[str, Any]
 
+#: the series-JSON fields siemens_series_fields can give
+SIEMENS_FIELDS = ("siemensUUID", "NumSlices", "MeasID", "OSLevel",
+                  "PhaseEncodingDirectionPositive")
+
 _BASELINE_RELEASE = re.compile(r"N4_([^_\"]+)")
 _QUOTED = re.compile(r'^"+([^"]*)"+')
 
@@ -53,9 +57,8 @@ _QUOTED = re.compile(r'^"+([^"]*)"+')
 def siemens_series_fields(ds: pydicom.Dataset) -> dict:
     """Return the Siemens fields of the series JSON that this image's CSA headers provide.
 
-    Keys are among siemensUUID, NumSlices, MeasID, OSLevel and PhaseEncodingDirectionPositive;
-    a key is left out when its source is missing, so the result is {} for non-Siemens images
-    and for images without (readable) CSA headers.
+    Keys are among SIEMENS_FIELDS; a key is left out when its source is missing, so the
+    result is {} for non-Siemens images and for images without (readable) CSA headers.
     """
     image = _read_csa(ds, "image")
     phoenix = _phoenix(_read_csa(ds, "series"))

@@ -28,7 +28,6 @@ from ..suite import INDEXER
 from ..tree import (
     Tree,
     arrival_name,
-    ensure_dir,
     safe_name,
     symlink,
     touch,
@@ -36,8 +35,9 @@ from ..tree import (
 )
 from .classify import RuleSet
 from .csa import siemens_diffusion_entry
-from .header import image_record
-from .series import SeriesRecord, classify_image
+from .header import ImageRecord
+from .labels import LabelMemo
+from .series import SeriesRecord
 
 log = logging.getLogger(INDEXER.logger)
 
@@ -79,9 +79,11 @@ class Indexer:
         self.clock = clock
         self.tree = Tree(site.datadir).make()
         self.rules = rules
+        self.labels = LabelMemo(rules)
         self.reader = journal_reader(self.tree)
         self.series: dict[tuple[str, str], SeriesRecord] = {}
         self._touched: dict[tuple[str, str], float] = {}
+        self._participant_links: dict[tuple[str, str], Path] = {}
         self.indexed = 0
         self._read_to: Position | None = None
 
@@ -94,23 +96,30 @@ class Indexer:
         study = valid_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
         series = valid_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop = valid_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        series_dir = ensure_dir(self.tree.series_dir(study, series))
-        symlink(path, series_dir / sop)
-        study_raw = self.tree.raw / study
-        patient = safe_name(ds.get("PatientID"), default="unknown")
-        symlink(study_raw, ensure_dir(self.tree.participants / patient) / _date_time(ds))
+        record = self._series(study, series)
+        symlink(path, self.tree.series_dir(study, series) / sop)
+        self._link_participant(ds, study, series)
         if str(ds.get("Modality", "")) == "SR":
             maker = safe_name(ds.get("Manufacturer"), default="_")
-            symlink(path, ensure_dir(self.tree.srs / maker / study) / sop)
+            symlink(path, self.tree.srs / maker / study / sop)
         if announce:  # when the file was received, not now: a backlog is not a new arrival
             touch(self.tree.arrived / arrival_name(event.caller, event.called, event.ip, study,
                                                      series), at=os.stat(path).st_mtime)
 
-        image = image_record(ds, event.caller, event.called, event.ip)
-        labels = classify_image(self.rules, image, ds)
-        record = self._series(study, series)
+        image = ImageRecord(ds, event.caller, event.called, event.ip)
+        labels = self.labels.labels(image, ds)
         record.add(image, labels, self.rules.series_level, siemens_diffusion_entry(ds))
         self.indexed += 1
+
+    def _link_participant(self, ds: Dataset, study: str, series: str) -> None:
+        """participants/<PatientID>/<date>_<time> -> raw/<Study>, made for the first image of a
+        series the indexer holds (the others name the same link), and again after the series
+        was quiet long enough to be forgotten (a cleaned-up study sent again)."""
+        link = self.tree.participants / safe_name(ds.get("PatientID"), default="unknown") / (
+            _date_time(ds))
+        if self._participant_links.get((study, series)) != link:
+            symlink(self.tree.raw / study, link)
+            self._participant_links[(study, series)] = link
 
     def _series(self, study: str, series: str) -> SeriesRecord:
         key = (study, series)
@@ -172,6 +181,7 @@ class Indexer:
             if now - seen > IDLE_EVICT_SECONDS and not self.series[key].dirty:
                 del self.series[key]
                 del self._touched[key]
+                self._participant_links.pop(key, None)
 
     def run(self, stop: threading.Event, poll: float = 2.0, flush_every: float = 1.0,
             settle: float = 0.2) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tree import atomic_write, series_links
-from .classify import RuleSet
+from .header import ImageRecord
 
 
 @dataclass
@@ -37,19 +37,26 @@ class SeriesRecord:
             data = {}
         return cls(path, folder, data)
 
-    def add(self, image: dict[str, Any], labels: list[str], series_level: frozenset[str],
+    def add(self, image: ImageRecord, labels: list[str], series_level: frozenset[str],
             diffusion: dict | None) -> None:
-        """Merge one image: its fields, its classification labels and its diffusion entry."""
+        """Merge one image: its fields, its classification labels and its diffusion entry.
+        A field the series already has is not even read from the image (the first image's
+        value stands), which spares converting it."""
         data = self.data
         first = not data
-        for key, value in image.items():
+        for key in image.names():
+            if not (first or key == "SliceLocation" or key not in data):
+                continue
+            value = image.get(key)
+            if value is None:
+                continue
             if key == "SliceLocation":
                 new = _number(value)
                 if new is not None:
                     old = _number(data.get(key))
                     if old is None or new < old:
                         data[key] = value
-            elif first or key not in data:
+            else:
                 data[key] = value
         had = set(data.get("ClassifyType", []))
         now = set(labels)
@@ -86,9 +93,3 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
 
-
-def classify_image(rules: RuleSet, image: dict[str, Any], ds) -> list[str]:
-    """Labels for one image; the record handed to the rules is this image's own fields."""
-    record = dict(image)
-    record["ClassifyType"] = []
-    return rules.classify(record, ds)
