@@ -108,3 +108,15 @@ def test_the_shipped_rules_label_every_shipped_case_the_same_with_the_memo() -> 
         ds.file_meta = part10(ds.get("SOPClassUID", "1.2.3")).file_meta
         raw = roundtrip(ds)
         assert memo.labels(ImageRecord(raw), raw) == shipped.classify(ImageRecord(raw), raw)
+
+
+def test_a_record_the_rules_have_already_read_keeps_its_signature() -> None:
+    """A field outside the record (FlipAngle) that the rules looked up stays keyed by the
+    element behind it, not by the record's empty answer."""
+    memo = LabelMemo(RULES)
+    low, high = image(FlipAngle="9"), image(FlipAngle="12")
+    records = [ImageRecord(low), ImageRecord(high)]
+    for record, ds in zip(records, (low, high), strict=True):
+        RULES.classify(record, ds)
+    assert "flip" not in memo.labels(records[0], low)
+    assert "flip" in memo.labels(records[1], high)

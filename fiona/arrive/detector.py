@@ -36,6 +36,7 @@ from ..control.assign import Arrival, Assigner
 from ..control.base import ControlPlane, ControlPlaneError, Series, Study, Unavailable, now_iso
 from ..control.keyed import Keyed
 from ..daemon import notify_forwarder, running
+from ..index.header import CONNECTION
 from ..index.indexer import caught_up as index_caught_up
 from ..suite import ARRIVAL
 from ..tree import InvalidValue, Tree, arrival_study
@@ -93,7 +94,7 @@ def study_from_series(tree: Tree, study_uid: str) -> Arrival | None:
     if not records:
         return None
     first = records[0]
-    conn = first.get("IncomingConnection", {})
+    conn = first.get(CONNECTION, {})
     series = [Series(uid=r["SeriesInstanceUID"], description=str(r.get("SeriesDescription", "")),
                      date=str(r.get("StudyDate", "")), time=str(r.get("SeriesTime", "")),
                      num_files=int(r.get("NumFiles", 0)),

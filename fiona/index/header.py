@@ -35,6 +35,9 @@ FIELDS = (
     "ImagesInAcquisition", "AccessionNumber", "NumberOfTemporalPositions",
 )
 
+#: the field naming the sender (AE titles and address of the association)
+CONNECTION = "IncomingConnection"
+
 #: series JSON field -> DICOM tag, looked up once (a keyword lookup per access costs more)
 _TAGS = {name: Tag(_KEYWORDS.get(name, name)) for name in FIELDS}
 
@@ -72,7 +75,7 @@ class ImageRecord(Mapping[str, Any]):
     def __init__(self, ds: Dataset, caller: str = "", called: str = "", ip: str = ""):
         self._ds = ds
         self._values: dict[str, Any] = {
-            "IncomingConnection": {"AETitleCaller": caller, "AETitleCalled": called,
+            CONNECTION: {"AETitleCaller": caller, "AETitleCalled": called,
                                    "CallerIP": ip},
         }
         self._siemens: dict[str, Any] | None = None
@@ -96,7 +99,7 @@ class ImageRecord(Mapping[str, Any]):
     @staticmethod
     def names() -> tuple[str, ...]:
         """Every name this record can hold, without converting anything."""
-        return ("IncomingConnection", *FIELDS, *SIEMENS_FIELDS)
+        return (CONNECTION, *FIELDS, *SIEMENS_FIELDS)
 
     def signature(self, inputs: RuleInputs) -> tuple | None:
         """A key equal to another image's only when the rules read the same from both: the
@@ -109,7 +112,7 @@ class ImageRecord(Mapping[str, Any]):
             for name in inputs.keywords:
                 if name in _TAGS:
                     parts.append(_element_key(ds, _TAGS[name]))
-                elif name in self._values or name in SIEMENS_FIELDS:
+                elif name == CONNECTION or name in SIEMENS_FIELDS:  # the record's own
                     parts.append(_hashable(self.get(name)))
                 else:
                     tag = tag_for_keyword(name)

@@ -36,6 +36,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..config import Config, Site
 from ..journal import RECEIVED, FileEvent, JournalReader
 from ..tree import ARCHIVE_PREFIX, InvalidValue, Tree, valid_uid
+from .header import CONNECTION
 from .indexer import Indexer, load_rules
 
 log = logging.getLogger("fiona.reindex")
@@ -125,7 +126,7 @@ def _old_sender(tree: Tree, study: str) -> tuple[str, str, str]:
         names = []
     for path in names:
         try:
-            conn = json.loads(path.read_text()).get("IncomingConnection") or {}
+            conn = json.loads(path.read_text()).get(CONNECTION) or {}
         except (OSError, ValueError, AttributeError):
             continue
         if conn:
