@@ -11,7 +11,12 @@ time until the indexer has recorded every image in its series JSONs is reported 
 receive files/s is the headline.
 
 Every receiver starts fresh with empty storage for every run; targets are interleaved and
-their order rotates per repetition, so a noisy neighbour hurts all of them alike. Only the
+their order rotates per repetition, so a noisy neighbour hurts all of them alike. The storage
+of every run is removed only at the end, with the scratch folder: on the development machine
+removing each run's storage (~130 MB, thousands of files) before the next run slowed the
+targets after it, storescp most (medians 1,274-1,873 files/s in four benches that removed it,
+2,210-2,811 in two that kept it; the cause was not pinned down: the disk is a virtual one,
+mounted with `discard`). Keeping it needs ~0.4 GB of free space per run. Only the
 median per target is compared. Note that FIONA makes every file (and its journal line)
 durable before it answers, while storescp and Orthanc do not; how many syncs that takes
 depends on the disk, and the bench prints which way applies (one per image on XFS or an ext4
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -245,7 +249,7 @@ def send(target: Target, parts: list[list[Path]]) -> float:
     return seconds
 
 
-def run_once(cls: type[Target], root: Path, parts: list[list[Path]], images: int, keep: bool,
+def run_once(cls: type[Target], root: Path, parts: list[list[Path]], images: int,
              label: str) -> tuple[float, dict]:
     """Start `cls` fresh, send the corpus over len(parts) associations, check every image
     arrived, stop it."""
@@ -268,9 +272,7 @@ def run_once(cls: type[Target], root: Path, parts: list[list[Path]], images: int
         target.stop()
         print(f"--- last lines of {target.log}:\n{log_tail(target.log)}", file=sys.stderr)
         raise
-    target.stop()
-    if not keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+    target.stop()  # its storage goes with the scratch folder at the end (see the docstring)
     line = f"{label} {target.name:<9} {images} files in {seconds:6.2f} s = " \
            f"{images / seconds:7.1f} files/s"
     if "index_seconds" in extra:
@@ -356,7 +358,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         order = TARGETS[rep % len(TARGETS):] + TARGETS[:rep % len(TARGETS)]
         for how, parts in ways.items():
             for cls in order:
-                seconds, extra = run_once(cls, root, parts, args.images, args.keep,
+                seconds, extra = run_once(cls, root, parts, args.images,
                                           f"[run {rep + 1}/{args.repeat}, {len(parts)}x]")
                 results[how].add(cls.name, seconds, extra)
     return {"images": args.images, "cpus": os.cpu_count(), "one_commit": one_commit,
