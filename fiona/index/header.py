@@ -75,8 +75,7 @@ class ImageRecord(Mapping[str, Any]):
     def __init__(self, ds: Dataset, caller: str = "", called: str = "", ip: str = ""):
         self._ds = ds
         self._values: dict[str, Any] = {
-            CONNECTION: {"AETitleCaller": caller, "AETitleCalled": called,
-                                   "CallerIP": ip},
+            CONNECTION: {"AETitleCaller": caller, "AETitleCalled": called, "CallerIP": ip},
         }
         self._siemens: dict[str, Any] | None = None
 
