@@ -14,9 +14,10 @@ Every receiver starts fresh with empty storage for every run; targets are interl
 their order rotates per repetition, so a noisy neighbour hurts all of them alike. The storage
 of every run is removed only at the end, with the scratch folder: on the development machine
 removing each run's storage (~130 MB, thousands of files) before the next run slowed the
-targets after it, storescp most (medians 1,274-1,873 files/s in four benches that removed it,
-2,210-2,811 in two that kept it; the cause was not pinned down: the disk is a virtual one,
-mounted with `discard`). Keeping it needs ~0.4 GB of free space per run. Only the
+targets after it, storescp most (its medians 1,152-1,873 files/s in six benches that removed
+it, 1,693-2,811 in three that kept it; the cause was not pinned down: the disk is a virtual
+one, mounted with `discard`). Keeping it needs ~0.8 GB of free space per repetition (three
+targets, two ways, ~130 MB each with the default corpus). Only the
 median per target is compared. Note that FIONA makes every file (and its journal line)
 durable before it answers, while storescp and Orthanc do not; how many syncs that takes
 depends on the disk, and the bench prints which way applies (one per image on XFS or an ext4
