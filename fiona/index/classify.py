@@ -532,10 +532,10 @@ class RuleInputs:
 def _inputs(rules: tuple[_Rule, ...]) -> RuleInputs:
     refs = [ref for rule in rules for clause in rule.clauses if isinstance(clause, _TagClause)
             for ref in (clause.tag, clause.value) if isinstance(ref, _TagRef)]
-    keywords = {ref.keyword for ref in refs if ref.keyword not in (None, "ClassifyType")}
+    keywords = {ref.keyword for ref in refs
+                if ref.keyword is not None and ref.keyword != "ClassifyType"}
     tags = {ref.tag for ref in refs if ref.tag is not None}
-    return RuleInputs(keywords=tuple(sorted(k for k in keywords if k is not None)),
-                      tags=tuple(sorted(tags)))
+    return RuleInputs(keywords=tuple(sorted(keywords)), tags=tuple(sorted(tags)))
 
 
 class RuleSet:
