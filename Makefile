@@ -5,9 +5,10 @@ STAMP  := $(VENV)/.installed
 # Debian packages the tests use as real peers and tools (DCMTK clients, Orthanc, tesseract,
 # Chromium for browser tests, strace to prove no unredacted file is written, OpenLDAP slapd,
 # systemd-analyze to verify the units, sshd for SFTP, 7-Zip and unzip to open exports,
-# libturbojpeg0 for wsidicomizer's whole-slide conversion, zip as bench/export.py's peer)
+# libturbojpeg0 for wsidicomizer's whole-slide conversion, zip as bench/export.py's peer, gcc
+# to build bench/ingest.py's durable storescp)
 SYSTEM_PACKAGES := dcmtk orthanc tesseract-ocr chromium strace slapd ldap-utils systemd \
-                   openssh-server p7zip-full unzip libturbojpeg0 zip postgresql
+                   openssh-server p7zip-full unzip libturbojpeg0 zip postgresql gcc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint system-deps venv bench clean

@@ -21,7 +21,11 @@ targets, two ways, ~130 MB each with the default corpus). Only the median per ta
 compared. Note that FIONA makes every file (and its journal line) durable before it answers,
 while storescp and Orthanc do not; how many syncs that takes depends on the disk, and the
 bench prints which way applies (one per image on XFS or an ext4 with its journal, two on an
-ext4 without one). Temporary data goes under $TMPDIR (default /tmp).
+ext4 without one). So a fourth target, "storescp+fsync", is storescp with each object and
+then its folder fsynced before the response (bench/durable_storescp.c, compiled with cc and
+preloaded): its ratio to storescp is what durability alone costs on this disk, the most any
+receiver that keeps FIONA's promise can reach here. Temporary data goes under $TMPDIR
+(default /tmp).
 
 Run from the repository root:  python bench/ingest.py [--images 1000] [--repeat 3] [--parallel 8]
 """
@@ -64,6 +68,9 @@ from fiona.tree import filesystem_type, metadata_journaled_together  # noqa: E40
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
+#: compiles the durable storescp's shim
+CC = "/usr/bin/cc"
+SHIM = REPO / "bench" / "durable_storescp.c"
 N_SERIES = 4
 START_TIMEOUT = 60.0
 SEND_TIMEOUT = 600.0
@@ -171,6 +178,20 @@ class DcmtkStorescp(Target):
         return count_files(self.out)
 
 
+class DurableStorescp(DcmtkStorescp):
+    """storescp with each object and its folder fsynced before its response
+    (bench/durable_storescp.c, preloaded): what durability alone costs on this disk, so that
+    FIONA's ratio to storescp can be read against the best a durable receiver gets here."""
+
+    name, aetitle = "storescp+fsync", "STORESCP"
+    #: the compiled shim (set by `measure`)
+    shim: Path | None = None
+
+    def spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        assert self.shim is not None
+        return super().spawn(cmd, {**BASE_ENV, "LD_PRELOAD": str(self.shim)})
+
+
 class Orthanc(Target):
     name, aetitle = "Orthanc", "ORTHANC"
 
@@ -206,7 +227,7 @@ class Orthanc(Target):
         return int(stats["CountInstances"]) if stats else -1
 
 
-TARGETS: tuple[type[Target], ...] = (Fiona, DcmtkStorescp, Orthanc)
+TARGETS: tuple[type[Target], ...] = (Fiona, DcmtkStorescp, DurableStorescp, Orthanc)
 
 
 @dataclass
@@ -295,10 +316,16 @@ def report(results: Results, images: int, how: str) -> dict:
     medians = {cls.name: _row(cls.name, results.rates(cls.name, images)) for cls in TARGETS}
     index_rates = [e["index_files_per_s"] for e in results.extra[Fiona.name]]
     index_median = _row("FIONA indexed", index_rates, "   (send start -> all in series JSONs)")
+    durable = DurableStorescp.name
     ratios = {"FIONA/Orthanc": medians["FIONA"] / medians["Orthanc"],
-              "FIONA/storescp": medians["FIONA"] / medians["storescp"]}
+              "FIONA/storescp": medians["FIONA"] / medians["storescp"],
+              f"FIONA/{durable}": medians["FIONA"] / medians[durable],
+              f"{durable}/storescp": medians[durable] / medians["storescp"]}
     progress(f"\nFIONA / Orthanc  = {ratios['FIONA/Orthanc']:.2f} (target >= 1.0)")
     progress(f"FIONA / storescp = {ratios['FIONA/storescp']:.2f} (target >= 0.5)")
+    progress(f"FIONA / {durable} = {ratios[f'FIONA/{durable}']:.2f}; {durable} / storescp = "
+             f"{ratios[f'{durable}/storescp']:.2f} (the most a receiver that syncs each "
+             "object and its folder before answering gets here)")
     return {
         "targets": {cls.name: {"seconds": results.seconds[cls.name],
                                "files_per_s": results.rates(cls.name, images),
@@ -332,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # a SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the finally blocks stop the receivers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    for tool in (STORESCU, STORESCP, ORTHANC):
+    for tool in (STORESCU, STORESCP, ORTHANC, CC):
         if not os.access(tool, os.X_OK):
-            print(f"missing {tool}: apt-get install dcmtk orthanc", file=sys.stderr)
+            print(f"missing {tool}: apt-get install dcmtk orthanc gcc", file=sys.stderr)
             return 2
     return run_in_scratch(args, "fiona-bench-", lambda root: measure(args, root))
 
@@ -342,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, root: Path) -> dict:
     progress(f"generating {args.images} MR images (256x256) under {root} ...")
     files = make_corpus(root, args.images, N_SERIES)
+    DurableStorescp.shim = root / "durable_storescp.so"
+    subprocess.run([CC, "-O2", "-shared", "-fPIC", "-o", str(DurableStorescp.shim), str(SHIM),
+                    "-ldl"], check=True)
     size = sum(f.stat().st_size for f in files)
     progress(f"corpus: {args.images} files, {size / args.images / 1024:.0f} KiB each")
     one_commit = metadata_journaled_together(root, root)
