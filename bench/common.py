@@ -5,13 +5,17 @@ tree, and sampling a process's resident memory from /proc."""
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -23,6 +27,29 @@ from tests.dicomgen import make_study
 
 def progress(text: str) -> None:
     print(text, flush=True)
+
+
+def profile(run: Callable[[Path], object], root: Path, top: int) -> str:
+    """cProfile of `run(out)`, `out` a fresh folder under `root` removed afterwards: the top
+    `top` functions by cumulative and by own time, paths shortened to the repository,
+    site-packages and the standard library."""
+    out = Path(tempfile.mkdtemp(prefix="profile-", dir=root))
+    profiler = cProfile.Profile()
+    try:
+        profiler.enable()
+        run(out)
+        profiler.disable()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    result = text.getvalue()
+    repo = Path(__file__).resolve().parents[1]
+    for prefix in (str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"]):
+        result = result.replace(prefix + os.sep, "")
+    return result
 
 
 def count_files(root: Path) -> int:

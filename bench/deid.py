@@ -50,19 +50,15 @@ Run from the repository root:  python bench/deid.py [--images 500] [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import importlib
 import importlib.util
-import io
 import os
-import pstats
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -77,7 +73,13 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from bench.common import count_files, make_corpus, progress, run_in_scratch  # noqa: E402 (repo root)
+from bench.common import (  # noqa: E402 (repo root)
+    count_files,
+    make_corpus,
+    profile,
+    progress,
+    run_in_scratch,
+)
 
 N_SERIES = 5
 WARMUP_FILES = 10
@@ -294,29 +296,6 @@ def run_once(tool: Tool, root: Path, corpus: Path, files: list[Path],
         raise
 
 
-def profile_fiona(tool: FionaAnonymize, root: Path, corpus: Path, files: list[Path],
-                  top: int) -> str:
-    """cProfile of one anonymize_folder run: the top `top` functions by cumulative time."""
-    out = root / "profile-out"
-    profiler = cProfile.Profile()
-    try:
-        out.mkdir()
-        profiler.enable()
-        tool.run(corpus, files, out)
-        profiler.disable()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(top)
-    stats.sort_stats("tottime").print_stats(top)
-    result = text.getvalue()
-    # paths relative to the repository, site-packages and the standard library
-    for prefix in (str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"]):
-        result = result.replace(prefix + os.sep, "")
-    return result
-
-
 def report(results: Results, files: int) -> dict:
     """Print the table and the ratios; return the same as a JSON-able dict."""
     progress(f"\n{'tool':<18} {'median files/s':>14}   {'runs (files/s)':<24} "
@@ -423,8 +402,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     summary = report(results, len(files))
     if args.profile:
         progress(f"\ncProfile of one more FIONA anonymize run ({len(files)} files):")
-        text = profile_fiona(tools[TOOLS.index(FionaAnonymize)], root, corpus, files,
-                             args.profile)
+        fiona = tools[TOOLS.index(FionaAnonymize)]
+        text = profile(lambda out: fiona.run(corpus, files, out), root, args.profile)
         progress(text)
         summary["profile"] = text
     return summary

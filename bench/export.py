@@ -40,18 +40,14 @@ Run from the repository root:  python bench/export.py [--images 500] [--repeat 3
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
-import io
 import os
-import pstats
 import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import zipfile
@@ -63,7 +59,13 @@ sys.path.insert(0, str(REPO))
 
 import dcm2niix  # noqa: E402
 
-from bench.common import free_port, make_corpus, progress, run_in_scratch  # noqa: E402
+from bench.common import (  # noqa: E402
+    free_port,
+    make_corpus,
+    profile,
+    progress,
+    run_in_scratch,
+)
 
 N_SERIES = 5
 PROJECT, PARTICIPANT, EVENT = "BENCH", "P0001", "baseline"
@@ -256,26 +258,6 @@ def run_once(row: Row, root: Path, label: str) -> tuple[float, float, str]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def profile(row: Row, root: Path, top: int) -> str:
-    """cProfile of one more run of `row`: the top `top` functions by cumulative and own time."""
-    out = Path(tempfile.mkdtemp(prefix="profile-", dir=root))
-    profiler = cProfile.Profile()
-    try:
-        profiler.enable()
-        row.run(out)
-        profiler.disable()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(top)
-    stats.sort_stats("tottime").print_stats(top)
-    result = text.getvalue()
-    for prefix in (str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"]):
-        result = result.replace(prefix + os.sep, "")
-    return result
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -368,7 +350,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
     if args.profile:
         for row in (rows[ROWS.index(FionaDicom)], rows[ROWS.index(FionaNifti)]):
             progress(f"\ncProfile of one more {row.name} export:")
-            text = profile(row, root, args.profile)
+            text = profile(row.run, root, args.profile)
             progress(text)
             summary.setdefault("profile", {})[row.name] = text
     return summary
