@@ -16,7 +16,7 @@ of every run is removed only at the end, with the scratch folder: on the develop
 removing each run's storage (~130 MB, thousands of files) before the next run slowed the
 targets after it, storescp most (its medians 1,152-1,873 files/s in six benches that removed
 it, 1,693-2,811 in three that kept it; the cause was not pinned down: the disk is a virtual
-one, mounted with `discard`). Keeping it needs ~0.8 GB of free space per repetition (three
+one, mounted with `discard`). Keeping it needs ~1 GB of free space per repetition (four
 targets, two ways, ~130 MB each with the default corpus). Only the median per target is
 compared. Note that FIONA makes every file (and its journal line) durable before it answers,
 while storescp and Orthanc do not; how many syncs that takes depends on the disk, and the

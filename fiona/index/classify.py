@@ -271,13 +271,14 @@ def _regexp(found: _Values, _expected: _Values, clause: _TagClause) -> bool:
 
 
 def _contains(found: _Values, expected: _Values, _clause: _TagClause) -> bool:
-    if len(expected.items) != 1:  # a multi-valued reference: its DICOM text is the needle
-        needle = expected.text()
-        return any(str(item) == needle for item in found.items) if found.multi else (
-            needle in found.text())
-    if found.multi:
+    """A multi-valued value holds an item equal to the reference, a single one holds its text
+    (a multi-valued reference stands for its DICOM text)."""
+    single = len(expected.items) == 1
+    if not found.multi:
+        return (str(expected.items[0]) if single else expected.text()) in found.text()
+    if single:
         return any(found.equal_at(i, expected, 0) for i in range(len(found.items)))
-    return str(expected.items[0]) in found.text()
+    return any(str(item) == expected.text() for item in found.items)
 
 
 def _approx(found: _Values, expected: _Values, clause: _TagClause) -> bool:
